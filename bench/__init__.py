@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark): ``pytest bench``. ``python -m bench.report RESULTS.json`` makes tables."""

@@ -1,0 +1,50 @@
+"""NF4 double-dequantization: ours vs ``bitsandbytes.functional.dequantize_4bit`` (and the torch reference).
+
+bytes moved = packed nibbles + first-level uint8 scales + second-level fp32 scales + the output written.
+Inputs rotate over enough weights to overflow L2, so the numbers are DRAM numbers.
+"""
+import itertools
+
+import pytest
+import torch
+
+from bench.conftest import HAS_CUDA
+from lowrank_kernels import NF4Weight
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+def weights(shape, dtype):
+    in_f, out_f = shape
+    w = NF4Weight.quantize(torch.randn(out_f, in_f, device=DEVICE, dtype=dtype) * 0.02)
+    copies = max(1, min(16, L2_FLUSH_BYTES // w.nbytes())) if HAS_CUDA else 1
+    return [w] + [w.to(DEVICE) for _ in range(copies - 1)] if copies > 1 else [w]
+
+
+def moved_bytes(w, dtype):
+    return w.nbytes() + w.numel() * torch.empty((), dtype=dtype).element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+@pytest.mark.parametrize("provider", ["lowrank_kernels", "bitsandbytes", "python_ref"])
+def test_nf4_dequantize(run, shape, dtype, provider):
+    ws = weights(shape, dtype)
+    info = dict(shape=list(shape), dtype=str(dtype), bytes=moved_bytes(ws[0], dtype))
+    cycle = itertools.cycle(ws)
+    if provider == "lowrank_kernels":
+        run(lambda: next(cycle).dequantize(dtype), provider, **info)
+    elif provider == "python_ref":
+        run(lambda: next(cycle).dequantize(dtype, backend="torch"), provider, **info)
+    else:
+        F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+        states = itertools.cycle([w.to_bnb() for w in ws])
+        run(lambda: F.dequantize_4bit(*next(states)), provider, **info)
+
+
+def test_device_copy(run):
+    """The bandwidth ceiling on this device, measured in the same run: a large device-to-device copy."""
+    n = (1 << 30) if HAS_CUDA else (1 << 24)
+    src = torch.randn(n // 4, device=DEVICE)
+    dst = torch.empty_like(src)
+    run(lambda: dst.copy_(src), "torch.copy_", bytes=2 * n, group="device_copy")

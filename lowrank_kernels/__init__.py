@@ -1,0 +1,5 @@
+"""lowrank_kernels: fused kernels for LoRA / QLoRA fine-tuning on NVIDIA GPUs."""
+from lowrank_kernels.nf4 import NF4Weight
+
+__version__ = "0.1.0"
+__all__ = ["NF4Weight"]

@@ -1,0 +1,75 @@
+"""Triton kernel: NF4 dequantization with both quantization levels undone in one pass.
+
+One program handles ``ROWS`` consecutive quantization blocks (``ROWS * BLOCKSIZE`` elements). For each block
+it rebuilds the fp32 scale (``code2[q] * absmax2[b // NESTED_BLOCKSIZE] + offset``, two roundings: launch
+with ``enable_fp_fusion=False``), looks up both nibbles of every byte in the 16-entry code table, multiplies
+and rounds once to the output dtype. Bit-identical to ``python_ref.dequantize_nf4``.
+"""
+import triton
+import triton.language as tl
+
+from lowrank_kernels.kernels.rounding import round_fp32_to
+
+
+@triton.jit
+def nf4_dequant_kernel(
+    packed_ptr,  # uint8 [(n + 1) // 2]
+    absmax_ptr,  # uint8 [nblocks] when NESTED, else fp32 [nblocks]
+    absmax2_ptr,  # fp32 [ceil(nblocks / NESTED_BLOCKSIZE)] (NESTED only)
+    code2_ptr,  # fp32 [256] (NESTED only)
+    offset_ptr,  # fp32 [1] (NESTED only)
+    code_ptr,  # fp32 [16]
+    out_ptr,  # bf16 / fp16 / fp32 [n]
+    n,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    nbytes = (n + 1) // 2
+    nblocks = tl.cdiv(n, BLOCKSIZE)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < nblocks
+
+    if NESTED:
+        q = tl.load(absmax_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + rows // NESTED_BLOCKSIZE, mask=row_ok, other=0.0)
+        am = tl.load(code2_ptr + q) * scale2 + tl.load(offset_ptr)
+    else:
+        am = tl.load(absmax_ptr + rows, mask=row_ok, other=0.0)
+
+    byte = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    packed = tl.load(packed_ptr + byte, mask=byte < nbytes, other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (packed >> 4)) * am[:, None]
+    lo = tl.load(code_ptr + (packed & 0xF)) * am[:, None]
+    vals = tl.reshape(tl.join(hi, lo), [ROWS, BLOCKSIZE])
+
+    elem = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + elem, round_fp32_to(vals, out_ptr.dtype.element_ty), mask=elem < n)
+
+
+ELEMENTS_PER_PROGRAM = 4096
+MAX_ELEMENTS = 2**31 - 2**13  # int32 element indices, with room for the last program's overhang
+
+
+def nf4_dequantize(packed, absmax, code, n, blocksize, out_dtype, absmax2=None, code2=None, offset=None,
+                   nested_blocksize=256):
+    """Dequantize ``n`` NF4 elements to a flat ``out_dtype`` tensor ``[n]`` (inputs already validated).
+
+    ``absmax`` is fp32 scales, or, with ``absmax2``/``code2``/``offset`` given, the uint8 second-level indices.
+    """
+    if n > MAX_ELEMENTS:
+        raise ValueError(f"nf4_dequantize: n={n} elements exceeds the int32-indexed kernel limit {MAX_ELEMENTS}")
+    out = packed.new_empty(n, dtype=out_dtype)
+    rows = max(1, ELEMENTS_PER_PROGRAM // blocksize)
+    nblocks = triton.cdiv(n, blocksize)
+    nested = absmax2 is not None
+    nf4_dequant_kernel[(triton.cdiv(nblocks, rows),)](
+        packed, absmax,
+        absmax2 if nested else absmax, code2 if nested else code, offset.reshape(1) if nested else code,
+        code, out, n,
+        BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, ROWS=rows,
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return out

@@ -1,0 +1,28 @@
+"""Pure-PyTorch reference implementations: slow, obviously correct, the oracle for every test.
+
+Nothing here imports Triton. ``lowrank_kernels`` also uses these functions as its CPU (torch) backend.
+"""
+from python_ref.nf4 import (
+    NF4_CODE,
+    dequantize_absmax,
+    dequantize_blockwise_8bit,
+    dequantize_nf4,
+    double_quantize_absmax,
+    dynamic_map_signed,
+    quantize_blockwise_8bit,
+    quantize_nf4,
+)
+from python_ref.lora import lora_backward, lora_forward
+
+__all__ = [
+    "NF4_CODE",
+    "dequantize_absmax",
+    "dequantize_blockwise_8bit",
+    "dequantize_nf4",
+    "double_quantize_absmax",
+    "dynamic_map_signed",
+    "quantize_blockwise_8bit",
+    "quantize_nf4",
+    "lora_forward",
+    "lora_backward",
+]
