@@ -17,6 +17,8 @@ def pytest_addoption(parser):
                     help="comma-separated models from bench/shapes.py (default: the headline Llama-3-8B shapes on "
                          "CUDA, tiny CPU stand-ins otherwise)")
     group.addoption("--bench-providers", default=None, help="comma-separated providers to run (default: all)")
+    group.addoption("--bench-eager", action="store_true",
+                    help="on CUDA, time eager calls (includes Python launch overhead) instead of CUDA-graph replay")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -64,18 +66,49 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("shape", [dims for _, dims in chosen], ids=[name for name, _ in chosen])
 
 
+GRAPH_CALLS = 10  # calls captured per CUDA graph; the reported time is per call
+
+
+def cuda_graph_of(fn, calls=GRAPH_CALLS):
+    """A callable replaying ``calls`` captured calls of ``fn``: device time without Python launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up: compile kernels, fill allocator pools
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
 @pytest.fixture
 def run(benchmark, request):
-    """``run(fn, provider, **info)``: time ``fn`` (GPU: many iterations per round) and record ``info``."""
-    wanted = request.config.getoption("--bench-providers")
+    """``run(fn, provider, eager=False, **info)``: time ``fn`` and record ``info`` with the result.
 
-    def _run(fn, provider, **info):
+    CUDA: median over rounds of CUDA-graph replays (``GRAPH_CALLS`` calls each), per call; ``eager=True`` (or
+    ``--bench-eager``) times eager calls instead, for work that cannot be captured. CPU: a few eager rounds.
+    """
+    wanted = request.config.getoption("--bench-providers")
+    eager = request.config.getoption("--bench-eager")
+
+    def _run(fn, provider, eager=eager, **info):
         if wanted and provider not in wanted.split(","):
             pytest.skip(f"provider {provider} not selected")
         benchmark.group = info.pop("group", None) or request.node.originalname
-        benchmark.extra_info.update(provider=provider, **info)
-        if HAS_CUDA:
-            return benchmark.pedantic(fn, rounds=30, iterations=10, warmup_rounds=3)
-        return benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
+        if not HAS_CUDA:
+            benchmark.extra_info.update(provider=provider, mode="eager", **info)
+            return benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
+        benchmark.extra_info.update(provider=provider, mode="eager" if eager else "cuda-graph", **info)
+        if eager:
+            return benchmark.pedantic(fn, rounds=30, iterations=GRAPH_CALLS, warmup_rounds=3)
+        replay = cuda_graph_of(fn)
+        benchmark.pedantic(replay, rounds=30, iterations=1, warmup_rounds=2)
+        stats = benchmark.stats.stats  # per replay -> per call; drop any statistic cached from the old data
+        stats.data[:] = [d / GRAPH_CALLS for d in stats.data]
+        for key in [k for k in vars(stats) if k != "data"]:
+            delattr(stats, key)
 
     return _run

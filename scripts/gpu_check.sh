@@ -6,7 +6,7 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -5
+python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -5
 stamp=$(date -u +%Y%m%d)
 python3 -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT/bench-$stamp.json" "$@" 2>&1 \
   | tee "$OUT/bench.log" | tail -3

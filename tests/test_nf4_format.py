@@ -86,7 +86,14 @@ def test_quantize_picks_nearest_code_ties_to_lower():
     assert torch.equal(idx.long(), expected)
 
 
+# bitsandbytes' AVX512 CPU dequantization kernel rounds differently from its CUDA kernel and its own portable
+# reference (seen on the H100 host: 3 of 16k fp16 elements one ulp off); the CUDA test below covers those hosts.
+bnb_cpu_exact = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "AVX512",
+                                   reason="bitsandbytes' AVX512 CPU dequant kernel is not exact")
+
+
 @needs_bnb
+@bnb_cpu_exact
 @pytest.mark.parametrize("nested", [True, False], ids=["nested", "single"])
 @pytest.mark.parametrize("case", random_cases(16, 40_000, seed=2), ids=str)
 def test_dequantize_torch_bit_identical_to_bnb(case, nested):

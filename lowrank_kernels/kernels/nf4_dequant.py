@@ -50,19 +50,21 @@ def nf4_dequant_kernel(
 
 
 ELEMENTS_PER_PROGRAM = 4096
+NUM_WARPS = 4
 MAX_ELEMENTS = 2**31 - 2**13  # int32 element indices, with room for the last program's overhang
 
 
 def nf4_dequantize(packed, absmax, code, n, blocksize, out_dtype, absmax2=None, code2=None, offset=None,
-                   nested_blocksize=256):
+                   nested_blocksize=256, *, elements_per_program=ELEMENTS_PER_PROGRAM, num_warps=NUM_WARPS):
     """Dequantize ``n`` NF4 elements to a flat ``out_dtype`` tensor ``[n]`` (inputs already validated).
 
     ``absmax`` is fp32 scales, or, with ``absmax2``/``code2``/``offset`` given, the uint8 second-level indices.
+    ``elements_per_program`` and ``num_warps`` are tuning knobs (``scripts/tune_dequant.py``).
     """
     if n > MAX_ELEMENTS:
         raise ValueError(f"nf4_dequantize: n={n} elements exceeds the int32-indexed kernel limit {MAX_ELEMENTS}")
     out = packed.new_empty(n, dtype=out_dtype)
-    rows = max(1, ELEMENTS_PER_PROGRAM // blocksize)
+    rows = max(1, elements_per_program // blocksize)
     nblocks = triton.cdiv(n, blocksize)
     nested = absmax2 is not None
     nf4_dequant_kernel[(triton.cdiv(nblocks, rows),)](
@@ -70,6 +72,6 @@ def nf4_dequantize(packed, absmax, code, n, blocksize, out_dtype, absmax2=None, 
         absmax2 if nested else absmax, code2 if nested else code, offset.reshape(1) if nested else code,
         code, out, n,
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, ROWS=rows,
-        num_warps=4, enable_fp_fusion=False,
+        num_warps=num_warps, enable_fp_fusion=False,
     )
     return out
