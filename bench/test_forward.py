@@ -1,0 +1,76 @@
+"""QLoRA linear forward, r=16, bf16: ours vs what users run today.
+
+providers: lowrank_kernels (the default dispatch), lowrank_kernels[fused] (the fused NF4 GEMM + LoRA), peft+bnb (``bnb.matmul_4bit`` + the LoRA branch as peft runs
+it), unfused (our bit-exact dequant + cuBLAS + addmm for the LoRA term), dense (bf16 ``x @ W.t()``, no LoRA, no
+quantization: the floor). FLOPs = 2·M·N·K + 2·M·r·(K + N).
+"""
+import itertools
+
+import pytest
+import torch
+
+from bench.conftest import HAS_CUDA
+from lowrank_kernels import NF4Weight, qlora_linear
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+RANK = 16
+TOKENS = [1, 16, 64, 256, 4096, 8192] if HAS_CUDA else [1, 64]
+PROVIDERS = ["lowrank_kernels", "lowrank_kernels[fused]", "peft+bnb", "unfused", "dense"]
+
+
+class Layer:
+    def __init__(self, shape):
+        in_f, out_f = shape
+        weight = torch.randn(out_f, in_f, device=DEVICE, dtype=DTYPE) * 0.02
+        self.dense = weight
+        self.nf4 = NF4Weight.quantize(weight)
+        self.A = torch.randn(RANK, in_f, device=DEVICE, dtype=DTYPE) * 0.02
+        self.B = torch.randn(out_f, RANK, device=DEVICE, dtype=DTYPE) * 0.02
+        self.scaling = 2.0
+
+
+def layers(shape, M):
+    """Enough independent layers to overflow L2 at small M (weights dominate), one at large M."""
+    in_f, out_f = shape
+    copies = max(1, min(8, (256 << 20) // (in_f * out_f // 2))) if HAS_CUDA and M <= 256 else 1
+    return [Layer(shape) for _ in range(copies)]
+
+
+def provider_fn(provider, layer, x):
+    if provider == "lowrank_kernels":  # the default dispatch
+        return lambda: qlora_linear(x, layer.nf4, layer.A, layer.B, layer.scaling)
+    if provider == "lowrank_kernels[fused]":  # the fused Triton GEMM, forced
+        return lambda: qlora_linear(x, layer.nf4, layer.A, layer.B, layer.scaling, backend="triton")
+    if provider == "dense":
+        return lambda: x @ layer.dense.t()
+    if provider == "unfused":
+        def unfused():
+            y = x @ layer.nf4.dequantize(x.dtype).t()
+            return torch.addmm(y, x @ layer.A.t(), layer.B.t(), alpha=layer.scaling)
+        return unfused
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    packed, state = layer.nf4.to_bnb()
+
+    def peft_bnb():  # peft's Linear4bit forward: base result, then lora_B(lora_A(dropout(x))) * scaling
+        result = bnb.matmul_4bit(x, packed.t(), bias=None, quant_state=state)
+        return result + (x @ layer.A.t()) @ layer.B.t() * layer.scaling
+    return peft_bnb
+
+
+@pytest.mark.parametrize("M", TOKENS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_qlora_forward(run, shape, M, provider):
+    if provider == "peft+bnb" and not HAS_CUDA:
+        pytest.skip("bitsandbytes' matmul_4bit is benchmarked on CUDA only")
+    if provider == "lowrank_kernels[fused]" and not HAS_CUDA and M > 1:
+        pytest.skip("the Triton interpreter is too slow for this on CPU")
+    in_f, out_f = shape
+    fns = []
+    for layer in layers(shape, M):
+        x = torch.randn(M, in_f, device=DEVICE, dtype=DTYPE)
+        fns.append(provider_fn(provider, layer, x))
+    cycle = itertools.cycle(fns)
+    flops = 2 * M * out_f * in_f + 2 * M * RANK * (in_f + out_f)
+    run(lambda: next(cycle)(), provider, shape=list(shape), dtype=str(DTYPE), M=M, flops=flops,
+        group=f"qlora_forward M={M}")

@@ -1,0 +1,380 @@
+"""Triton kernel: fused (Q)LoRA linear forward, ``Y = X @ W.T + (s * S) @ B.T (+ bias)`` in one GEMM.
+
+``W [N, K]`` is a dense bf16/fp16/fp32 tensor or an NF4 weight that is dequantized *in registers* inside the
+K loop (a dequantized ``W`` never touches memory). ``S = X @ A.T [M, r]`` is tiny and computed by the launcher
+with torch; the LoRA term rides in the same fp32 accumulator as one extra ``tl.dot`` of the ``[BLOCK_M, R_PAD]``
+tile of ``s * S`` with the ``[R_PAD, BLOCK_N]`` tile of ``B.T`` after the K loop (``R_PAD``: ``r`` rounded up
+to a power of two >= 16, masked).
+
+Tiling: a 1-D grid over ``[BLOCK_M, BLOCK_N]`` output tiles with GROUP_M swizzling (L2 reuse of W), times a
+second grid axis of ``SPLIT_K`` slices of K. Every slice covers a whole number of ``BLOCK_K`` chunks.
+
+NF4 dequantization of the ``[BLOCK_N, BLOCK_K]`` tile of W (element ``(n, k)`` is flat index ``e = n*K + k``,
+high nibble when ``e`` is even, scale block ``e // BLOCKSIZE``):
+
+* ``ALIGNED`` (``K % BLOCKSIZE == 0``, the usual case; then K is even too): every row starts on a byte and
+  on a scale block, so the tile is loaded as ``[BLOCK_N, BLOCK_K // 2]`` bytes and split into high / low
+  nibbles (``tl.join``), and the scales form a ``[BLOCK_N, max(1, BLOCK_K // BLOCKSIZE)]`` tile (one scale per
+  row when ``BLOCK_K <= BLOCKSIZE``), rebuilt once per (row, block) and broadcast.
+* otherwise (odd K, or blocks straddling rows): the tile row's even-position and odd-position elements are
+  read as two ``[BLOCK_N, BLOCK_K // 2]`` byte tiles starting at byte ``e0 >> 1`` and ``(e0 >> 1) + (e0 & 1)``
+  (``e0 = n*K + k0``), taking the high or low nibble by the row's parity; the scales of the (at most
+  ``cdiv(BLOCK_K, BLOCKSIZE) + 1``) blocks a tile row touches are rebuilt once per row and selected per element
+  with ``tl.where``. Correct for any K; somewhat slower.
+
+The scale is rebuilt exactly as ``nf4_dequant``: ``am = fp32(fp32(code2[q] * absmax2[b // NBS]) + offset)``
+when nested (the kernel is launched with ``enable_fp_fusion=False``: no FMA contraction), then
+``w = round_to_dtype(fp32(code[nibble] * am))``, so the W operand equals ``NF4Weight.dequantize(x.dtype)``
+bit for bit. Products accumulate in fp32 (``tl.dot``).
+
+Split-K (small M): each K slice writes its fp32 partial tile to a workspace ``[SPLIT_K, M, N]``; a second
+small kernel sums the slices in a fixed order (deterministic, unlike fp32 atomics), adds the bias and rounds
+to the output dtype. The LoRA term is added by slice 0 only.
+
+fp32 inputs: ``tl.dot`` with ``input_precision="tf32"`` where torch allows TF32 for fp32 matmuls
+(``torch.backends.cuda.matmul.allow_tf32``), else ``"tf32x3"`` (three TF32 tensor-core products, close to
+fp32 accuracy; the ``"ieee"`` FMA dot is available through ``config={"input_precision": "ieee"}`` but is
+several times slower).
+
+Triton's interpreter computes ``tl.dot`` on bf16 operands wrongly; with ``TRITON_INTERPRET=1`` bf16 operands
+are upcast (exactly) to fp32 before the dot (``DOT_FP32``).
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lowrank_kernels.kernels.rounding import round_fp32_to
+
+MAX_ELEMENTS = 2**31 - 2**16  # int32 flat NF4 element indices (n*K + k) inside the kernel
+
+
+@triton.jit
+def _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask,
+               NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 scale of NF4 block(s) ``blk``, both levels undone (two fp32 roundings when nested)."""
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        am = tl.load(code2_ptr + q) * scale2 + tl.load(offset_ptr)
+    else:
+        am = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return am
+
+
+@triton.jit
+def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
+              offs_n, n_ok, k0, K, dtype: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+              NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` tile ``W[offs_n, k0:k0+BLOCK_K]`` dequantized to ``dtype`` (0 where masked)."""
+    row_elem = offs_n * K  # flat index of W[n, 0]; int32 (launcher checks N*K < 2**31)
+    if ALIGNED:
+        HALF: tl.constexpr = BLOCK_K // 2
+        SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE  # elements of one tile row per scale
+        SPT: tl.constexpr = BLOCK_K // SUB  # scales per tile row
+        kb = k0 // 2 + tl.arange(0, HALF)  # byte column within the row (K is even here)
+        byte_ok = n_ok[:, None] & (kb < K // 2)[None, :]
+        byte = tl.load(packed_ptr + (row_elem // 2)[:, None] + kb[None, :], mask=byte_ok, other=0).to(tl.int32)
+        blk0 = (row_elem + k0) // BLOCKSIZE  # [BLOCK_N]
+        if SPT == 1:
+            am = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0, n_ok,
+                            NESTED, NESTED_BLOCKSIZE)
+            am_b = am[:, None]
+        else:
+            t = tl.arange(0, SPT)
+            am = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0[:, None] + t[None, :],
+                            n_ok[:, None] & (k0 + t * BLOCKSIZE < K)[None, :], NESTED, NESTED_BLOCKSIZE)
+            am_b = tl.reshape(tl.broadcast_to(am[:, :, None], (BLOCK_N, SPT, SUB // 2)), (BLOCK_N, HALF))
+        hi = round_fp32_to(tl.load(code_ptr + (byte >> 4)) * am_b, dtype)
+        lo = round_fp32_to(tl.load(code_ptr + (byte & 0xF)) * am_b, dtype)
+        w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
+    else:
+        # Any K: a tile row may start on a low nibble (odd n*K + k0) and cross scale blocks anywhere.
+        # Split the row chunk into its even-position and odd-position elements (k0 + 2j, k0 + 2j + 1):
+        # each set reads consecutive bytes, from byte (e0 >> 1) and (e0 >> 1) + p, where p = e0 & 1.
+        HALF: tl.constexpr = BLOCK_K // 2
+        NB: tl.constexpr = (BLOCK_K + BLOCKSIZE - 1) // BLOCKSIZE + 1  # scale blocks one tile row can touch
+        e0 = row_elem + k0  # [BLOCK_N] flat index of W[n, k0]
+        p = e0 & 1
+        j = tl.arange(0, HALF)
+        ok_ev = n_ok[:, None] & (k0 + 2 * j < K)[None, :]
+        ok_od = n_ok[:, None] & (k0 + 2 * j + 1 < K)[None, :]
+        byte0 = e0 >> 1
+        b_ev = tl.load(packed_ptr + byte0[:, None] + j[None, :], mask=ok_ev, other=0).to(tl.int32)
+        b_od = tl.load(packed_ptr + (byte0 + p)[:, None] + j[None, :], mask=ok_od, other=0).to(tl.int32)
+        nib_ev = (b_ev >> ((1 - p) * 4)[:, None]) & 0xF  # p == 0: high nibble; p == 1: low nibble
+        nib_od = (b_od >> (p * 4)[:, None]) & 0xF
+        # Scales: element k0 + i of the row lies in block blk0 + (first + i) // BLOCKSIZE.
+        first = e0 % BLOCKSIZE
+        blk0 = e0 // BLOCKSIZE
+        rel_ev = (first[:, None] + 2 * j[None, :]) // BLOCKSIZE
+        rel_od = (first[:, None] + 2 * j[None, :] + 1) // BLOCKSIZE
+        am_ev = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        am_od = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        for t in tl.static_range(NB):
+            am_t = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + t,
+                              n_ok & (t * BLOCKSIZE < first + (K - k0)), NESTED, NESTED_BLOCKSIZE)
+            am_ev = tl.where(rel_ev == t, am_t[:, None], am_ev)
+            am_od = tl.where(rel_od == t, am_t[:, None], am_od)
+        w_ev = round_fp32_to(tl.load(code_ptr + nib_ev) * am_ev, dtype)
+        w_od = round_fp32_to(tl.load(code_ptr + nib_od) * am_od, dtype)
+        w = tl.reshape(tl.join(w_ev, w_od), (BLOCK_N, BLOCK_K))
+    return w
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def lora_matmul_kernel(
+    x_ptr,  # [M, K] activation dtype (any strides)
+    w_ptr,  # dense: [N, K] any float dtype; NF4: packed uint8 [(N*K + 1) // 2]
+    absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,  # NF4 state (dummies when dense)
+    s_ptr,  # [M, r] s * S, activation dtype
+    b_ptr,  # [N, r] lora_B, activation dtype
+    bias_ptr,  # [N] (HAS_BIAS only)
+    y_ptr,  # [M, N] activation dtype (SPLIT_K == 1)
+    ws_ptr,  # fp32 [SPLIT_K, M, N] partial sums (SPLIT_K > 1)
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+    K_PER_SPLIT,  # multiple of BLOCK_K
+    NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    x_rows = x_ptr + offs_m64[:, None] * stride_xm
+
+    # The accumulator is Yᵀ tile [BLOCK_N, BLOCK_M]: the dequantized W tile is the dot's A operand, taken straight
+    # from registers (Hopper wgmma reads A from registers; a register-made B operand failed to compile on Triton
+    # 3.6), and small M becomes the dot's narrow N dimension.
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if NF4:
+            w = _nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_n, n_ok, k0, K,
+                          dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED)
+        else:
+            w = tl.load(w_ptr + offs_n64[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if w_ptr.dtype.element_ty != dtype:
+                w = round_fp32_to(w.to(tl.float32), dtype)
+        acc = _dot(w, tl.trans(x), acc, DOT_FP32, INPUT_PRECISION)
+
+    # LoRA term: one more dot, [BLOCK_N, R_PAD] x [R_PAD, BLOCK_M], into the same accumulator (slice 0 only).
+    if pid_k == 0:
+        offs_r = tl.arange(0, R_PAD)
+        r_ok = offs_r < R
+        s = tl.load(s_ptr + offs_m64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_n64[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = _dot(b, tl.trans(s), acc, DOT_FP32, INPUT_PRECISION)
+
+    out_ok = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        y = round_fp32_to(acc, y_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs_n64[:, None] * stride_yn + offs_m64[None, :] * stride_ym, y, mask=out_ok)
+    else:
+        ws = ws_ptr + pid_k.to(tl.int64) * M * N + offs_n64[:, None] + offs_m64[None, :] * N
+        tl.store(ws, acc, mask=out_ok)
+
+
+@triton.jit
+def splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, total, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """``y = round(sum_s ws[s] + bias)`` over a contiguous ``[M, N]`` (``total = M*N``), slices summed in
+    order 0..SPLIT_K-1."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    acc = tl.load(ws_ptr + offs, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + s * total + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, round_fp32_to(acc, y_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages", "input_precision")
+_PRECISIONS = ("ieee", "tf32", "tf32x3")
+SMALL_M = 64  # M at or below this uses the small-M (split-K) configuration
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # H100 SXM; only shapes the (interpreted) grid on CPU
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def default_input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for fp32 operands: ``"tf32"`` where torch allows TF32 for fp32 matmuls, else
+    ``"tf32x3"`` (three TF32 products, about fp32 accuracy, on tensor cores). 16-bit operands ignore it."""
+    if dtype != torch.float32:
+        return "tf32"  # Triton's default; has no effect on bf16 / fp16 dots
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
+def default_config(M: int, N: int, K: int, dtype: torch.dtype, nf4: bool, aligned: bool = True,
+                   input_precision=None) -> dict:
+    """Tile configuration for H100 (untuned defaults; pass ``config=`` to override any key).
+
+    Large M (> 64): 128x128x64 tiles (fp32: BLOCK_K 32), GROUP_M 8, 8 warps, 3 stages (4 for dense 16-bit W).
+    Small M (<= 64): BLOCK_M = 16/32/64 (next power of two >= M), BLOCK_N 64, BLOCK_K 128 (fp32: 64), 4 warps,
+    4 stages, and split-K (``SPLIT_K=None``: chosen by the launcher for about two waves of programs).
+    fp32 with ``input_precision="ieee"`` (a CUDA-core FMA dot) uses smaller tiles that fit in registers.
+    ``aligned``: NF4 with ``K % blocksize == 0``; the unaligned (any-K) NF4 path uses one stage less.
+    """
+    precision = input_precision or default_input_precision(dtype)
+    fp32 = dtype == torch.float32
+    ieee32 = fp32 and precision == "ieee"
+    if M <= SMALL_M:
+        return dict(BLOCK_M=_pow2_at_least(M, 16), BLOCK_N=64, BLOCK_K=32 if ieee32 else 64 if fp32 else 128,
+                    GROUP_M=1, SPLIT_K=None, num_warps=4, num_stages=4 if (aligned or not nf4) else 3,
+                    input_precision=precision)
+    if ieee32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, SPLIT_K=1, num_warps=8, num_stages=3,
+                    input_precision=precision)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if fp32 else 64, GROUP_M=8, SPLIT_K=1, num_warps=8,
+                num_stages=3 if (nf4 or fp32) else 4, input_precision=precision)
+
+
+def _auto_split_k(M, N, K, cfg, device) -> int:
+    tiles = max(1, triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]))
+    k_iters = triton.cdiv(K, cfg["BLOCK_K"])
+    want = triton.cdiv(2 * _num_sms(device), tiles)
+    return max(1, min(want, k_iters // 2, 16))
+
+
+def _resolve_config(M, N, K, dtype, nf4, aligned, device, config):
+    config = dict(config or {})
+    unknown = set(config) - set(_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {_CONFIG_KEYS}")
+    precision = config.get("input_precision")
+    if precision is not None and precision not in _PRECISIONS:
+        raise ValueError(f"config: input_precision must be one of {_PRECISIONS} or None, got {precision!r}")
+    cfg = default_config(M, N, K, dtype, nf4, aligned, precision)
+    cfg.update({k: v for k, v in config.items() if v is not None or k == "SPLIT_K"})
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        v = cfg[key]
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"config: {key} must be a power of two >= 16, got {v!r}")
+    for key in ("GROUP_M", "num_warps", "num_stages"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"config: {key} must be a positive int, got {cfg[key]!r}")
+    if cfg["SPLIT_K"] is None:
+        cfg["SPLIT_K"] = _auto_split_k(M, N, K, cfg, device)
+    if not isinstance(cfg["SPLIT_K"], int) or cfg["SPLIT_K"] < 1:
+        raise ValueError(f"config: SPLIT_K must be a positive int or None, got {cfg['SPLIT_K']!r}")
+    return cfg
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def lora_matmul(x, lora_A, lora_B, scaling, bias=None, weight=None, nf4=None, config=None):
+    """``(Y [M, N], S [M, r])`` with ``Y = x @ W.T + scaling * S @ lora_B.T + bias`` and ``S = x @ lora_A.T``.
+
+    Inputs are already validated and on one CUDA device (or CPU under ``TRITON_INTERPRET=1``): ``x [M, K]``,
+    ``lora_A [r, K]``, ``lora_B [N, r]`` and ``bias [N]`` in ``x.dtype``. Exactly one of ``weight`` (a dense
+    ``[N, K]`` float tensor, any strides) and ``nf4`` (a dict with ``packed, absmax, code, blocksize`` and,
+    when double-quantized, ``absmax2, code2, offset, nested_blocksize``) is given. ``Y`` and ``S`` are in
+    ``x.dtype``; ``S`` is unscaled (what the backward needs). ``config``: overrides of :func:`default_config`.
+    """
+    if (weight is None) == (nf4 is None):
+        raise ValueError("lora_matmul: pass exactly one of weight (dense) and nf4")
+    M, K = x.shape
+    N, R = lora_B.shape
+    dtype = x.dtype
+    if nf4 is not None:
+        if N * K > MAX_ELEMENTS:
+            raise ValueError(f"weight: {N * K} elements, over the int32-indexed kernel limit {MAX_ELEMENTS}")
+        nested = nf4.get("absmax2") is not None
+        code = nf4["code"]
+        w_args = (nf4["packed"], nf4["absmax"],
+                  nf4["absmax2"] if nested else code, nf4["code2"] if nested else code,
+                  nf4["offset"].reshape(1) if nested else code, code)
+        w_strides = (0, 0)
+        blocksize = nf4["blocksize"]
+        aligned = K % blocksize == 0
+        nf4_meta = dict(NF4=True, NESTED=nested, BLOCKSIZE=blocksize,
+                        NESTED_BLOCKSIZE=nf4["nested_blocksize"] if nested else 1, ALIGNED=aligned)
+    else:
+        w_args = (weight, x, x, x, x, x)
+        w_strides = (weight.stride(0), weight.stride(1))
+        aligned = False
+        nf4_meta = dict(NF4=False, NESTED=False, BLOCKSIZE=1, NESTED_BLOCKSIZE=1, ALIGNED=False)
+    cfg = _resolve_config(M, N, K, dtype, nf4 is not None, aligned, x.device, config)
+
+    S = x @ lora_A.t()  # [M, r], tiny
+    y = x.new_empty((M, N))
+    if M == 0 or N == 0:
+        return y, S
+    s_scaled = (S * scaling).contiguous()  # rounded once to x.dtype, as peft's ``lora_B(S) * scaling`` inputs are
+
+    block_k, split_k = cfg["BLOCK_K"], cfg["SPLIT_K"]
+    k_iters = triton.cdiv(K, block_k)
+    iters_per_split = triton.cdiv(k_iters, split_k) if k_iters else 1
+    split_k = max(1, triton.cdiv(k_iters, iters_per_split))  # no empty slices
+    k_per_split = iters_per_split * block_k
+
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else x
+    ws = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
+    interpret = _interpreting()
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
+    lora_matmul_kernel[grid](
+        x, *w_args, s_scaled, lora_B, bias_arg, y, ws,
+        M, N, K, R,
+        x.stride(0), x.stride(1), *w_strides, s_scaled.stride(0), s_scaled.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        k_per_split,
+        **nf4_meta, HAS_BIAS=has_bias and split_k == 1, R_PAD=_pow2_at_least(R, 16),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
+        SPLIT_K=split_k, DOT_FP32=interpret and dtype == torch.bfloat16, INPUT_PRECISION=cfg["input_precision"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
+    )
+    if split_k > 1:
+        block = 1024
+        splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
+            ws, bias_arg, y, M * N, N, SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
+        )
+    return y, S
