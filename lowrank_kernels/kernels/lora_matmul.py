@@ -47,21 +47,9 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.kernels.rounding import round_fp32_to
+from lowrank_kernels.kernels.nf4_dequant import nf4_block_scale
 
 MAX_ELEMENTS = 2**31 - 2**16  # int32 flat NF4 element indices (n*K + k) inside the kernel
-
-
-@triton.jit
-def _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask,
-               NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
-    """fp32 scale of NF4 block(s) ``blk``, both levels undone (two fp32 roundings when nested)."""
-    if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        am = tl.load(code2_ptr + q) * scale2 + tl.load(offset_ptr)
-    else:
-        am = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-    return am
 
 
 @triton.jit
@@ -80,12 +68,12 @@ def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_p
         byte = tl.load(packed_ptr + (row_elem // 2)[:, None] + kb[None, :], mask=byte_ok, other=0).to(tl.int32)
         blk0 = (row_elem + k0) // BLOCKSIZE  # [BLOCK_N]
         if SPT == 1:
-            am = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0, n_ok,
+            am = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0, n_ok,
                             NESTED, NESTED_BLOCKSIZE)
             am_b = am[:, None]
         else:
             t = tl.arange(0, SPT)
-            am = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0[:, None] + t[None, :],
+            am = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0[:, None] + t[None, :],
                             n_ok[:, None] & (k0 + t * BLOCKSIZE < K)[None, :], NESTED, NESTED_BLOCKSIZE)
             am_b = tl.reshape(tl.broadcast_to(am[:, :, None], (BLOCK_N, SPT, SUB // 2)), (BLOCK_N, HALF))
         hi = round_fp32_to(tl.load(code_ptr + (byte >> 4)) * am_b, dtype)
@@ -115,7 +103,7 @@ def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_p
         am_ev = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
         am_od = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
         for t in tl.static_range(NB):
-            am_t = _nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + t,
+            am_t = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + t,
                               n_ok & (t * BLOCKSIZE < first + (K - k0)), NESTED, NESTED_BLOCKSIZE)
             am_ev = tl.where(rel_ev == t, am_t[:, None], am_ev)
             am_od = tl.where(rel_od == t, am_t[:, None], am_od)

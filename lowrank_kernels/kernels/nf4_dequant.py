@@ -12,6 +12,20 @@ from lowrank_kernels.kernels.rounding import round_fp32_to
 
 
 @triton.jit
+def nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask,
+                    NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 scale of NF4 block(s) ``blk``, both levels undone: ``code2[q] * absmax2[blk // nbs] + offset``
+    (two fp32 roundings: the caller's launch sets ``enable_fp_fusion=False``)."""
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        am = tl.load(code2_ptr + q) * scale2 + tl.load(offset_ptr)
+    else:
+        am = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return am
+
+
+@triton.jit
 def nf4_dequant_kernel(
     packed_ptr,  # uint8 [(n + 1) // 2]
     absmax_ptr,  # uint8 [nblocks] when NESTED, else fp32 [nblocks]
@@ -32,12 +46,7 @@ def nf4_dequant_kernel(
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < nblocks
 
-    if NESTED:
-        q = tl.load(absmax_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + rows // NESTED_BLOCKSIZE, mask=row_ok, other=0.0)
-        am = tl.load(code2_ptr + q) * scale2 + tl.load(offset_ptr)
-    else:
-        am = tl.load(absmax_ptr + rows, mask=row_ok, other=0.0)
+    am = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows, row_ok, NESTED, NESTED_BLOCKSIZE)
 
     byte = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
     packed = tl.load(packed_ptr + byte, mask=byte < nbytes, other=0).to(tl.int32)
