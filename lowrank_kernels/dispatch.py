@@ -22,10 +22,7 @@ def nf4_dequantize(w, dtype, backend=None):
     if choose_backend(w.device, backend) == "triton":
         from lowrank_kernels.kernels.nf4_dequant import nf4_dequantize as launch
 
-        if w.nested:
-            return launch(w.packed, w.absmax, w.code, w.numel(), w.blocksize, dtype, w.absmax2, w.code2,
-                          w.offset, w.nested_blocksize)
-        return launch(w.packed, w.absmax, w.code, w.numel(), w.blocksize, dtype)
+        return launch(n=w.numel(), out_dtype=dtype, **_nf4_state(w))
     absmax = w.absmax
     if w.nested:
         absmax = python_ref.dequantize_absmax(w.absmax, w.absmax2, w.code2, w.offset, w.nested_blocksize)
@@ -33,7 +30,7 @@ def nf4_dequantize(w, dtype, backend=None):
 
 
 # The fused Triton GEMM is opt-in (backend="triton") until it beats dequantize + cuBLAS: on the H100 it is
-# 3.7-4.7x dense bf16 at M <= 64 and 27-40x at M >= 256, where dequantize + cuBLAS is 1.2-2.9x
+# 3.7-4.7x dense bf16 at M <= 64 and 27-40x at M >= 256, where dequantize + cuBLAS is 1.26-2.98x
 # (bench/results/bench-h100.md). The default on CUDA is therefore the unfused path.
 FUSED_BY_DEFAULT = False
 
