@@ -4,6 +4,8 @@ Callers pass format objects and plain tensors; this module unpacks them for the 
 ``backend=None`` picks by device; ``"torch"`` or ``"triton"`` force one (``"triton"`` on CPU tensors needs
 ``TRITON_INTERPRET=1`` set before Triton is imported, as the tests do).
 """
+import torch
+
 import python_ref
 
 BACKENDS = ("torch", "triton")
@@ -22,7 +24,9 @@ def nf4_dequantize(w, dtype, backend=None):
     if choose_backend(w.device, backend) == "triton":
         from lowrank_kernels.kernels.nf4_dequant import nf4_dequantize as launch
 
-        return launch(n=w.numel(), out_dtype=dtype, **_nf4_state(w))
+        state = _nf4_state(w)
+        del state["shape"]
+        return launch(n=w.numel(), out_dtype=dtype, **state)
     absmax = w.absmax
     if w.nested:
         absmax = python_ref.dequantize_absmax(w.absmax, w.absmax2, w.code2, w.offset, w.nested_blocksize)
@@ -41,35 +45,80 @@ def _fused(device, backend) -> bool:
 
 
 def _nf4_state(w) -> dict:
-    state = dict(packed=w.packed, absmax=w.absmax, code=w.code, blocksize=w.blocksize)
+    state = dict(packed=w.packed, absmax=w.absmax, code=w.code, blocksize=w.blocksize, shape=tuple(w.shape))
     if w.nested:
         state.update(absmax2=w.absmax2, code2=w.code2, offset=w.offset, nested_blocksize=w.nested_blocksize)
     return state
 
 
-def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, backend=None, config=None):
-    """``(Y [M, N], S [M, r])``: ``Y = x @ weight.T + scaling * S @ lora_B.T + bias``, ``S = x @ lora_A.T``.
+def _weight_arg(weight) -> dict:
+    return dict(weight=weight) if isinstance(weight, torch.Tensor) else dict(nf4=_nf4_state(weight))
 
-    ``x [M, K]``; ``weight`` a dense ``[N, K]`` tensor; ``lora_A``, ``lora_B`` and ``bias`` already in
-    ``x.dtype`` (inputs validated by the caller). All products in ``x.dtype`` with fp32 accumulation.
-    ``config``: Triton tile overrides (see ``kernels.lora_matmul.default_config``); ignored by torch.
+
+def dense_weight(weight, dtype, backend=None):
+    """``W [N, K]`` in ``dtype``: an ``NF4Weight`` dequantized (bit-exact kernel on CUDA), a dense one cast."""
+    if isinstance(weight, torch.Tensor):
+        return weight.to(dtype)
+    return nf4_dequantize(weight, dtype, backend).view(weight.shape)
+
+
+def _apply_keep(t, keep, keep_scale):
+    """``t * keep * keep_scale`` (the dropout mask ``keep`` is 0/1), rounded once to ``t.dtype``."""
+    return (t * keep_scale) * keep
+
+
+def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, keep_scale=1.0, backend=None,
+                        config=None):
+    """``(Y [M, N], S [M, r])``: ``Y = x @ W.T + scaling * S @ lora_B.T + bias``, ``S = Xd @ lora_A.T``.
+
+    ``x [M, K]``; ``weight`` an ``NF4Weight`` or a dense ``[N, K]`` tensor; ``lora_A``, ``lora_B`` and ``bias``
+    already in ``x.dtype`` (inputs validated by the caller). Dropout on the LoRA branch: ``Xd = x * keep *
+    keep_scale`` with ``keep`` a bool ``[M, K]`` tensor (``None``: no dropout). All products in ``x.dtype`` with
+    fp32 accumulation. ``config``: Triton tile overrides (``kernels.lora_matmul.default_config``).
+    The fused path dequantizes NF4 tiles in registers inside the GEMM; the unfused path dequantizes the whole
+    weight into a temporary (bit-exact kernel), then cuBLAS.
     """
+    xd = x if keep is None else _apply_keep(x, keep, keep_scale)
+    S = xd @ lora_A.t()
     if _fused(x.device, backend):
         from lowrank_kernels.kernels.lora_matmul import lora_matmul
 
-        return lora_matmul(x, lora_A, lora_B, scaling, bias, weight=weight, config=config)
-    return python_ref.lora_forward(x, weight.to(x.dtype), lora_A, lora_B, scaling, bias)
+        return lora_matmul(x, S * scaling, lora_B.t(), bias, **_weight_arg(weight), config=config), S
+    w = dense_weight(weight, x.dtype, backend)
+    y = x @ w.t() if bias is None else torch.addmm(bias, x, w.t())
+    return y.addmm_(S, lora_B.t(), alpha=scaling), S
 
 
-def qlora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, backend=None, config=None):
-    """As :func:`lora_linear_forward` with ``weight`` an ``NF4Weight``, dequantized to ``x.dtype``.
+def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=None, keep_scale=1.0,
+                         needs=(True, True, True, True, False), backend=None, config=None):
+    """Gradients ``(dX, dA, dB, db, dW)`` of :func:`lora_linear_forward` (``None`` where ``needs`` is False).
 
-    The Triton path dequantizes tiles in registers inside the GEMM; the torch path dequantizes the whole weight.
+    ``needs``: which of x, lora_A, lora_B, bias and a dense weight need a gradient (an NF4 weight never
+    does); ``x`` may be ``None`` unless lora_A or the weight needs one, ``S`` unless lora_B does. All in
+    ``grad_y.dtype``. Formulas (``python_ref.lora``): ``dS = s * dY @ B``, ``dX = dY @ W + (dS @ A) *
+    mask``, ``dA = dS.T @ Xd``, ``dB = s * dY.T @ S``, ``db = sum_m dY``, ``dW = dY.T @ x``.
     """
-    if _fused(x.device, backend):
-        from lowrank_kernels.kernels.lora_matmul import lora_matmul
+    need_x, need_A, need_B, need_bias, need_w = needs
+    dx = dA = dB = db = dw = None
+    dS = (grad_y @ lora_B).mul_(scaling) if (need_x or need_A) else None
+    if need_x:
+        if _fused(grad_y.device, backend):
+            from lowrank_kernels.kernels.lora_matmul import lora_matmul
 
-        return lora_matmul(x, lora_A, lora_B, scaling, bias, nf4=_nf4_state(weight), config=config)
-    # unfused: one bit-exact dequant (Triton kernel on CUDA unless "torch" is forced), then cuBLAS / torch GEMMs
-    w = nf4_dequantize(weight, x.dtype, backend).view(weight.shape)
-    return python_ref.lora_forward(x, w, lora_A, lora_B, scaling, bias)
+            dx = lora_matmul(grad_y, dS, lora_A, trans_w=True, keep=keep, keep_scale=keep_scale,
+                             **_weight_arg(weight), config=config)
+        else:
+            dx = grad_y @ dense_weight(weight, grad_y.dtype, backend)
+            if keep is None:
+                dx.addmm_(dS, lora_A)
+            else:
+                dx += _apply_keep(dS @ lora_A, keep, keep_scale)
+    if need_A:
+        dA = dS.t() @ (x if keep is None else _apply_keep(x, keep, keep_scale))
+    if need_B:
+        dB = (grad_y.t() @ S).mul_(scaling)
+    if need_bias:
+        db = grad_y.sum(0)
+    if need_w:
+        dw = grad_y.t() @ x
+    return dx, dA, dB, db, dw

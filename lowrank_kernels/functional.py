@@ -1,30 +1,34 @@
-"""Functional (Q)LoRA linear layers: ``y = x @ W.T + scaling * (x @ A.T) @ B.T + bias`` (forward only).
+"""Functional (Q)LoRA linear layers, differentiable: ``y = x @ W.T + scaling * (Xd @ A.T) @ B.T + bias``.
 
-``qlora_linear`` takes an NF4 base weight (``NF4Weight``), ``lora_linear`` a dense one. ``backend="triton"``
-runs one fused Triton GEMM (the NF4 weight is dequantized in registers, never materialized, the LoRA term in the
-same accumulator); it is correct but not yet faster than dequantize + cuBLAS, which is the default on CUDA.
-On CPU the torch reference path runs. Arithmetic happens in ``x``'s dtype (bf16 / fp16 / fp32) with fp32 accumulation:
-``lora_A``, ``lora_B``, ``bias`` (and a dense weight of another dtype) are cast to ``x.dtype``, as peft does
-with fp32 adapters on bf16 activations.
+``qlora_linear`` takes an NF4 base weight (``NF4Weight``), ``lora_linear`` a dense one. ``Xd`` is ``x`` after
+dropout with probability ``dropout`` (the LoRA branch only, as in peft; ``dropout=0`` means none).
+Gradients flow to ``x``, ``lora_A``, ``lora_B``, ``bias`` (and a dense weight that requires grad), each in its
+own dtype; the NF4 weight never gets one. Arithmetic happens in ``x``'s dtype (bf16 / fp16 / fp32; under
+``torch.autocast``, the autocast dtype) with fp32 accumulation: ``lora_A``, ``lora_B`` and ``bias`` are cast to
+it, as peft does with fp32 adapters on bf16 activations.
 
-Autograd is not implemented yet: outputs of the fused Triton path carry no gradient.
+``backend="triton"`` runs the fused Triton GEMMs (forward and dX: the NF4 weight is dequantized in registers,
+never materialized, the LoRA term in the same accumulator); they are correct but not yet faster than
+dequantize + cuBLAS, which is the default on CUDA (``dispatch.FUSED_BY_DEFAULT``). On CPU the torch path runs.
 """
 import numbers
 
 import torch
 
 from lowrank_kernels import dispatch
+from lowrank_kernels.autograd import LoraLinearFunction, dropout_keep
 from lowrank_kernels.nf4 import NF4Weight
 
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_TORCH_ONLY_DTYPES = (torch.float64,)  # the fp64 torch path exists for gradcheck and oracles
 
 
-def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, backend=None, config=None):
+def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, dropout=0.0, backend=None, config=None):
     """``x [..., K]``, NF4 ``weight [N, K]``, ``lora_A [r, K]``, ``lora_B [N, r]``, ``bias [N]`` -> ``[..., N]``.
 
-    ``backend``: ``None`` (CUDA: our bit-exact dequant kernel + cuBLAS; CPU: torch), ``"torch"``, or
-    ``"triton"`` for the fused GEMM (opt-in until it is the faster one; see ``dispatch.FUSED_BY_DEFAULT``). ``config``: Triton
-    tile overrides (keys of ``lowrank_kernels.kernels.lora_matmul.default_config``).
+    ``dropout``: LoRA-branch dropout probability in ``[0, 1)`` (pass 0 in eval mode). ``backend``: ``None``
+    (CUDA: our bit-exact dequant kernel + cuBLAS; CPU: torch), ``"torch"``, or ``"triton"`` for the fused GEMMs.
+    ``config``: Triton tile overrides (keys of ``lowrank_kernels.kernels.lora_matmul.default_config``).
     """
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight: expected an NF4Weight, got {type(weight).__name__} "
@@ -32,21 +36,43 @@ def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, backend=None,
     if len(weight.shape) != 2:
         raise ValueError(f"weight: expected a 2-D [out_features, in_features] NF4 weight, got shape "
                          f"{tuple(weight.shape)}")
-    x2, A, B, b, s = _prepare(x, weight.shape, weight.device, lora_A, lora_B, scaling, bias)
-    y, _ = dispatch.qlora_linear_forward(x2, weight, A, B, s, b, backend=backend, config=config)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config)
 
 
-def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, backend=None, config=None):
-    """As :func:`qlora_linear` with a dense ``weight [N, K]`` (bf16 / fp16 / fp32; cast to ``x.dtype``)."""
+def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, dropout=0.0, backend=None, config=None):
+    """As :func:`qlora_linear` with a dense ``weight [N, K]`` (bf16 / fp16 / fp32; rounded to the compute dtype)."""
     if isinstance(weight, NF4Weight):
         raise TypeError("weight: got an NF4Weight; use qlora_linear for NF4 weights")
     _check_tensor(weight, "weight", dims=2)
-    if weight.dtype not in _X_DTYPES:
-        raise TypeError(f"weight: expected dtype bfloat16, float16 or float32, got {weight.dtype}")
-    x2, A, B, b, s = _prepare(x, weight.shape, weight.device, lora_A, lora_B, scaling, bias)
-    y, _ = dispatch.lora_linear_forward(x2, weight, A, B, s, b, backend=backend, config=config)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    if weight.dtype not in _X_DTYPES + _TORCH_ONLY_DTYPES:
+        raise TypeError(f"weight: expected dtype bfloat16, float16, float32 or float64, got {weight.dtype}")
+    return _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config)
+
+
+def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
+    N, K = weight.shape
+    _validate(x, N, K, weight.device, lora_A, lora_B, scaling, bias, dropout)
+    if dispatch.choose_backend(x.device, backend) != "torch" and x.dtype in _TORCH_ONLY_DTYPES:
+        raise TypeError(f"x: dtype {x.dtype} runs on the torch backend only (pass backend='torch'); the Triton "
+                        "kernels take bfloat16, float16 or float32")
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    x2 = x.reshape(-1, K).to(dtype)
+    A, B = lora_A.to(dtype), lora_B.to(dtype)  # autograd casts gradients back to each parameter's dtype
+    b = None if bias is None else bias.to(dtype)
+    s, p = float(scaling), float(dropout)
+    tracked = [x2, A, B] + ([b] if b is not None else []) + ([weight] if isinstance(weight, torch.Tensor) else [])
+    # The dropout mask is a function of a seed drawn from the CPU RNG, which torch.utils.checkpoint saves and
+    # restores: a recomputed forward (and the backward) sees the same mask.
+    seed = int(torch.randint(0, 2**62, ()).item()) if p > 0 else 0
+    with torch.autocast(x.device.type, enabled=False):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+            y = LoraLinearFunction.apply(x2, A, B, b, weight, s, p, seed, backend, config)
+        else:  # inference: nothing is saved
+            keep = dropout_keep(x2.shape, p, seed, x.device) if p > 0 else None
+            y, _ = dispatch.lora_linear_forward(x2, weight, A, B, s, b, keep, 1.0 / (1.0 - p), backend, config)
+    return y.reshape(*x.shape[:-1], N)
 
 
 def _check_tensor(t, name, dims=None):
@@ -58,12 +84,11 @@ def _check_tensor(t, name, dims=None):
         raise ValueError(f"{name}: expected {dims} dimension(s), got shape {tuple(t.shape)}")
 
 
-def _prepare(x, weight_shape, weight_device, lora_A, lora_B, scaling, bias):
-    """Validates the inputs; returns ``(x [M, K], A, B, bias, scaling)`` with the LoRA tensors in ``x.dtype``."""
-    N, K = weight_shape
+def _validate(x, N, K, weight_device, lora_A, lora_B, scaling, bias, dropout):
     _check_tensor(x, "x")
-    if x.dtype not in _X_DTYPES:
-        raise TypeError(f"x: expected dtype bfloat16, float16 or float32, got {x.dtype}")
+    if x.dtype not in _X_DTYPES + _TORCH_ONLY_DTYPES:
+        raise TypeError(f"x: expected dtype bfloat16, float16 or float32 (float64: torch backend only), got "
+                        f"{x.dtype}")
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x: last dimension must be in_features={K} (weight is [{N}, {K}]), got shape "
                          f"{tuple(x.shape)}")
@@ -81,10 +106,11 @@ def _prepare(x, weight_shape, weight_device, lora_A, lora_B, scaling, bias):
             raise ValueError(f"bias: expected shape [{N}], got {tuple(bias.shape)}")
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling: expected a real number, got {type(scaling).__name__}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout: expected a probability (float), got {type(dropout).__name__}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
     for name, t in (("weight", weight_device), ("lora_A", lora_A.device), ("lora_B", lora_B.device),
                     ("bias", None if bias is None else bias.device)):
         if t is not None and t != x.device:
             raise ValueError(f"{name}: on {t}, but x is on {x.device}; all inputs must be on one device")
-    dtype = x.dtype
-    b = None if bias is None else bias.to(dtype)
-    return x.reshape(-1, K), lora_A.to(dtype), lora_B.to(dtype), b, float(scaling)

@@ -246,7 +246,10 @@ def _good():
 @pytest.mark.parametrize("change,exc,name", [
     (dict(x=[[1.0]]), TypeError, "x"),
     (dict(x=torch.ones(3, 32, dtype=torch.int32)), TypeError, "x"),
-    (dict(x=torch.randn(3, 32, dtype=torch.float64)), TypeError, "x"),
+    (dict(x=torch.randn(3, 32, dtype=torch.float64), backend="triton"), TypeError, "x"),
+    (dict(dropout=1.0), ValueError, "dropout"),
+    (dict(dropout=-0.1), ValueError, "dropout"),
+    (dict(dropout="0.1"), TypeError, "dropout"),
     (dict(x=torch.randn(3, 31)), ValueError, "x"),
     (dict(weight=torch.randn(8, 32)), TypeError, "weight"),
     (dict(lora_A=torch.randn(4, 31)), ValueError, "lora_A"),

@@ -1,18 +1,25 @@
-"""Triton kernel: fused (Q)LoRA linear forward, ``Y = X @ W.T + (s * S) @ B.T (+ bias)`` in one GEMM.
+"""Triton kernel: one GEMM with a LoRA term in the same accumulator, for the (Q)LoRA forward and backward.
 
-``W [N, K]`` is a dense bf16/fp16/fp32 tensor or an NF4 weight that is dequantized *in registers* inside the
-K loop (a dequantized ``W`` never touches memory). ``S = X @ A.T [M, r]`` is tiny and computed by the launcher
-with torch; the LoRA term rides in the same fp32 accumulator as one extra ``tl.dot`` of the ``[BLOCK_M, R_PAD]``
-tile of ``s * S`` with the ``[R_PAD, BLOCK_N]`` tile of ``B.T`` after the K loop (``R_PAD``: ``r`` rounded up
-to a power of two >= 16, masked).
+    out [M, N] = a [M, K] @ op(W) + keep * keep_scale * (L [M, r] @ R [r, N]) (+ bias)
+
+* forward:     ``a = X``,  ``op(W) = W.T`` (``W [N, K]``),     ``L = s * S``, ``R = B.T``, no mask;
+* backward dX: ``a = dY``, ``op(W) = W`` (``W [K, N]``, ``TRANS_W``), ``L = dS``, ``R = A``, and with dropout
+  ``keep`` the 0/1 dropout mask of the LoRA branch and ``keep_scale = 1 / (1 - p)``.
+
+``W`` is a dense bf16/fp16/fp32 tensor (any strides) or an NF4 weight that is dequantized *in registers*
+inside the K loop (a dequantized ``W`` never touches memory). ``L`` and ``R`` are tiny (computed by the caller);
+the LoRA term is one extra ``tl.dot`` of the ``[BLOCK_M, R_PAD]`` tile of ``L`` with the ``[R_PAD, BLOCK_N]``
+tile of ``R`` after the K loop (``R_PAD``: ``r`` rounded up to a power of two >= 16, masked), into the same
+fp32 accumulator, or into a second one that is multiplied by the ``keep`` tile and ``keep_scale`` before it is added.
 
 Tiling: a 1-D grid over ``[BLOCK_M, BLOCK_N]`` output tiles with GROUP_M swizzling (L2 reuse of W), times a
 second grid axis of ``SPLIT_K`` slices of K. Every slice covers a whole number of ``BLOCK_K`` chunks.
 
-NF4 dequantization of the ``[BLOCK_N, BLOCK_K]`` tile of W (element ``(n, k)`` is flat index ``e = n*K + k``,
-high nibble when ``e`` is even, scale block ``e // BLOCKSIZE``):
+NF4 dequantization of a ``[rows, cols]`` tile of the stored ``W`` (``W_COLS`` columns; element ``(n, k)`` is flat
+index ``e = n*W_COLS + k``, high nibble when ``e`` is even, scale block ``e // BLOCKSIZE``; with ``TRANS_W`` the
+tile is ``[BLOCK_K, BLOCK_N]`` and is transposed in registers):
 
-* ``ALIGNED`` (``K % BLOCKSIZE == 0``, the usual case; then K is even too): every row starts on a byte and
+* ``ALIGNED`` (``W_COLS % BLOCKSIZE == 0``, the usual case; then it is even too): every row starts on a byte and
   on a scale block, so the tile is loaded as ``[BLOCK_N, BLOCK_K // 2]`` bytes and split into high / low
   nibbles (``tl.join``), and the scales form a ``[BLOCK_N, max(1, BLOCK_K // BLOCKSIZE)]`` tile (one scale per
   row when ``BLOCK_K <= BLOCKSIZE``), rebuilt once per (row, block) and broadcast.
@@ -123,23 +130,26 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def lora_matmul_kernel(
-    x_ptr,  # [M, K] activation dtype (any strides)
-    w_ptr,  # dense: [N, K] any float dtype; NF4: packed uint8 [(N*K + 1) // 2]
+    a_ptr,  # [M, K] activation dtype (any strides)
+    w_ptr,  # dense: op(W) element (n, k) at n*stride_wn + k*stride_wk, any float dtype; NF4: packed uint8
     absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,  # NF4 state (dummies when dense)
-    s_ptr,  # [M, r] s * S, activation dtype
-    b_ptr,  # [N, r] lora_B, activation dtype
+    l_ptr,  # [M, r] left LoRA factor, activation dtype
+    r_ptr,  # [r, N] right LoRA factor, activation dtype (any strides)
+    keep_ptr,  # [M, N] uint8 0/1 dropout mask of the LoRA term (HAS_MASK only)
     bias_ptr,  # [N] (HAS_BIAS only)
     y_ptr,  # [M, N] activation dtype (SPLIT_K == 1)
     ws_ptr,  # fp32 [SPLIT_K, M, N] partial sums (SPLIT_K > 1)
-    M, N, K, R,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+    M, N, K, R, W_COLS,  # W_COLS: columns of the stored W (K, or N with TRANS_W)
+    stride_am, stride_ak, stride_wn, stride_wk, stride_lm, stride_lr, stride_rr, stride_rn,
+    stride_mm, stride_mn, stride_ym, stride_yn,
     K_PER_SPLIT,  # multiple of BLOCK_K
-    NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-    ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    KEEP_SCALE,  # fp32 1 / (1 - p)
+    NF4: tl.constexpr, TRANS_W: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    dtype: tl.constexpr = a_ptr.dtype.element_ty
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -156,37 +166,50 @@ def lora_matmul_kernel(
     n_ok = offs_n < N
     offs_m64 = offs_m.to(tl.int64)
     offs_n64 = offs_n.to(tl.int64)
-    x_rows = x_ptr + offs_m64[:, None] * stride_xm
+    a_rows = a_ptr + offs_m64[:, None] * stride_am
 
-    # The accumulator is Yᵀ tile [BLOCK_N, BLOCK_M]: the dequantized W tile is the dot's A operand, taken straight
-    # from registers (Hopper wgmma reads A from registers; a register-made B operand failed to compile on Triton
-    # 3.6), and small M becomes the dot's narrow N dimension.
+    # The accumulator is the outᵀ tile [BLOCK_N, BLOCK_M]: the (dequantized) W tile is the dot's A operand, taken
+    # straight from registers (Hopper wgmma reads A from registers; a register-made B operand failed to compile on
+    # Triton 3.6), and small M becomes the dot's narrow N dimension.
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if NF4:
-            w = _nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_n, n_ok, k0, K,
-                          dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED)
+            if TRANS_W:  # stored W [K, N]: dequantize the [BLOCK_K, BLOCK_N] tile at (k0, pid_n * BLOCK_N)
+                w = tl.trans(_nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_k,
+                                       k_ok, pid_n * BLOCK_N, W_COLS, dtype, BLOCK_K, BLOCK_N, BLOCKSIZE, NESTED,
+                                       NESTED_BLOCKSIZE, ALIGNED))
+            else:  # stored W [N, K]: the [BLOCK_N, BLOCK_K] tile at (pid_n * BLOCK_N, k0)
+                w = _nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_n, n_ok, k0,
+                              W_COLS, dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED)
         else:
             w = tl.load(w_ptr + offs_n64[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if w_ptr.dtype.element_ty != dtype:
                 w = round_fp32_to(w.to(tl.float32), dtype)
-        acc = _dot(w, tl.trans(x), acc, DOT_FP32, INPUT_PRECISION)
+        acc = _dot(w, tl.trans(a), acc, DOT_FP32, INPUT_PRECISION)
 
-    # LoRA term: one more dot, [BLOCK_N, R_PAD] x [R_PAD, BLOCK_M], into the same accumulator (slice 0 only).
+    # LoRA term: one more dot, [BLOCK_N, R_PAD] x [R_PAD, BLOCK_M] (slice 0 only), into the same accumulator,
+    # or through the dropout mask into it.
     if pid_k == 0:
         offs_r = tl.arange(0, R_PAD)
         r_ok = offs_r < R
-        s = tl.load(s_ptr + offs_m64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_n64[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = _dot(b, tl.trans(s), acc, DOT_FP32, INPUT_PRECISION)
+        lt = tl.load(l_ptr + offs_m64[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        rt = tl.load(r_ptr + offs_n64[:, None] * stride_rn + offs_r[None, :] * stride_rr,
+                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        if HAS_MASK:
+            lora = _dot(rt, tl.trans(lt), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_FP32,
+                        INPUT_PRECISION)
+            keep = tl.load(keep_ptr + offs_n64[:, None] * stride_mn + offs_m64[None, :] * stride_mm,
+                           mask=n_ok[:, None] & m_ok[None, :], other=0)
+            acc += lora * (keep.to(tl.float32) * KEEP_SCALE)
+        else:
+            acc = _dot(rt, tl.trans(lt), acc, DOT_FP32, INPUT_PRECISION)
 
     out_ok = n_ok[:, None] & m_ok[None, :]
     if SPLIT_K == 1:
@@ -298,23 +321,30 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def lora_matmul(x, lora_A, lora_B, scaling, bias=None, weight=None, nf4=None, config=None):
-    """``(Y [M, N], S [M, r])`` with ``Y = x @ W.T + scaling * S @ lora_B.T + bias`` and ``S = x @ lora_A.T``.
+def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=False, keep=None, keep_scale=1.0,
+                config=None):
+    """``out [M, N] = a @ op(W) + keep * keep_scale * (lora_l @ lora_r) + bias`` in ``a.dtype``; see the module docstring.
 
-    Inputs are already validated and on one CUDA device (or CPU under ``TRITON_INTERPRET=1``): ``x [M, K]``,
-    ``lora_A [r, K]``, ``lora_B [N, r]`` and ``bias [N]`` in ``x.dtype``. Exactly one of ``weight`` (a dense
-    ``[N, K]`` float tensor, any strides) and ``nf4`` (a dict with ``packed, absmax, code, blocksize`` and,
-    when double-quantized, ``absmax2, code2, offset, nested_blocksize``) is given. ``Y`` and ``S`` are in
-    ``x.dtype``; ``S`` is unscaled (what the backward needs). ``config``: overrides of :func:`default_config`.
+    Inputs are already validated and on one CUDA device (or CPU under ``TRITON_INTERPRET=1``), all in
+    ``a.dtype`` (any strides): ``a [M, K]``, ``lora_l [M, r]``, ``lora_r [r, N]``, ``bias [N]``; ``keep [M, N]`` a bool dropout mask or ``None``.
+    Exactly one of ``weight`` (a dense float tensor) and ``nf4`` (a dict with ``packed, absmax, code, blocksize,
+    shape`` and, when double-quantized, ``absmax2, code2, offset, nested_blocksize``) is given; the stored
+    weight is ``[N, K]`` (``op(W) = W.T``), or ``[K, N]`` with ``trans_w`` (``op(W) = W``).
+    ``config``: overrides of :func:`default_config`.
     """
     if (weight is None) == (nf4 is None):
         raise ValueError("lora_matmul: pass exactly one of weight (dense) and nf4")
-    M, K = x.shape
-    N, R = lora_B.shape
-    dtype = x.dtype
+    M, K = a.shape
+    R, N = lora_r.shape
+    dtype = a.dtype
+    w_rows, w_cols = (K, N) if trans_w else (N, K)
     if nf4 is not None:
-        if N * K > MAX_ELEMENTS:
-            raise ValueError(f"weight: {N * K} elements, over the int32-indexed kernel limit {MAX_ELEMENTS}")
+        if tuple(nf4["shape"]) != (w_rows, w_cols):
+            raise ValueError(f"nf4: weight shape {tuple(nf4['shape'])} does not fit a [{M}, {K}] operand "
+                             f"(expected {(w_rows, w_cols)})")
+        if w_rows * w_cols > MAX_ELEMENTS:
+            raise ValueError(f"weight: {w_rows * w_cols} elements, over the int32-indexed kernel limit "
+                             f"{MAX_ELEMENTS}")
         nested = nf4.get("absmax2") is not None
         code = nf4["code"]
         w_args = (nf4["packed"], nf4["absmax"],
@@ -322,21 +352,22 @@ def lora_matmul(x, lora_A, lora_B, scaling, bias=None, weight=None, nf4=None, co
                   nf4["offset"].reshape(1) if nested else code, code)
         w_strides = (0, 0)
         blocksize = nf4["blocksize"]
-        aligned = K % blocksize == 0
+        aligned = w_cols % blocksize == 0
         nf4_meta = dict(NF4=True, NESTED=nested, BLOCKSIZE=blocksize,
                         NESTED_BLOCKSIZE=nf4["nested_blocksize"] if nested else 1, ALIGNED=aligned)
     else:
-        w_args = (weight, x, x, x, x, x)
-        w_strides = (weight.stride(0), weight.stride(1))
+        if tuple(weight.shape) != (w_rows, w_cols):
+            raise ValueError(f"weight: shape {tuple(weight.shape)} does not fit a [{M}, {K}] operand "
+                             f"(expected {(w_rows, w_cols)})")
+        w_args = (weight, a, a, a, a, a)
+        w_strides = (weight.stride(1), weight.stride(0)) if trans_w else (weight.stride(0), weight.stride(1))
         aligned = False
         nf4_meta = dict(NF4=False, NESTED=False, BLOCKSIZE=1, NESTED_BLOCKSIZE=1, ALIGNED=False)
-    cfg = _resolve_config(M, N, K, dtype, nf4 is not None, aligned, x.device, config)
+    cfg = _resolve_config(M, N, K, dtype, nf4 is not None, aligned, a.device, config)
 
-    S = x @ lora_A.t()  # [M, r], tiny
-    y = x.new_empty((M, N))
+    y = a.new_empty((M, N))
     if M == 0 or N == 0:
-        return y, S
-    s_scaled = (S * scaling).contiguous()  # rounded once to x.dtype, as peft's ``lora_B(S) * scaling`` inputs are
+        return y
 
     block_k, split_k = cfg["BLOCK_K"], cfg["SPLIT_K"]
     k_iters = triton.cdiv(K, block_k)
@@ -345,19 +376,22 @@ def lora_matmul(x, lora_A, lora_B, scaling, bias=None, weight=None, nf4=None, co
     k_per_split = iters_per_split * block_k
 
     has_bias = bias is not None
-    bias_arg = bias if has_bias else x
-    ws = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else y
+    bias_arg = bias if has_bias else a
+    keep_arg = keep.view(torch.uint8) if keep is not None else a
+    keep_strides = (keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)
+    ws = torch.empty((split_k, M, N), dtype=torch.float32, device=a.device) if split_k > 1 else y
     interpret = _interpreting()
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
     lora_matmul_kernel[grid](
-        x, *w_args, s_scaled, lora_B, bias_arg, y, ws,
-        M, N, K, R,
-        x.stride(0), x.stride(1), *w_strides, s_scaled.stride(0), s_scaled.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        k_per_split,
-        **nf4_meta, HAS_BIAS=has_bias and split_k == 1, R_PAD=_pow2_at_least(R, 16),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
-        SPLIT_K=split_k, DOT_FP32=interpret and dtype == torch.bfloat16, INPUT_PRECISION=cfg["input_precision"],
+        a, *w_args, lora_l, lora_r, keep_arg, bias_arg, y, ws,
+        M, N, K, R, w_cols,
+        a.stride(0), a.stride(1), *w_strides, lora_l.stride(0), lora_l.stride(1),
+        lora_r.stride(0), lora_r.stride(1), *keep_strides, y.stride(0), y.stride(1),
+        k_per_split, float(keep_scale),
+        **nf4_meta, TRANS_W=trans_w, HAS_MASK=keep is not None, HAS_BIAS=has_bias and split_k == 1,
+        R_PAD=_pow2_at_least(R, 16), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+        GROUP_M=cfg["GROUP_M"], SPLIT_K=split_k, DOT_FP32=interpret and dtype == torch.bfloat16,
+        INPUT_PRECISION=cfg["input_precision"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
     )
     if split_k > 1:
@@ -365,4 +399,4 @@ def lora_matmul(x, lora_A, lora_B, scaling, bias=None, weight=None, nf4=None, co
         splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
             ws, bias_arg, y, M * N, N, SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
         )
-    return y, S
+    return y

@@ -1,0 +1,58 @@
+"""The autograd Function behind ``qlora_linear`` / ``lora_linear``: forward and backward through ``dispatch``.
+
+    forward   S = Xd @ A.T,  Y = x @ W.T + s * S @ B.T + bias       Xd = x * keep / (1 - p)  (LoRA dropout)
+    backward  dS = s * dY @ B,  dX = dY @ W + (dS @ A) * keep / (1 - p),  dA = dS.T @ Xd,  dB = s * dY.T @ S
+
+Saved for backward: ``x`` (only when ``lora_A`` or a dense weight needs a gradient) and ``S [M, r]`` (only
+when ``lora_B`` does), plus the tiny adapter tensors. Never the dequantized weight, never a dropout mask: the
+mask is regenerated in backward from a seed. ``W`` (dense or NF4) gets no gradient unless it is a dense tensor
+that requires one.
+"""
+import torch
+
+from lowrank_kernels import dispatch
+from lowrank_kernels.nf4 import NF4Weight
+
+
+def dropout_keep(shape, p: float, seed: int, device) -> torch.Tensor:
+    """Bool keep-mask (``True`` with probability ``1 - p``), a pure function of ``(shape, p, seed, device)``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=gen)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``apply(x [M, K], lora_A [r, K], lora_B [N, r], bias [N] | None, weight, scaling, dropout, seed,
+    backend, config) -> Y [M, N]``.
+
+    ``x``, ``lora_A``, ``lora_B`` and ``bias`` share one dtype (the caller casts; autograd casts gradients back).
+    ``weight``: an ``NF4Weight`` or a dense ``[N, K]`` tensor of any float dtype (rounded to ``x.dtype`` for the
+    products; its gradient comes back in its own dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, bias, weight, scaling, dropout, seed, backend, config):
+        keep = dropout_keep(x.shape, dropout, seed, x.device) if dropout > 0 else None
+        keep_scale = 1.0 / (1.0 - dropout)
+        y, S = dispatch.lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias, keep, keep_scale,
+                                            backend, config)
+        dense = not isinstance(weight, NF4Weight)
+        need_x_saved = ctx.needs_input_grad[1] or (dense and ctx.needs_input_grad[4])
+        ctx.save_for_backward(x if need_x_saved else None, lora_A, lora_B,
+                              S if ctx.needs_input_grad[2] else None, weight if dense else None)
+        ctx.nf4 = None if dense else weight
+        ctx.args = (scaling, dropout, seed, keep_scale, backend, config, x.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lora_A, lora_B, S, dense_w = ctx.saved_tensors
+        scaling, dropout, seed, keep_scale, backend, config, x_shape = ctx.args
+        weight = dense_w if ctx.nf4 is None else ctx.nf4
+        needs = tuple(ctx.needs_input_grad[:5])
+        keep = dropout_keep(x_shape, dropout, seed, grad_y.device) if dropout > 0 else None
+        dx, dA, dB, db, dw = dispatch.lora_linear_backward(
+            grad_y, x, weight, lora_A, lora_B, scaling, S, keep, keep_scale, needs, backend, config)
+        if dw is not None:
+            dw = dw.to(dense_w.dtype)
+        return dx, dA, dB, db, dw, None, None, None, None, None
