@@ -1,6 +1,7 @@
 """lowrank_kernels: fused kernels for LoRA / QLoRA fine-tuning on NVIDIA GPUs."""
 from lowrank_kernels.nf4 import NF4Weight
 from lowrank_kernels.functional import lora_linear, qlora_linear
+from lowrank_kernels.layers import LoraLinear, QLoraLinear
 
 __version__ = "0.1.0"
-__all__ = ["NF4Weight", "lora_linear", "qlora_linear"]
+__all__ = ["NF4Weight", "lora_linear", "qlora_linear", "LoraLinear", "QLoraLinear"]

@@ -1,0 +1,255 @@
+"""Drop-in LoRA / QLoRA linear layers with peft's semantics, on top of ``functional``.
+
+    y = x @ W.T + bias + scaling * lora_B(lora_A(dropout(x)))      scaling = lora_alpha / r  (rsLoRA: / sqrt(r))
+
+``LoraLinear`` holds a dense base weight, ``QLoraLinear`` an NF4 one (bitsandbytes' format). The base weight
+and bias are frozen (``requires_grad=False``, as peft leaves them); ``lora_A`` (``[r, in]``) and ``lora_B``
+(``[out, r]``) are ``nn.Linear`` modules, so ``state_dict`` keys are peft's adapter keys (``lora_A.weight``,
+``lora_B.weight``) next to the base keys ``nn.Linear`` / ``bnb.nn.Linear4bit`` write (``weight``,
+``weight.absmax``, ..., ``bias``). Initialization as peft: ``"kaiming"`` (or ``True``; A kaiming-uniform,
+B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or ``False`` (nn.Linear's default init for both).
+Dropout acts on the LoRA branch, in training mode only. Adapters are fp32 by default (``lora_dtype``), as
+peft keeps them; the products run in the activation dtype.
+"""
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank_kernels.functional import lora_linear, qlora_linear
+from lowrank_kernels.nf4 import NF4Weight
+
+_INITS = (True, False, "kaiming", "gaussian")
+
+
+class _LoraAdapter(nn.Module):
+    """The adapter half shared by both layers: ``lora_A``, ``lora_B``, ``scaling``, ``lora_dropout``."""
+
+    def _init_adapter(self, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                      device, dtype):
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r: expected a positive int, got {r!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+            raise TypeError(f"lora_alpha: expected a real number, got {type(lora_alpha).__name__}")
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) \
+                or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {lora_dropout!r}")
+        if init_lora_weights not in _INITS:
+            raise ValueError(f"init_lora_weights: expected one of {_INITS}, got {init_lora_weights!r}")
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.lora_alpha, self.use_rslora = lora_alpha, bool(use_rslora)
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout = float(lora_dropout)
+        self.merged = False
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
+        self.reset_lora_parameters(init_lora_weights)
+
+    def reset_lora_parameters(self, init_lora_weights="kaiming"):
+        """peft's init: A kaiming-uniform (``"kaiming"``/``True``) or N(0, 1/r) (``"gaussian"``); B = 0."""
+        if init_lora_weights is False:
+            return
+        if init_lora_weights not in _INITS:
+            raise ValueError(f"init_lora_weights: expected one of {_INITS}, got {init_lora_weights!r}")
+        with torch.no_grad():
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+
+    def _dropout(self) -> float:
+        return self.lora_dropout if self.training else 0.0
+
+    def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """``scaling * lora_B @ lora_A`` ``[out, in]``, computed in fp32, returned in ``dtype``."""
+        with torch.no_grad():
+            return (self.lora_B.weight.float() @ self.lora_A.weight.float()).mul_(self.scaling).to(dtype)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
+                f"merged={self.merged}")
+
+
+class LoraLinear(_LoraAdapter):
+    """LoRA over a dense base weight ``[out, in]`` (any float dtype); forward/backward via ``lora_linear``.
+
+    ``merge()`` adds ``delta_weight()`` into the base weight in place (exact up to rounding in its dtype);
+    ``unmerge()`` subtracts it.
+    """
+
+    def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+                 bias=True, init_lora_weights="kaiming", device=None, dtype=None, lora_dtype=torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                   requires_grad=False)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
+                                 requires_grad=False) if bias else None
+        self._init_adapter(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                           device, lora_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+                    init_lora_weights="kaiming", lora_dtype=torch.float32):
+        """Wraps ``linear``, sharing its ``weight`` and ``bias`` Parameters (frozen)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.weight = linear.weight.requires_grad_(False)
+        self.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
+        self._init_adapter(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora,
+                           init_lora_weights, linear.weight.device, lora_dtype)
+        return self
+
+    def forward(self, x):
+        if self.merged:
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return lora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.bias,
+                           dropout=self._dropout())
+
+    def merge(self):
+        if self.merged:
+            warnings.warn("LoraLinear.merge: already merged; nothing done")
+            return
+        with torch.no_grad():
+            self.weight += self.delta_weight(self.weight.dtype)
+        self.merged = True
+
+    def unmerge(self):
+        if not self.merged:
+            warnings.warn("LoraLinear.unmerge: not merged; nothing done")
+            return
+        with torch.no_grad():
+            self.weight -= self.delta_weight(self.weight.dtype)
+        self.merged = False
+
+
+class QLoraLinear(_LoraAdapter):
+    """LoRA over an NF4 base weight (``NF4Weight``, bitsandbytes' format); forward/backward via ``qlora_linear``.
+
+    Build with ``from_linear`` (quantizes a dense ``nn.Linear``), ``from_bnb`` (a quantized
+    ``bnb.nn.Linear4bit``, storage shared) or the constructor (an ``NF4Weight``). ``merged_linear()`` returns a
+    dense ``nn.Linear`` holding ``deq(W) + delta``; ``merge()`` re-quantizes ``deq(W) + delta`` into NF4 in
+    place, which is lossy (warned), as is ``unmerge()``.
+    """
+
+    def __init__(self, weight: NF4Weight, bias=None, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+                 init_lora_weights="kaiming", lora_dtype=torch.float32):
+        super().__init__()
+        if not isinstance(weight, NF4Weight):
+            raise TypeError(f"weight: expected an NF4Weight, got {type(weight).__name__} "
+                            "(use QLoraLinear.from_linear to quantize a dense layer)")
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight: expected a 2-D NF4 weight, got shape {tuple(weight.shape)}")
+        out_features, in_features = weight.shape
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
+                raise ValueError(f"bias: expected a tensor of shape [{out_features}], got "
+                                 f"{getattr(bias, 'shape', type(bias).__name__)}")
+            bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        self.nf4 = weight
+        self.bias = bias
+        self._init_adapter(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                           weight.device, lora_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize=64, double_quant=True, **lora_kwargs):
+        """Quantizes ``linear.weight`` to NF4 (bitsandbytes-exact); shares ``linear.bias``."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        nf4 = NF4Weight.quantize(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
+        return cls(nf4, bias, **lora_kwargs)
+
+    @classmethod
+    def from_bnb(cls, linear4bit, **lora_kwargs):
+        """Wraps a quantized ``bnb.nn.Linear4bit`` (NF4), sharing its packed weight, scales and bias."""
+        weight = getattr(linear4bit, "weight", None)
+        if getattr(weight, "quant_state", None) is None:
+            raise TypeError(f"linear4bit: expected a quantized bitsandbytes Linear4bit (move it to the GPU first), "
+                            f"got {type(linear4bit).__name__}")
+        return cls(NF4Weight.from_bnb(weight), linear4bit.bias, **lora_kwargs)
+
+    @property
+    def weight(self) -> NF4Weight:
+        return self.nf4
+
+    def forward(self, x):
+        if self.merged:
+            return F.linear(x, self.nf4.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return qlora_linear(x, self.nf4, self.lora_A.weight, self.lora_B.weight, self.scaling, self.bias,
+                            dropout=self._dropout())
+
+    def merged_linear(self, dtype=None) -> nn.Linear:
+        """A dense ``nn.Linear`` with weight ``deq(W) + delta`` (``dtype``: the NF4 weight's), and this bias."""
+        dtype = dtype or self.nf4.dtype
+        delta = 0 if self.merged else self.delta_weight(torch.float32)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.nf4.device,
+                           dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.nf4.dequantize(torch.float32) + delta)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def _requantize(self, sign):
+        w = self.nf4.dequantize(torch.float32) + sign * self.delta_weight(torch.float32)
+        self.nf4 = NF4Weight.quantize(w.to(self.nf4.dtype), blocksize=self.nf4.blocksize,
+                                      double_quant=self.nf4.nested)
+
+    def merge(self):
+        if self.merged:
+            warnings.warn("QLoraLinear.merge: already merged; nothing done")
+            return
+        warnings.warn("QLoraLinear.merge re-quantizes deq(W) + delta into NF4, which is lossy; merged_linear() "
+                      "gives the exact dense result")
+        self._requantize(+1)
+        self.merged = True
+
+    def unmerge(self):
+        if not self.merged:
+            warnings.warn("QLoraLinear.unmerge: not merged; nothing done")
+            return
+        warnings.warn("QLoraLinear.unmerge re-quantizes deq(W) - delta into NF4, which is lossy")
+        self._requantize(-1)
+        self.merged = False
+
+    # -- the NF4 weight is not a Parameter: move it with the module, (de)serialize it as bitsandbytes does
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0, device=self.nf4.device)).device  # .to(dtype) casts leave NF4 untouched
+        if device != self.nf4.device:
+            self.nf4 = self.nf4.to(device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, value in self.nf4.state_dict(prefix + "weight").items():
+            destination[key] = value if keep_vars else value.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        keys = [k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")]
+        if prefix + "weight" not in state_dict:
+            missing_keys.append(prefix + "weight")
+        else:
+            try:
+                nf4 = NF4Weight.from_state_dict({k: state_dict[k] for k in keys}, prefix + "weight",
+                                                device=self.nf4.device)
+            except (TypeError, ValueError) as e:
+                error_msgs.append(f"{prefix}weight: {e}")
+            else:
+                if tuple(nf4.shape) != tuple(self.nf4.shape):
+                    error_msgs.append(f"{prefix}weight: shape {tuple(nf4.shape)} in the checkpoint, "
+                                      f"{tuple(self.nf4.shape)} in the layer")
+                else:
+                    self.nf4 = nf4
+        rest = {k: v for k, v in state_dict.items() if k not in keys}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
