@@ -25,22 +25,25 @@ class LoraLinearFunction(torch.autograd.Function):
     """``apply(x [M, K], lora_A [r, K], lora_B [N, r], bias [N] | None, weight, scaling, dropout, seed,
     backend, config) -> Y [M, N]``.
 
-    ``x``, ``lora_A``, ``lora_B`` and ``bias`` share one dtype (the caller casts; autograd casts gradients back).
-    ``weight``: an ``NF4Weight`` or a dense ``[N, K]`` tensor of any float dtype (rounded to ``x.dtype`` for the
-    products; its gradient comes back in its own dtype).
+    ``x`` sets the compute dtype; ``lora_A``, ``lora_B``, ``bias`` and a dense ``weight`` (``[N, K]``) may have
+    any float dtype: they are rounded to ``x.dtype`` for the products, and each gradient comes back in its own
+    tensor's dtype (reductions over M accumulate in fp32 on the Triton backend). ``weight`` may also be an
+    ``NF4Weight``, which gets no gradient.
     """
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, bias, weight, scaling, dropout, seed, backend, config):
         keep = dropout_keep(x.shape, dropout, seed, x.device) if dropout > 0 else None
         keep_scale = 1.0 / (1.0 - dropout)
-        y, S = dispatch.lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias, keep, keep_scale,
-                                            backend, config)
-        dense = not isinstance(weight, NF4Weight)
+        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        b = None if bias is None else bias.to(x.dtype)
+        y, S = dispatch.lora_linear_forward(x, weight, A, B, scaling, b, keep, keep_scale, backend, config)
+        dense = isinstance(weight, torch.Tensor)
         need_x_saved = ctx.needs_input_grad[1] or (dense and ctx.needs_input_grad[4])
         ctx.save_for_backward(x if need_x_saved else None, lora_A, lora_B,
                               S if ctx.needs_input_grad[2] else None, weight if dense else None)
         ctx.nf4 = None if dense else weight
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.args = (scaling, dropout, seed, keep_scale, backend, config, x.shape)
         return y
 
@@ -51,8 +54,12 @@ class LoraLinearFunction(torch.autograd.Function):
         weight = dense_w if ctx.nf4 is None else ctx.nf4
         needs = tuple(ctx.needs_input_grad[:5])
         keep = dropout_keep(x_shape, dropout, seed, grad_y.device) if dropout > 0 else None
+        A, B = lora_A.to(grad_y.dtype), lora_B.to(grad_y.dtype)
         dx, dA, dB, db, dw = dispatch.lora_linear_backward(
-            grad_y, x, weight, lora_A, lora_B, scaling, S, keep, keep_scale, needs, backend, config)
-        if dw is not None:
-            dw = dw.to(dense_w.dtype)
-        return dx, dA, dB, db, dw, None, None, None, None, None
+            grad_y, x, weight, A, B, scaling, S, keep, keep_scale, needs, backend, config)
+        return (dx, _cast(dA, lora_A.dtype), _cast(dB, lora_B.dtype), _cast(db, ctx.bias_dtype),
+                _cast(dw, None if dense_w is None else dense_w.dtype), None, None, None, None, None)
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)

@@ -75,11 +75,18 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
     already in ``x.dtype`` (inputs validated by the caller). Dropout on the LoRA branch: ``Xd = x * keep *
     keep_scale`` with ``keep`` a bool ``[M, K]`` tensor (``None``: no dropout). All products in ``x.dtype`` with
     fp32 accumulation. ``config``: Triton tile overrides (``kernels.lora_matmul.default_config``).
-    The fused path dequantizes NF4 tiles in registers inside the GEMM; the unfused path dequantizes the whole
-    weight into a temporary (bit-exact kernel), then cuBLAS.
+
+    Triton backend: ``S`` in one pass over ``x`` (dropout applied on the fly); then either the fused GEMM (NF4
+    tiles dequantized in registers, LoRA in the accumulator) or, the default, our bit-exact dequantization into
+    a temporary and cuBLAS. Torch backend: the same formulas with torch ops.
     """
-    xd = x if keep is None else _apply_keep(x, keep, keep_scale)
-    S = xd @ lora_A.t()
+    triton_ = choose_backend(x.device, backend) == "triton"
+    if triton_:
+        from lowrank_kernels.kernels.lowrank_proj import lowrank_project
+
+        S = lowrank_project(x, lora_A, keep=keep, keep_scale=keep_scale)
+    else:
+        S = (x if keep is None else _apply_keep(x, keep, keep_scale)) @ lora_A.t()
     if _fused(x.device, backend):
         from lowrank_kernels.kernels.lora_matmul import lora_matmul
 
@@ -94,13 +101,20 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=Non
     """Gradients ``(dX, dA, dB, db, dW)`` of :func:`lora_linear_forward` (``None`` where ``needs`` is False).
 
     ``needs``: which of x, lora_A, lora_B, bias and a dense weight need a gradient (an NF4 weight never
-    does); ``x`` may be ``None`` unless lora_A or the weight needs one, ``S`` unless lora_B does. All in
-    ``grad_y.dtype``. Formulas (``python_ref.lora``): ``dS = s * dY @ B``, ``dX = dY @ W + (dS @ A) *
-    mask``, ``dA = dS.T @ Xd``, ``dB = s * dY.T @ S``, ``db = sum_m dY``, ``dW = dY.T @ x``.
+    does); ``x`` may be ``None`` unless lora_A or the weight needs one, ``S`` unless lora_B does. ``dX`` and
+    ``dW`` are in ``grad_y.dtype``; ``dA``, ``dB`` and ``db`` are summed over M in fp32 on the Triton backend
+    (``grad_y.dtype`` on torch). Formulas (``python_ref.lora``): ``dS = s * dY @ B``,
+    ``dX = dY @ W + (dS @ A) * mask``, ``dA = dS.T @ Xd``, ``dB = s * dY.T @ S``, ``db = sum_m dY``,
+    ``dW = dY.T @ x``.
     """
     need_x, need_A, need_B, need_bias, need_w = needs
     dx = dA = dB = db = dw = None
-    dS = (grad_y @ lora_B).mul_(scaling) if (need_x or need_A) else None
+    triton_ = choose_backend(grad_y.device, backend) == "triton"
+    if triton_:
+        from lowrank_kernels.kernels.lowrank_proj import lowrank_project, lowrank_reduce
+    dS = None
+    if need_x or need_A:
+        dS = lowrank_project(grad_y, lora_B.t(), alpha=scaling) if triton_ else (grad_y @ lora_B).mul_(scaling)
     if need_x:
         if _fused(grad_y.device, backend):
             from lowrank_kernels.kernels.lora_matmul import lora_matmul
@@ -114,11 +128,14 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=Non
             else:
                 dx += _apply_keep(dS @ lora_A, keep, keep_scale)
     if need_A:
-        dA = dS.t() @ (x if keep is None else _apply_keep(x, keep, keep_scale))
+        if triton_:
+            dA = lowrank_reduce(dS, x, keep=keep, keep_scale=keep_scale)
+        else:
+            dA = dS.t() @ (x if keep is None else _apply_keep(x, keep, keep_scale))
     if need_B:
-        dB = (grad_y.t() @ S).mul_(scaling)
+        dB = lowrank_reduce(S, grad_y, alpha=scaling).t() if triton_ else (grad_y.t() @ S).mul_(scaling)
     if need_bias:
-        db = grad_y.sum(0)
+        db = grad_y.sum(0, dtype=torch.float32) if triton_ else grad_y.sum(0)
     if need_w:
         dw = grad_y.t() @ x
     return dx, dA, dB, db, dw

@@ -59,19 +59,20 @@ def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
     x2 = x.reshape(-1, K).to(dtype)
-    A, B = lora_A.to(dtype), lora_B.to(dtype)  # autograd casts gradients back to each parameter's dtype
-    b = None if bias is None else bias.to(dtype)
     s, p = float(scaling), float(dropout)
-    tracked = [x2, A, B] + ([b] if b is not None else []) + ([weight] if isinstance(weight, torch.Tensor) else [])
+    tracked = [x2, lora_A, lora_B] + ([bias] if bias is not None else []) + \
+        ([weight] if isinstance(weight, torch.Tensor) else [])
     # The dropout mask is a function of a seed drawn from the CPU RNG, which torch.utils.checkpoint saves and
     # restores: a recomputed forward (and the backward) sees the same mask.
     seed = int(torch.randint(0, 2**62, ()).item()) if p > 0 else 0
     with torch.autocast(x.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-            y = LoraLinearFunction.apply(x2, A, B, b, weight, s, p, seed, backend, config)
+            y = LoraLinearFunction.apply(x2, lora_A, lora_B, bias, weight, s, p, seed, backend, config)
         else:  # inference: nothing is saved
             keep = dropout_keep(x2.shape, p, seed, x.device) if p > 0 else None
-            y, _ = dispatch.lora_linear_forward(x2, weight, A, B, s, b, keep, 1.0 / (1.0 - p), backend, config)
+            y, _ = dispatch.lora_linear_forward(x2, weight, lora_A.to(dtype), lora_B.to(dtype), s,
+                                                None if bias is None else bias.to(dtype), keep, 1.0 / (1.0 - p),
+                                                backend, config)
     return y.reshape(*x.shape[:-1], N)
 
 

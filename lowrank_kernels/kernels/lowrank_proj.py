@@ -1,0 +1,186 @@
+"""Triton kernels: the skinny products of a LoRA layer, one pass over the big operand each.
+
+    project   out [M, r] = alpha * a_d [M, K] @ P.T          P [r, K]  (S = Xd @ A.T,  dS = s * dY @ B)
+    reduce    out [r, K] = alpha * L.T [r, M] @ a_d [M, K]   L [M, r]  (dA = dS.T @ Xd,  dB.T = s * S.T @ dY)
+
+``a_d`` is ``a`` after the LoRA dropout when a ``keep`` mask is given: ``a_d = round(a * keep_scale) * keep``
+(``keep`` bool, same shape as ``a``), so neither the mask nor ``Xd`` is ever materialized. ``r`` is tiny (the
+LoRA rank), so both are memory-bound: time is the bytes of ``a`` (and ``keep``) read once.
+
+``project`` gives every program ``BLOCK_M`` rows and loops over K (fp32 ``[BLOCK_M, R_PAD]`` accumulator).
+``reduce`` reduces over M, which is long: a grid of K tiles times ``SPLIT_M`` slices of M, each slice writing
+fp32 partial sums that a second pass adds in a fixed order (deterministic), scales and rounds.
+Operands of ``tl.dot`` are fp32-upcast under the interpreter for bf16 (its bf16 dot is wrong).
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from lowrank_kernels.kernels.rounding import round_fp32_to
+
+
+@triton.jit
+def _dropout(a, keep_ptr, offs_m, offs_k, stride_km, stride_kk, ok, keep_scale, HAS_KEEP: tl.constexpr):
+    if HAS_KEEP:
+        keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + offs_k[None, :] * stride_kk, mask=ok, other=0)
+        a = tl.where(keep != 0, round_fp32_to(a.to(tl.float32) * keep_scale, a.dtype), 0.0).to(a.dtype)
+    return a
+
+
+@triton.jit
+def _operand(t, DOT_FP32: tl.constexpr):
+    if DOT_FP32:
+        return t.to(tl.float32)
+    else:
+        return t
+
+
+@triton.jit
+def project_kernel(a_ptr, p_ptr, keep_ptr, out_ptr, M, K, R, alpha, keep_scale,
+                   stride_am, stride_ak, stride_pr, stride_pk, stride_km, stride_kk, stride_om, stride_or,
+                   HAS_KEEP: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_FP32: tl.constexpr):
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        ok = m_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=ok, other=0.0)
+        a = _dropout(a, keep_ptr, offs_m, offs_k, stride_km, stride_kk, ok, keep_scale, HAS_KEEP)
+        p = tl.load(p_ptr + offs_r[None, :] * stride_pr + offs_k[:, None] * stride_pk,
+                    mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, R_PAD] = P.T tile
+        acc = tl.dot(_operand(a, DOT_FP32), _operand(p, DOT_FP32), acc)
+    out = round_fp32_to(acc * alpha, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or, out,
+             mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def reduce_kernel(l_ptr, a_ptr, keep_ptr, ws_ptr, M, K, R, keep_scale, M_PER_SPLIT,
+                  stride_lm, stride_lr, stride_am, stride_ak, stride_km, stride_kk,
+                  HAS_KEEP: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                  DOT_FP32: tl.constexpr):
+    """ws[split, r, k] = sum over this split's rows m of L[m, r] * a_d[m, k] (fp32)."""
+    pid_k = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    m_start = split * M_PER_SPLIT
+    m_end = tl.minimum(M, m_start + M_PER_SPLIT)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        m_ok = offs_m < m_end
+        ok = m_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=ok, other=0.0)
+        a = _dropout(a, keep_ptr, offs_m, offs_k, stride_km, stride_kk, ok, keep_scale, HAS_KEEP)
+        lt = tl.load(l_ptr + offs_m[None, :] * stride_lm + offs_r[:, None] * stride_lr,
+                     mask=r_ok[:, None] & m_ok[None, :], other=0.0)  # [R_PAD, BLOCK_M] = L.T tile
+        acc = tl.dot(_operand(lt, DOT_FP32), _operand(a, DOT_FP32), acc)
+    ws = ws_ptr + split.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :]
+    tl.store(ws, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def sum_splits_kernel(ws_ptr, out_ptr, total, alpha, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    acc = tl.load(ws_ptr + offs, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLITS):
+        acc += tl.load(ws_ptr + s * total + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, round_fp32_to(acc * alpha, out_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+MAX_RANK = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # only shapes the (interpreted) grid on CPU
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _keep_args(keep, a):
+    if keep is None:
+        return a, (0, 0)
+    if keep.shape != a.shape or keep.dtype != torch.bool:
+        raise ValueError(f"keep: expected a bool mask of shape {tuple(a.shape)}, got {keep.dtype} "
+                         f"{tuple(keep.shape)}")
+    return keep.view(torch.uint8), (keep.stride(0), keep.stride(1))
+
+
+def _rank_pad(R):
+    if R > MAX_RANK:
+        raise ValueError(f"rank {R} is above the supported maximum {MAX_RANK}")
+    return max(16, triton.next_power_of_2(R))
+
+
+def lowrank_project(a, p, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=None):
+    """``alpha * a_d @ p.T``: ``a [M, K]``, ``p [r, K]`` (same dtype, any strides) -> ``[M, r]`` in
+    ``out_dtype`` (default ``a.dtype``); ``a_d`` is ``a`` through the dropout mask ``keep`` (see module)."""
+    M, K = a.shape
+    R = p.shape[0]
+    r_pad = _rank_pad(R)
+    out = torch.empty((M, R), dtype=out_dtype or a.dtype, device=a.device)
+    if M == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    keep_arg, keep_strides = _keep_args(keep, a)
+    block_m = 32 if M >= 32 * _num_sms(a.device) else 16
+    block_k = 128 if r_pad <= 32 else 64
+    project_kernel[(triton.cdiv(M, block_m),)](
+        a, p, keep_arg, out, M, K, R, float(alpha), float(keep_scale),
+        a.stride(0), a.stride(1), p.stride(0), p.stride(1), *keep_strides, out.stride(0), out.stride(1),
+        HAS_KEEP=keep is not None, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
+        DOT_FP32=_interpreting() and a.dtype == torch.bfloat16, num_warps=4, num_stages=4,
+    )
+    return out
+
+
+def lowrank_reduce(l, a, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=torch.float32, split_m=None):
+    """``alpha * l.T @ a_d``: ``l [M, r]``, ``a [M, K]`` (same dtype, any strides) -> ``[r, K]`` in ``out_dtype``
+    (fp32 by default: gradients are summed over all M in fp32 and rounded once). ``split_m``: slices of M
+    (default: enough programs for about two waves)."""
+    M, K = a.shape
+    R = l.shape[1]
+    r_pad = _rank_pad(R)
+    out = torch.empty((R, K), dtype=out_dtype, device=a.device)
+    if M == 0 or K == 0:
+        return out.zero_()
+    keep_arg, keep_strides = _keep_args(keep, a)
+    block_k = 128 if r_pad <= 32 else 64
+    block_m = 64
+    k_tiles = triton.cdiv(K, block_k)
+    if split_m is None:
+        split_m = max(1, min(triton.cdiv(2 * _num_sms(a.device), k_tiles), triton.cdiv(M, 4 * block_m), 64))
+    m_per_split = triton.cdiv(triton.cdiv(M, split_m), block_m) * block_m
+    split_m = triton.cdiv(M, m_per_split)  # no empty slices
+    ws = torch.empty((split_m, R, K), dtype=torch.float32, device=a.device)
+    dot_fp32 = _interpreting() and a.dtype == torch.bfloat16
+    reduce_kernel[(k_tiles, split_m)](
+        l, a, keep_arg, ws, M, K, R, float(keep_scale), m_per_split,
+        l.stride(0), l.stride(1), a.stride(0), a.stride(1), *keep_strides,
+        HAS_KEEP=keep is not None, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=dot_fp32,
+        num_warps=4, num_stages=4,
+    )
+    block = 1024
+    sum_splits_kernel[(triton.cdiv(R * K, block),)](ws, out, R * K, float(alpha), SPLITS=split_m, BLOCK=block,
+                                                    num_warps=4)
+    return out

@@ -1,0 +1,51 @@
+"""The skinny LoRA products (``kernels.lowrank_proj``) against fp64 torch, with and without a dropout mask."""
+import pytest
+import torch
+
+from lowrank_kernels.kernels.lowrank_proj import lowrank_project, lowrank_reduce
+from tests.conftest import DEVICE
+from tests.test_lora_forward import TOL, rel_err
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+DTYPES = [F16, F32] if DEVICE == "cpu" else [F16, BF16, F32]  # the interpreter's bf16 dot is upcast; GPU checks bf16
+
+
+def dropped(a, keep, scale):
+    return a.double() if keep is None else (a * scale) * keep  # rounded once, as the kernels do
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,r", [(1, 40, 1), (37, 200, 8), (70, 129, 16), (5, 64, 64)])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_project(M, K, r, dtype, dropout):
+    a = torch.randn(M, K, device=DEVICE).to(dtype)
+    p = torch.randn(K, r, device=DEVICE).to(dtype).t()  # a transposed (non-contiguous) operand
+    keep = torch.rand(M, K, device=DEVICE) > 0.3 if dropout else None
+    out = lowrank_project(a, p, alpha=1.5, keep=keep, keep_scale=1 / 0.7)
+    ref = 1.5 * dropped(a, keep, 1 / 0.7).double() @ p.double().t()
+    assert out.dtype == dtype and out.shape == (M, r)
+    assert rel_err(out, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,r,split", [(300, 50, 16, None), (300, 50, 16, 3), (33, 130, 1, None),
+                                         (129, 64, 64, 2), (1, 20, 8, None)])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_reduce(M, K, r, split, dtype, dropout):
+    a = torch.randn(M, K, device=DEVICE).to(dtype)
+    l = torch.randn(M, r, device=DEVICE).to(dtype)
+    keep = torch.rand(M, K, device=DEVICE) > 0.5 if dropout else None
+    out = lowrank_reduce(l, a, alpha=0.5, keep=keep, keep_scale=2.0, split_m=split)
+    ref = 0.5 * l.double().t() @ dropped(a, keep, 2.0).double()
+    assert out.dtype == F32 and out.shape == (r, K)
+    assert rel_err(out, ref) <= 1e-5 if dtype == F32 else rel_err(out, ref) <= TOL[dtype] / 4
+
+
+def test_empty_and_bad_input():
+    assert lowrank_project(torch.randn(0, 8, device=DEVICE), torch.randn(4, 8, device=DEVICE)).shape == (0, 4)
+    assert torch.count_nonzero(lowrank_reduce(torch.randn(0, 4, device=DEVICE), torch.randn(0, 8, device=DEVICE))) == 0
+    with pytest.raises(ValueError, match="keep"):
+        lowrank_project(torch.randn(4, 8, device=DEVICE), torch.randn(2, 8, device=DEVICE),
+                        keep=torch.ones(4, 7, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="rank"):
+        lowrank_project(torch.randn(4, 8, device=DEVICE), torch.randn(300, 8, device=DEVICE))
