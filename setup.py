@@ -9,6 +9,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.45", "peft>=0.13"],
-        "bench": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.45", "peft>=0.13"],
+        "bench": ["pytest>=8", "pytest-benchmark>=4", "bitsandbytes>=0.45", "peft>=0.13", "transformers>=4.45",
+                  "matplotlib>=3.5"],
     },
 )

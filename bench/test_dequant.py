@@ -43,7 +43,8 @@ def test_nf4_dequantize(run, shape, dtype, provider):
         run(lambda: F.dequantize_4bit(*next(states)), provider, **info)
 
 
-def test_device_copy(run):
+@pytest.mark.parametrize("provider", ["torch.copy_"])
+def test_device_copy(run, provider):
     """The bandwidth ceiling on this device, measured in the same run: a large device-to-device copy.
 
     Timed eagerly: a copy captured in a CUDA graph becomes a copy-engine node, slower than the SM copy kernels
@@ -51,4 +52,4 @@ def test_device_copy(run):
     n = (1 << 30) if HAS_CUDA else (1 << 24)
     src = torch.randn(n // 4, device=DEVICE)
     dst = torch.empty_like(src)
-    run(lambda: dst.copy_(src), "torch.copy_", eager=True, bytes=2 * n, group="device_copy")
+    run(lambda: dst.copy_(src), provider, eager=True, bytes=2 * n, group="device_copy")

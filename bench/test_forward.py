@@ -1,8 +1,8 @@
 """QLoRA linear forward, r=16, bf16: ours vs what users run today.
 
-providers: lowrank_kernels (the default dispatch), lowrank_kernels[fused] (the fused NF4 GEMM + LoRA), peft+bnb (``bnb.matmul_4bit`` + the LoRA branch as peft runs
-it), unfused (our bit-exact dequant + cuBLAS + addmm for the LoRA term), dense (bf16 ``x @ W.t()``, no LoRA, no
-quantization: the floor). FLOPs = 2·M·N·K + 2·M·r·(K + N).
+providers: lowrank_kernels (the default dispatch), lowrank_kernels[fused] (the fused NF4 GEMM + LoRA), peft+bnb
+(``bnb.matmul_4bit`` + the LoRA branch as peft runs it), unfused (our bit-exact dequant + cuBLAS + addmm for the
+LoRA term), dense (bf16 ``x @ W.t()``, no LoRA, no quantization: the floor). FLOPs = 2·M·N·K + 2·M·r·(K + N).
 """
 import itertools
 
@@ -10,31 +10,11 @@ import pytest
 import torch
 
 from bench.conftest import HAS_CUDA
-from lowrank_kernels import NF4Weight, qlora_linear
+from bench.layer import DEVICE, DTYPE, RANK, layers
+from lowrank_kernels import qlora_linear
 
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
-RANK = 16
-TOKENS = [1, 16, 64, 256, 4096, 8192] if HAS_CUDA else [1, 64]
+TOKENS = [1, 16, 64, 256, 4096, 8192] if HAS_CUDA else [1, 64]  # M; --bench-m overrides
 PROVIDERS = ["lowrank_kernels", "lowrank_kernels[fused]", "peft+bnb", "unfused", "dense"]
-
-
-class Layer:
-    def __init__(self, shape):
-        in_f, out_f = shape
-        weight = torch.randn(out_f, in_f, device=DEVICE, dtype=DTYPE) * 0.02
-        self.dense = weight
-        self.nf4 = NF4Weight.quantize(weight)
-        self.A = torch.randn(RANK, in_f, device=DEVICE, dtype=DTYPE) * 0.02
-        self.B = torch.randn(out_f, RANK, device=DEVICE, dtype=DTYPE) * 0.02
-        self.scaling = 2.0
-
-
-def layers(shape, M):
-    """Enough independent layers to overflow L2 at small M (weights dominate), one at large M."""
-    in_f, out_f = shape
-    copies = max(1, min(8, (256 << 20) // (in_f * out_f // 2))) if HAS_CUDA and M <= 256 else 1
-    return [Layer(shape) for _ in range(copies)]
 
 
 def provider_fn(provider, layer, x):
@@ -58,9 +38,9 @@ def provider_fn(provider, layer, x):
     return peft_bnb
 
 
-@pytest.mark.parametrize("M", TOKENS)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_qlora_forward(run, shape, M, provider):
+@pytest.mark.parametrize("mode", ["forward"])
+def test_qlora_forward(run, shape, M, mode, provider):
     if provider == "peft+bnb" and not HAS_CUDA:
         pytest.skip("bitsandbytes' matmul_4bit is benchmarked on CUDA only")
     if provider == "lowrank_kernels[fused]" and not HAS_CUDA and M > 1:
@@ -72,5 +52,5 @@ def test_qlora_forward(run, shape, M, provider):
         fns.append(provider_fn(provider, layer, x))
     cycle = itertools.cycle(fns)
     flops = 2 * M * out_f * in_f + 2 * M * RANK * (in_f + out_f)
-    run(lambda: next(cycle)(), provider, shape=list(shape), dtype=str(DTYPE), M=M, flops=flops,
-        group=f"qlora_forward M={M}")
+    run(lambda: next(cycle)(), provider, shape=list(shape), dtype=str(DTYPE), M=M, flops=flops, mode=mode,
+        group=f"qlora_{mode} M={M}")

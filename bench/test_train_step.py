@@ -1,0 +1,105 @@
+"""One QLoRA training step of a Llama-architecture model: peft + bitsandbytes as users run it, and the same model
+after ``lowrank_kernels.peft.convert``.
+
+Model: ``LlamaForCausalLM`` with the layer dimensions of a bench/shapes.py model (head_dim 128), random init
+(nothing downloaded), bf16, --bench-layers decoder layers (default 4). The vocabulary is cut to 32000 so that the
+frozen bf16 lm_head does not outweigh so few layers: with 4 Llama-3-8B layers it does about 13% of the GEMM
+FLOPs (38% with the real 128256 tokens; 7% in the real 32-layer model). Every q/k/v/o/gate/up/down projection
+becomes a ``bnb.nn.Linear4bit`` (NF4, double quantization, bf16 compute) as
+``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` makes it, then peft LoRA r=16, alpha 32, no
+dropout (peft keeps the adapters in fp32); AdamW over the adapters. Gradient checkpointing off unless
+--bench-grad-ckpt. Batch 1 × 2048 random tokens.
+Timed (eager): forward + loss + backward + ``optimizer.step()`` + ``zero_grad()``.
+extra_info: ``tokens`` per step, ``tokens_per_s``, ``peak_bytes`` (max allocated during one step) and
+``peak_extra_bytes`` (that minus what was allocated before it: weights, adapters, optimizer state); CUDA only.
+CPU: the "tiny" config below (hidden 64, 2 layers, 32 tokens), to keep the code path alive.
+"""
+import pytest
+import torch
+
+from bench import shapes
+from bench.conftest import HAS_CUDA, peak_memory
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+HEAD_DIM = 128
+VOCAB = 32000
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            vocab_size=256)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecations peft triggers
+
+
+def llama_config(model, layers):
+    from transformers import LlamaConfig
+
+    if model == "tiny":
+        dims = TINY
+    else:
+        layer = shapes.MODELS[model]
+        hidden = layer["q_proj"][0]
+        dims = dict(hidden_size=hidden, intermediate_size=layer["gate_proj"][1], head_dim=HEAD_DIM,
+                    num_attention_heads=hidden // HEAD_DIM, num_key_value_heads=layer["k_proj"][1] // HEAD_DIM,
+                    vocab_size=VOCAB)
+    return LlamaConfig(num_hidden_layers=layers, use_cache=False, **dims)
+
+
+def quantize_(model, bnb):
+    """Replaces each ``nn.Linear`` of the decoder layers by an NF4 ``bnb.nn.Linear4bit`` holding its weight."""
+    for parent in list(model.model.layers.modules()):
+        for name, linear in list(parent.named_children()):
+            if type(linear) is not torch.nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+                                  device="meta")
+            q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, module=q)
+            if linear.bias is not None:
+                q.bias = linear.bias
+            setattr(parent, name, q.to(DEVICE))  # moving a Params4bit quantizes it
+    model.is_loaded_in_4bit = True  # as from_pretrained sets it; peft picks its Linear4bit LoRA layer by it
+
+
+def build(model, layers, grad_ckpt):
+    """The peft QLoRA model as users train it: quantized, LoRA-wrapped, adapters trainable."""
+    from transformers import LlamaForCausalLM
+
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        net = LlamaForCausalLM(llama_config(model, layers)).to(torch.bfloat16)
+    quantize_(net, bnb)
+    if grad_ckpt:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+    return peft.get_peft_model(net, config)
+
+
+@pytest.mark.parametrize("provider", ["peft+bnb", "lowrank_kernels"])
+def test_train_step(run, benchmark, request, model, provider):
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    layers = request.config.getoption("--bench-layers") or (4 if HAS_CUDA else 2)
+    tokens = 32 if model == "tiny" else 2048
+    net = build(model, layers, request.config.getoption("--bench-grad-ckpt"))
+    if provider == "lowrank_kernels":
+        try:
+            from lowrank_kernels.peft import convert
+        except ImportError as e:
+            pytest.skip(f"lowrank_kernels.peft.convert is not available in this version ({e})")
+        assert convert(net) > 0, "lowrank_kernels.peft.convert converted no layer of the peft QLoRA model"
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, net.config.vocab_size, (1, tokens), device=DEVICE)
+
+    def step():
+        net(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    peak, baseline = peak_memory(step)
+    run(step, provider, eager=True, group=f"train_step {model}", layers=layers, tokens=tokens,
+        grad_ckpt=bool(request.config.getoption("--bench-grad-ckpt")),
+        peak_bytes=peak, peak_extra_bytes=peak and peak - baseline)
+    if benchmark.stats:  # None under --benchmark-disable
+        benchmark.extra_info["tokens_per_s"] = tokens / benchmark.stats.stats.median
