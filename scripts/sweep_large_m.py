@@ -6,7 +6,9 @@ For each Llama-3-8B shape (bf16, r = 16) times, with triton.testing.do_bench med
   * our Triton LoRA GEMM on a dense (scratch) W, forward and dX, over a few tile configs;
   * the fused NF4 Triton GEMM (dequantization in the main loop), over a few tile configs;
   * the default qlora forward+backward and dense forward+backward(dX).
-Prints one table; ``--out FILE`` also writes it. Run: ``python scripts/sweep_large_m.py --out sweep.txt``.
+``--part breakdown`` instead times each pass of the QLoRA forward+backward (cuBLAS vs our Triton kernels for the
+skinny LoRA products, the addmm passes over Y and dX). Prints one table; ``--out FILE`` also writes it.
+Run: ``python scripts/sweep_large_m.py [--part gemm|breakdown] --out sweep.txt``.
 """
 import argparse
 
@@ -36,9 +38,44 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=200) * 1e3  # µs
 
 
+def report(lines, rows, K, N, base, flops):
+    for name, t, err in rows:
+        extra = f"{t / base:.3f} | {flops / t / 1e6:.0f}" if err is None else f"failed: {err}"
+        lines.append(f"{K}→{N} | {name} | {t:.1f} | {extra}")
+    print("\n".join(lines[-len(rows):]), flush=True)
+
+
+def breakdown(row, x, dy, A, B, S, dS, Wd, nf4):
+    """Each pass of the default QLoRA forward + backward, cuBLAS and Triton variants of the skinny ones."""
+    from lowrank_kernels.kernels.lowrank_proj import lowrank_project, lowrank_reduce
+
+    y = x @ Wd.t()
+    dx = dy @ Wd
+    keep = torch.rand_like(x) > 0.1
+    row("S = x@A.t()  cublas", lambda: x @ A.t())
+    row("S            triton", lambda: lowrank_project(x, A))
+    row("S dropout    triton", lambda: lowrank_project(x, A, keep=keep, keep_scale=1 / 0.9))
+    row("dS = dY@B    cublas", lambda: dy @ B)
+    row("dS           triton", lambda: lowrank_project(dy, B.t()))
+    row("dA = dS.T@x  cublas", lambda: dS.t() @ x)
+    row("dA           triton", lambda: lowrank_reduce(dS, x))
+    row("dB = dY.T@S  cublas", lambda: dy.t() @ S)
+    row("dB           triton", lambda: lowrank_reduce(S, dy))
+    row("y.addmm_(S, B.t())", lambda: y.addmm_(S, B.t()))
+    row("dx.addmm_(dS, A)", lambda: dx.addmm_(dS, A))
+    row("dy.sum(0) (bias)", lambda: dy.sum(0, dtype=torch.float32))
+    xg = x.clone().requires_grad_()
+    Ag, Bg = A.float().requires_grad_(), B.float().requires_grad_()
+    row("default qlora fwd", lambda: qlora_linear(x, nf4, A, B, 2.0))
+    row("default qlora fwd+bwd", lambda: qlora_linear(xg, nf4, Ag, Bg, 2.0).backward(dy))
+    row("default qlora fwd+bwd p=0.1", lambda: qlora_linear(xg, nf4, Ag, Bg, 2.0, dropout=0.1).backward(dy))
+    row("dense fwd+bwd(dX)", lambda: (xg @ Wd.t()).backward(dy))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--M", type=int, default=8192)
+    ap.add_argument("--part", choices=["gemm", "breakdown"], default="gemm")
     ap.add_argument("--out")
     args = ap.parse_args()
     M = args.M
@@ -71,6 +108,10 @@ def main():
         base = row("cublas x@W.t()", lambda: x @ Wd.t())
         row("cublas dY@W", lambda: dy @ Wd)
         row("nf4 dequantize (bf16)", lambda: nf4.dequantize(torch.bfloat16))
+        if args.part == "breakdown":
+            breakdown(row, x, dy, A, B, S, dS, Wd, nf4)
+            report(lines, rows, K, N, base, flops)
+            continue
         y_ref = x @ Wd.t() + (S * 2.0) @ B.t()
         for c in DENSE_CONFIGS:
             out = lora_matmul(x, S * 2.0, B.t(), weight=Wd, config=cfg(c))
@@ -87,10 +128,7 @@ def main():
         row("default qlora fwd", lambda: qlora_linear(x, nf4, A, B, 2.0))
         row("default qlora fwd+bwd", lambda: qlora_linear(xg, nf4, Ag, Bg, 2.0).backward(dy))
         row("dense fwd+bwd(dX)", lambda: (xg @ Wd.t()).backward(dy))
-        for name, t, err in rows:
-            extra = f"{t / base:.3f} | {flops / t / 1e6:.0f}" if err is None else f"failed: {err}"
-            lines.append(f"{K}→{N} | {name} | {t:.1f} | {extra}")
-        print("\n".join(lines[-len(rows):]), flush=True)
+        report(lines, rows, K, N, base, flops)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
