@@ -67,6 +67,29 @@ def _apply_keep(t, keep, keep_scale):
     return (t * keep_scale) * keep
 
 
+# The skinny LoRA products (S, dS, dA, dB): with dropout, our Triton kernels apply the mask on the fly (no
+# ``Xd`` in memory); without, cuBLAS is as fast on the GPU (bench/results/sweep-large-m-h100.txt) and costs one
+# launch where a Triton launch costs several times the host time.
+def _project(a, p, alpha, keep, keep_scale, triton_):
+    """``alpha * a_d @ p.T`` ``[M, r]``, ``a_d = a`` through the dropout mask."""
+    if triton_ and keep is not None:
+        from lowrank_kernels.kernels.lowrank_proj import lowrank_project
+
+        return lowrank_project(a, p, alpha=alpha, keep=keep, keep_scale=keep_scale)
+    out = (a if keep is None else _apply_keep(a, keep, keep_scale)) @ p.t()
+    return out if alpha == 1.0 else out.mul_(alpha)
+
+
+def _reduce(l, a, alpha, keep, keep_scale, triton_):
+    """``alpha * l.T @ a_d`` ``[r, K]`` (fp32 from the Triton kernel, else ``a.dtype``)."""
+    if triton_ and keep is not None:
+        from lowrank_kernels.kernels.lowrank_proj import lowrank_reduce
+
+        return lowrank_reduce(l, a, alpha=alpha, keep=keep, keep_scale=keep_scale)
+    out = l.t() @ (a if keep is None else _apply_keep(a, keep, keep_scale))
+    return out if alpha == 1.0 else out.mul_(alpha)
+
+
 def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, keep_scale=1.0, backend=None,
                         config=None):
     """``(Y [M, N], S [M, r])``: ``Y = x @ W.T + scaling * S @ lora_B.T + bias``, ``S = Xd @ lora_A.T``.
@@ -76,24 +99,21 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
     keep_scale`` with ``keep`` a bool ``[M, K]`` tensor (``None``: no dropout). All products in ``x.dtype`` with
     fp32 accumulation. ``config``: Triton tile overrides (``kernels.lora_matmul.default_config``).
 
-    Triton backend: ``S`` in one pass over ``x`` (dropout applied on the fly); then either the fused GEMM (NF4
-    tiles dequantized in registers, LoRA in the accumulator) or, the default, our bit-exact dequantization into
-    a temporary and cuBLAS. Torch backend: the same formulas with torch ops.
+    The fused Triton path runs one GEMM (NF4 tiles dequantized in registers, LoRA in the accumulator); the
+    default dequantizes with our bit-exact kernel into a temporary and runs cuBLAS.
     """
     triton_ = choose_backend(x.device, backend) == "triton"
-    if triton_:
-        from lowrank_kernels.kernels.lowrank_proj import lowrank_project
-
-        S = lowrank_project(x, lora_A, keep=keep, keep_scale=keep_scale)
-    else:
-        S = (x if keep is None else _apply_keep(x, keep, keep_scale)) @ lora_A.t()
+    S = _project(x, lora_A, 1.0, keep, keep_scale, triton_)
     if _fused(x.device, backend):
         from lowrank_kernels.kernels.lora_matmul import lora_matmul
 
         return lora_matmul(x, S * scaling, lora_B.t(), bias, **_weight_arg(weight), config=config), S
+    # The LoRA term (and bias) first, then the big GEMM accumulates into it (beta = 1): cuBLAS reads it in the
+    # epilogue of a compute-bound GEMM, where an addmm_ after the GEMM would re-read and re-write all of Y.
     w = dense_weight(weight, x.dtype, backend)
-    y = x @ w.t() if bias is None else torch.addmm(bias, x, w.t())
-    return y.addmm_(S, lora_B.t(), alpha=scaling), S
+    s_scaled = S * scaling
+    y = s_scaled @ lora_B.t() if bias is None else torch.addmm(bias, s_scaled, lora_B.t())
+    return y.addmm_(x, w.t()), S
 
 
 def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=None, keep_scale=1.0,
@@ -102,19 +122,16 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=Non
 
     ``needs``: which of x, lora_A, lora_B, bias and a dense weight need a gradient (an NF4 weight never
     does); ``x`` may be ``None`` unless lora_A or the weight needs one, ``S`` unless lora_B does. ``dX`` and
-    ``dW`` are in ``grad_y.dtype``; ``dA``, ``dB`` and ``db`` are summed over M in fp32 on the Triton backend
-    (``grad_y.dtype`` on torch). Formulas (``python_ref.lora``): ``dS = s * dY @ B``,
-    ``dX = dY @ W + (dS @ A) * mask``, ``dA = dS.T @ Xd``, ``dB = s * dY.T @ S``, ``db = sum_m dY``,
-    ``dW = dY.T @ x``.
+    ``dW`` are in ``grad_y.dtype``; ``dA``, ``dB`` (and ``db`` on CUDA) may come back in fp32 (sums over M).
+    Formulas (``python_ref.lora``): ``dS = s * dY @ B``, ``dX = dY @ W + (dS @ A) * mask``, ``dA = dS.T @ Xd``,
+    ``dB = s * dY.T @ S``, ``db = sum_m dY``, ``dW = dY.T @ x``.
     """
     need_x, need_A, need_B, need_bias, need_w = needs
     dx = dA = dB = db = dw = None
     triton_ = choose_backend(grad_y.device, backend) == "triton"
-    if triton_:
-        from lowrank_kernels.kernels.lowrank_proj import lowrank_project, lowrank_reduce
     dS = None
     if need_x or need_A:
-        dS = lowrank_project(grad_y, lora_B.t(), alpha=scaling) if triton_ else (grad_y @ lora_B).mul_(scaling)
+        dS = _project(grad_y, lora_B.t(), scaling, None, 1.0, triton_)
     if need_x:
         if _fused(grad_y.device, backend):
             from lowrank_kernels.kernels.lora_matmul import lora_matmul
@@ -122,18 +139,14 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=Non
             dx = lora_matmul(grad_y, dS, lora_A, trans_w=True, keep=keep, keep_scale=keep_scale,
                              **_weight_arg(weight), config=config)
         else:
-            dx = grad_y @ dense_weight(weight, grad_y.dtype, backend)
-            if keep is None:
-                dx.addmm_(dS, lora_A)
-            else:
-                dx += _apply_keep(dS @ lora_A, keep, keep_scale)
+            dx = dS @ lora_A  # as in the forward: the LoRA term first, the big GEMM accumulates into it
+            if keep is not None:
+                dx = _apply_keep(dx, keep, keep_scale)
+            dx.addmm_(grad_y, dense_weight(weight, grad_y.dtype, backend))
     if need_A:
-        if triton_:
-            dA = lowrank_reduce(dS, x, keep=keep, keep_scale=keep_scale)
-        else:
-            dA = dS.t() @ (x if keep is None else _apply_keep(x, keep, keep_scale))
+        dA = _reduce(dS, x, 1.0, keep, keep_scale, triton_)
     if need_B:
-        dB = lowrank_reduce(S, grad_y, alpha=scaling).t() if triton_ else (grad_y.t() @ S).mul_(scaling)
+        dB = _reduce(S, grad_y, scaling, None, 1.0, triton_).t()
     if need_bias:
         db = grad_y.sum(0, dtype=torch.float32) if triton_ else grad_y.sum(0)
     if need_w:

@@ -52,9 +52,14 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, dropout=0.0, b
 def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
     N, K = weight.shape
     _validate(x, N, K, weight.device, lora_A, lora_B, scaling, bias, dropout)
-    if dispatch.choose_backend(x.device, backend) != "torch" and x.dtype in _TORCH_ONLY_DTYPES:
-        raise TypeError(f"x: dtype {x.dtype} runs on the torch backend only (pass backend='torch'); the Triton "
-                        "kernels take bfloat16, float16 or float32")
+    if dispatch.choose_backend(x.device, backend) != "torch":
+        if x.dtype in _TORCH_ONLY_DTYPES:
+            raise TypeError(f"x: dtype {x.dtype} runs on the torch backend only (pass backend='torch'); the Triton "
+                            "kernels take bfloat16, float16 or float32")
+        if config is not None:
+            from lowrank_kernels.kernels.lora_matmul import check_config
+
+            check_config(config)
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)

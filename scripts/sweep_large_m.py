@@ -72,13 +72,130 @@ def breakdown(row, x, dy, A, B, S, dS, Wd, nf4):
     row("dense fwd+bwd(dX)", lambda: (xg @ Wd.t()).backward(dy))
 
 
+def skinny(row, x, dy, A, B, S, dS, Wd, nf4):
+    """Launch configurations of the skinny kernels (block_m, block_k, warps, stages) against cuBLAS."""
+    from lowrank_kernels.kernels.lowrank_proj import lowrank_project, lowrank_reduce
+
+    row("S  cublas", lambda: x @ A.t())
+    row("dS cublas", lambda: dy @ B)
+    for c in [(16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (64, 128, 8, 4), (32, 256, 4, 3), (64, 256, 8, 3),
+              (128, 64, 4, 4), (128, 128, 8, 3)]:
+        kw = dict(zip(("block_m", "block_k", "num_warps", "num_stages"), c))
+        row(f"S  triton {c}", lambda kw=kw: lowrank_project(x, A, **kw))
+        row(f"dS triton {c}", lambda kw=kw: lowrank_project(dy, B.t(), **kw))
+    row("dA cublas", lambda: dS.t() @ x)
+    row("dB cublas", lambda: dy.t() @ S)
+    for c in [(64, 128, 4, 4), (128, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3), (128, 256, 8, 3), (256, 64, 8, 3),
+              (32, 256, 4, 4)]:
+        kw = dict(zip(("block_m", "block_k", "num_warps", "num_stages"), c))
+        row(f"dA triton {c}", lambda kw=kw: lowrank_reduce(dS, x, **kw))
+        row(f"dB triton {c}", lambda kw=kw: lowrank_reduce(S, dy, **kw))
+
+
+def train(row, x, dy, A, B, S, dS, Wd, nf4, rounds=5):
+    """forward + backward, the QLoRA layer (ours, peft+bnb when installed) against dense, interleaved rounds."""
+    xg = x.clone().requires_grad_()
+    Ag, Bg = A.float().requires_grad_(), B.float().requires_grad_()
+    fns = {"ours fwd": lambda: qlora_linear(x, nf4, A, B, 2.0),
+           "dense fwd": lambda: x @ Wd.t(),
+           "ours fwd+bwd": lambda: qlora_linear(xg, nf4, Ag, Bg, 2.0).backward(dy),
+           "ours fwd+bwd p=0.1": lambda: qlora_linear(xg, nf4, Ag, Bg, 2.0, dropout=0.1).backward(dy),
+           "dense fwd+bwd(dX)": lambda: (xg @ Wd.t()).backward(dy)}
+    try:
+        import bitsandbytes as bnb
+
+        packed, state = nf4.to_bnb()
+        fns["peft+bnb fwd+bwd"] = lambda: (bnb.matmul_4bit(xg, packed.t(), quant_state=state)
+                                           + (xg.float() @ Ag.t()) @ Bg.t() * 2.0).to(x.dtype).backward(dy)
+    except ImportError:
+        pass
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(bench(fn))
+    for name, ts in times.items():
+        t = sorted(ts)[len(ts) // 2]
+        row(f"{name} (median of {rounds} interleaved)", lambda t=t: t, timed=True)
+
+
+def profile(row, x, dy, A, B, S, dS, Wd, nf4, iters=20):
+    """Host time against device time of our forward + backward, and the top host-side costs."""
+    import time
+
+    xg = x.clone().requires_grad_()
+    Ag, Bg = A.float().requires_grad_(), B.float().requires_grad_()
+
+    def step():
+        qlora_linear(xg, nf4, Ag, Bg, 2.0).backward(dy)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    host = (time.perf_counter() - t0) / iters * 1e6
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / iters * 1e6
+    row("host time per fwd+bwd (no sync)", lambda: host, timed=True)
+    row("wall time per fwd+bwd", lambda: wall, timed=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
+
+
+def host(row, x, dy, A, B, S, dS, Wd, nf4, calls=200):
+    """Host (CPU) microseconds per call of each piece, and a cProfile of forward + backward."""
+    import cProfile
+    import pstats
+    import time
+
+    from lowrank_kernels.kernels.lowrank_proj import lowrank_project, lowrank_reduce
+
+    small = x[:64]
+    xg = x.clone().requires_grad_()
+    Ag, Bg = A.float().requires_grad_(), B.float().requires_grad_()
+    pieces = {"lowrank_project (64 rows)": lambda: lowrank_project(small, A),
+              "lowrank_reduce (64 rows)": lambda: lowrank_reduce(dS[:64], small),
+              "nf4.dequantize": lambda: nf4.dequantize(torch.bfloat16),
+              "torch mm (64 rows)": lambda: small @ A.t(),
+              "A.to(bf16)": lambda: Ag.to(torch.bfloat16),
+              "qlora fwd no grad (64 rows)": lambda: qlora_linear(small, nf4, A, B, 2.0),
+              "qlora fwd+bwd": lambda: qlora_linear(xg, nf4, Ag, Bg, 2.0).backward(dy)}
+    for name, fn in pieces.items():
+        n = 20 if "bwd" in name else calls
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        row(f"host {name}", lambda t=t: t, timed=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(20):
+        pieces["qlora fwd+bwd"]()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--M", type=int, default=8192)
-    ap.add_argument("--part", choices=["gemm", "breakdown"], default="gemm")
+    ap.add_argument("--part", choices=["gemm", "breakdown", "skinny", "train", "profile", "host"], default="gemm")
     ap.add_argument("--out")
     args = ap.parse_args()
     M = args.M
+    warm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(200):  # about 2 s of GEMMs: clocks up before the first measurement
+        warm @ warm
+    torch.cuda.synchronize()
     lines = [f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} M={M} r={R}",
              "shape | variant | µs | × cuBLAS fwd | TFLOP/s"]
     for model, layer in HEADLINE:
@@ -96,9 +213,9 @@ def main():
         dS = dy @ B
         rows = []
 
-        def row(name, fn, ref=None):
+        def row(name, fn, timed=False):
             try:
-                t = bench(fn)
+                t = fn() if timed else bench(fn)
             except Exception as e:  # a config that does not fit (shared memory, registers)
                 rows.append((name, float("nan"), type(e).__name__))
                 return None
@@ -108,8 +225,9 @@ def main():
         base = row("cublas x@W.t()", lambda: x @ Wd.t())
         row("cublas dY@W", lambda: dy @ Wd)
         row("nf4 dequantize (bf16)", lambda: nf4.dequantize(torch.bfloat16))
-        if args.part == "breakdown":
-            breakdown(row, x, dy, A, B, S, dS, Wd, nf4)
+        if args.part != "gemm":
+            parts = {"breakdown": breakdown, "skinny": skinny, "train": train, "profile": profile, "host": host}
+            parts[args.part](row, x, dy, A, B, S, dS, Wd, nf4)
             report(lines, rows, K, N, base, flops)
             continue
         y_ref = x @ Wd.t() + (S * 2.0) @ B.t()

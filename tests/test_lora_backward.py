@@ -105,7 +105,7 @@ def test_qlora_grads_bf16_gpu(backend, p, r):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_gradcheck_fp64_torch_path(p):
     N, K, r, M = 6, 10, 3, 4
-    w = NF4Weight.quantize(torch.randn(N, K), blocksize=32)
+    w = NF4Weight.quantize(torch.randn(N, K, device=DEVICE), blocksize=32)
     x, A, B, b = (t.double().detach().requires_grad_() for t in make_inputs(M, N, K, r, F32, True))
 
     def f(x, A, B, b):
@@ -113,7 +113,7 @@ def test_gradcheck_fp64_torch_path(p):
         return qlora_linear(x, w, A, B, 0.7, b, dropout=p, backend="torch")
 
     assert torch.autograd.gradcheck(f, (x, A, B, b))
-    W = torch.randn(N, K, dtype=F64, requires_grad=True)
+    W = torch.randn(N, K, dtype=F64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x, W, A, B: lora_linear(x, W, A, B, 0.7, backend="torch"), (x, W, A, B))
 

@@ -2,6 +2,7 @@
 same Parameter objects (an existing optimizer keeps working), same ``save_pretrained`` files, unsupported layers
 left alone with a warning."""
 import copy
+import json
 
 import pytest
 import torch
@@ -134,8 +135,10 @@ def test_save_pretrained_writes_the_same_files(tmp_path):
     b = safetensors.load_file(tmp_path / "ours" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) == 4
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "peft" / "adapter_config.json").read_text() == \
-           (tmp_path / "ours" / "adapter_config.json").read_text()
+    configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("peft", "ours")]
+    for c in configs:  # peft writes this set in hash order
+        c["target_modules"] = sorted(c["target_modules"])
+    assert configs[0] == configs[1]
 
 
 def test_dropout_eval_equal_train_differs():

@@ -293,7 +293,8 @@ def _auto_split_k(M, N, K, cfg, device) -> int:
     return max(1, min(want, k_iters // 2, 16))
 
 
-def _resolve_config(M, N, K, dtype, nf4, aligned, device, config):
+def check_config(config) -> dict:
+    """Validates user tile overrides (keys and value types); returns them as a dict."""
     config = dict(config or {})
     unknown = set(config) - set(_CONFIG_KEYS)
     if unknown:
@@ -301,19 +302,26 @@ def _resolve_config(M, N, K, dtype, nf4, aligned, device, config):
     precision = config.get("input_precision")
     if precision is not None and precision not in _PRECISIONS:
         raise ValueError(f"config: input_precision must be one of {_PRECISIONS} or None, got {precision!r}")
-    cfg = default_config(M, N, K, dtype, nf4, aligned, precision)
-    cfg.update({k: v for k, v in config.items() if v is not None or k == "SPLIT_K"})
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-        v = cfg[key]
-        if not isinstance(v, int) or v < 16 or v & (v - 1):
+        v = config.get(key)
+        if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
             raise ValueError(f"config: {key} must be a power of two >= 16, got {v!r}")
     for key in ("GROUP_M", "num_warps", "num_stages"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"config: {key} must be a positive int, got {cfg[key]!r}")
+        v = config.get(key)
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"config: {key} must be a positive int, got {v!r}")
+    v = config.get("SPLIT_K")
+    if v is not None and (not isinstance(v, int) or v < 1):
+        raise ValueError(f"config: SPLIT_K must be a positive int or None, got {v!r}")
+    return config
+
+
+def _resolve_config(M, N, K, dtype, nf4, aligned, device, config):
+    config = check_config(config)
+    cfg = default_config(M, N, K, dtype, nf4, aligned, config.get("input_precision"))
+    cfg.update({k: v for k, v in config.items() if v is not None or k == "SPLIT_K"})
     if cfg["SPLIT_K"] is None:
         cfg["SPLIT_K"] = _auto_split_k(M, N, K, cfg, device)
-    if not isinstance(cfg["SPLIT_K"], int) or cfg["SPLIT_K"] < 1:
-        raise ValueError(f"config: SPLIT_K must be a positive int or None, got {cfg['SPLIT_K']!r}")
     return cfg
 
 

@@ -10,7 +10,9 @@ LoRA rank), so both are memory-bound: time is the bytes of ``a`` (and ``keep``) 
 ``project`` gives every program ``BLOCK_M`` rows and loops over K (fp32 ``[BLOCK_M, R_PAD]`` accumulator).
 ``reduce`` reduces over M, which is long: a grid of K tiles times ``SPLIT_M`` slices of M, each slice writing
 fp32 partial sums that a second pass adds in a fixed order (deterministic), scales and rounds.
-Operands of ``tl.dot`` are fp32-upcast under the interpreter for bf16 (its bf16 dot is wrong).
+Operands of ``tl.dot`` are fp32-upcast under the interpreter for bf16 (its bf16 dot is wrong). fp32 inputs
+use full-precision FMA dots (``"ieee"``), or TF32 where torch allows it for fp32 matmuls; the kernels are
+memory-bound either way.
 """
 import functools
 
@@ -41,7 +43,7 @@ def _operand(t, DOT_FP32: tl.constexpr):
 def project_kernel(a_ptr, p_ptr, keep_ptr, out_ptr, M, K, R, alpha, keep_scale,
                    stride_am, stride_ak, stride_pr, stride_pk, stride_km, stride_kk, stride_om, stride_or,
                    HAS_KEEP: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DOT_FP32: tl.constexpr):
+                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_r = tl.arange(0, R_PAD)
     m_ok = offs_m < M
@@ -55,7 +57,7 @@ def project_kernel(a_ptr, p_ptr, keep_ptr, out_ptr, M, K, R, alpha, keep_scale,
         a = _dropout(a, keep_ptr, offs_m, offs_k, stride_km, stride_kk, ok, keep_scale, HAS_KEEP)
         p = tl.load(p_ptr + offs_r[None, :] * stride_pr + offs_k[:, None] * stride_pk,
                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, R_PAD] = P.T tile
-        acc = tl.dot(_operand(a, DOT_FP32), _operand(p, DOT_FP32), acc)
+        acc = tl.dot(_operand(a, DOT_FP32), _operand(p, DOT_FP32), acc, input_precision=PRECISION)
     out = round_fp32_to(acc * alpha, out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or, out,
              mask=m_ok[:, None] & r_ok[None, :])
@@ -65,7 +67,7 @@ def project_kernel(a_ptr, p_ptr, keep_ptr, out_ptr, M, K, R, alpha, keep_scale,
 def reduce_kernel(l_ptr, a_ptr, keep_ptr, ws_ptr, M, K, R, keep_scale, M_PER_SPLIT,
                   stride_lm, stride_lr, stride_am, stride_ak, stride_km, stride_kk,
                   HAS_KEEP: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                  DOT_FP32: tl.constexpr):
+                  DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """ws[split, r, k] = sum over this split's rows m of L[m, r] * a_d[m, k] (fp32)."""
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
@@ -84,7 +86,7 @@ def reduce_kernel(l_ptr, a_ptr, keep_ptr, ws_ptr, M, K, R, keep_scale, M_PER_SPL
         a = _dropout(a, keep_ptr, offs_m, offs_k, stride_km, stride_kk, ok, keep_scale, HAS_KEEP)
         lt = tl.load(l_ptr + offs_m[None, :] * stride_lm + offs_r[:, None] * stride_lr,
                      mask=r_ok[:, None] & m_ok[None, :], other=0.0)  # [R_PAD, BLOCK_M] = L.T tile
-        acc = tl.dot(_operand(lt, DOT_FP32), _operand(a, DOT_FP32), acc)
+        acc = tl.dot(_operand(lt, DOT_FP32), _operand(a, DOT_FP32), acc, input_precision=PRECISION)
     ws = ws_ptr + split.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :]
     tl.store(ws, acc, mask=r_ok[:, None] & k_ok[None, :])
 
@@ -125,15 +127,23 @@ def _keep_args(keep, a):
     return keep.view(torch.uint8), (keep.stride(0), keep.stride(1))
 
 
+def _precision(dtype, interpreting) -> str:
+    if interpreting or dtype != torch.float32:
+        return "ieee" if interpreting else "tf32"  # no effect on 16-bit dots
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def _rank_pad(R):
     if R > MAX_RANK:
         raise ValueError(f"rank {R} is above the supported maximum {MAX_RANK}")
     return max(16, triton.next_power_of_2(R))
 
 
-def lowrank_project(a, p, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=None):
+def lowrank_project(a, p, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=None, *, block_m=None, block_k=None,
+                    num_warps=4, num_stages=4):
     """``alpha * a_d @ p.T``: ``a [M, K]``, ``p [r, K]`` (same dtype, any strides) -> ``[M, r]`` in
-    ``out_dtype`` (default ``a.dtype``); ``a_d`` is ``a`` through the dropout mask ``keep`` (see module)."""
+    ``out_dtype`` (default ``a.dtype``); ``a_d`` is ``a`` through the dropout mask ``keep`` (see module).
+    ``block_m``, ``block_k``, ``num_warps``, ``num_stages``: tuning knobs (``scripts/sweep_large_m.py``)."""
     M, K = a.shape
     R = p.shape[0]
     r_pad = _rank_pad(R)
@@ -143,21 +153,24 @@ def lowrank_project(a, p, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=None):
     if K == 0:
         return out.zero_()
     keep_arg, keep_strides = _keep_args(keep, a)
-    block_m = 32 if M >= 32 * _num_sms(a.device) else 16
-    block_k = 128 if r_pad <= 32 else 64
+    block_m = block_m or (32 if M >= 32 * _num_sms(a.device) else 16)
+    block_k = block_k or (128 if r_pad <= 32 else 64)
     project_kernel[(triton.cdiv(M, block_m),)](
         a, p, keep_arg, out, M, K, R, float(alpha), float(keep_scale),
         a.stride(0), a.stride(1), p.stride(0), p.stride(1), *keep_strides, out.stride(0), out.stride(1),
         HAS_KEEP=keep is not None, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
-        DOT_FP32=_interpreting() and a.dtype == torch.bfloat16, num_warps=4, num_stages=4,
+        DOT_FP32=_interpreting() and a.dtype == torch.bfloat16, PRECISION=_precision(a.dtype, _interpreting()),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
-def lowrank_reduce(l, a, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=torch.float32, split_m=None):
+def lowrank_reduce(l, a, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=torch.float32, split_m=None, *,
+                   block_m=64, block_k=None, num_warps=4, num_stages=4):
     """``alpha * l.T @ a_d``: ``l [M, r]``, ``a [M, K]`` (same dtype, any strides) -> ``[r, K]`` in ``out_dtype``
     (fp32 by default: gradients are summed over all M in fp32 and rounded once). ``split_m``: slices of M
-    (default: enough programs for about two waves)."""
+    (default: enough programs for about two waves). ``block_m``, ``block_k``, ``num_warps``, ``num_stages``:
+    tuning knobs."""
     M, K = a.shape
     R = l.shape[1]
     r_pad = _rank_pad(R)
@@ -165,8 +178,7 @@ def lowrank_reduce(l, a, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=torch.f
     if M == 0 or K == 0:
         return out.zero_()
     keep_arg, keep_strides = _keep_args(keep, a)
-    block_k = 128 if r_pad <= 32 else 64
-    block_m = 64
+    block_k = block_k or (128 if r_pad <= 32 else 64)
     k_tiles = triton.cdiv(K, block_k)
     if split_m is None:
         split_m = max(1, min(triton.cdiv(2 * _num_sms(a.device), k_tiles), triton.cdiv(M, 4 * block_m), 64))
@@ -178,7 +190,7 @@ def lowrank_reduce(l, a, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=torch.f
         l, a, keep_arg, ws, M, K, R, float(keep_scale), m_per_split,
         l.stride(0), l.stride(1), a.stride(0), a.stride(1), *keep_strides,
         HAS_KEEP=keep is not None, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=dot_fp32,
-        num_warps=4, num_stages=4,
+        PRECISION=_precision(a.dtype, _interpreting()), num_warps=num_warps, num_stages=num_stages,
     )
     block = 1024
     sum_splits_kernel[(triton.cdiv(R * K, block),)](ws, out, R * K, float(alpha), SPLITS=split_m, BLOCK=block,
