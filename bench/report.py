@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON file into markdown tables, and optionally PNG plots.
 
-    python -m bench.report RESULTS.json [--out REPORT.md] [--plots DIR]
+    python -m bench.report RESULTS.json [MORE.json ...] [--out REPORT.md] [--plots DIR]
 
 Sections by mode (forward, backward, fwd+bwd of the QLoRA layer), then the other benchmark families (dequant,
 training step). One table per benchmark group (M included) and shape: median time per call, and the columns the
@@ -110,11 +110,14 @@ def render(data, rows) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", help="pytest-benchmark JSON (pytest bench --benchmark-json=FILE)")
+    ap.add_argument("results", nargs="+", help="pytest-benchmark JSON files (pytest bench --benchmark-json=FILE) of "
+                    "one GPU session; several are merged (machine info from the first)")
     ap.add_argument("--out", help="write the markdown here instead of printing it")
     ap.add_argument("--plots", metavar="DIR", help="write PNG plots here (needs matplotlib)")
     args = ap.parse_args(argv)
-    data, rows = load(args.results)
+    data, rows = load(args.results[0])
+    for path in args.results[1:]:
+        rows += load(path)[1]
     text = render(data, rows)
     if args.out:
         with open(args.out, "w") as f:
