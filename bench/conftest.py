@@ -153,7 +153,7 @@ def peak_memory(step):
 
 @pytest.fixture
 def run(benchmark, request):
-    """``run(fn, provider, eager=False, **info)``: time ``fn`` and record ``info`` with the result.
+    """``run(fn, provider, eager=False, rounds=30, **info)``: time ``fn`` and record ``info`` with the result.
 
     CUDA: median over rounds of CUDA-graph replays (``GRAPH_CALLS`` calls each), per call; ``eager=True`` (or
     ``--bench-eager``) times eager calls instead, for work that cannot be captured. CPU: a few eager rounds.
@@ -161,16 +161,16 @@ def run(benchmark, request):
     """
     eager = request.config.getoption("--bench-eager")
 
-    def _run(fn, provider, eager=eager, **info):
+    def _run(fn, provider, eager=eager, rounds=30, **info):
         benchmark.group = info.pop("group", None) or request.node.originalname
         if not HAS_CUDA:
             benchmark.extra_info.update(provider=provider, timing="eager", **info)
             return benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
         benchmark.extra_info.update(provider=provider, timing="eager" if eager else "cuda-graph", **info)
         if eager:
-            return benchmark.pedantic(fn, rounds=30, iterations=GRAPH_CALLS, warmup_rounds=3)
+            return benchmark.pedantic(fn, rounds=rounds, iterations=GRAPH_CALLS, warmup_rounds=3)
         replay = cuda_graph_of(fn)
-        benchmark.pedantic(replay, rounds=30, iterations=1, warmup_rounds=2)
+        benchmark.pedantic(replay, rounds=rounds, iterations=1, warmup_rounds=2)
         stats = benchmark.stats.stats  # per replay -> per call; drop any statistic cached from the old data
         stats.data[:] = [d / GRAPH_CALLS for d in stats.data]
         for key in [k for k in vars(stats) if k != "data"]:

@@ -22,7 +22,7 @@ import torch
 
 import python_ref
 from bench.conftest import HAS_CUDA, peak_memory
-from bench.layer import DEVICE, DTYPE, RANK, layers
+from bench.layer import DEVICE, DTYPE, RANK, layers, peft_lora
 from lowrank_kernels import qlora_linear
 
 TOKENS = [256, 4096, 8192] if HAS_CUDA else [16, 64]  # M; --bench-m overrides
@@ -64,17 +64,17 @@ class Step:
         self.inputs = (x, A, B)
         if provider == "lowrank_kernels":
             self.forward = lambda: qlora_linear(x, layer.nf4, A, B, s)
-        elif provider == "unfused":
-            self.forward = lambda: UnfusedQLoRA.apply(x, layer.nf4, A, B, s)
+        elif provider == "unfused":  # adapters cast to bf16 (autograd casts the gradients back)
+            self.forward = lambda: UnfusedQLoRA.apply(x, layer.nf4, A.to(x.dtype), B.to(x.dtype), s)
         elif provider == "dense":
             self.forward, self.inputs = (lambda: x @ layer.dense.t()), (x,)
             self.weight_bytes = layer.dense.numel() * layer.dense.element_size()
         elif provider == "peft+bnb":
             bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
             packed, state = layer.nf4.to_bnb()
-            # peft's Linear4bit forward: base result, then lora_B(lora_A(dropout(x))) * scaling
+            # peft's Linear4bit forward: base result + lora_B(lora_A(dropout(x))) * scaling, back to x.dtype
             self.forward = lambda: (bnb.matmul_4bit(x, packed.t(), bias=None, quant_state=state)
-                                    + (x @ A.t()) @ B.t() * s)
+                                    + peft_lora(x, A, B, s)).to(x.dtype)
         else:  # python_ref: the explicit formulas, no autograd; replaces the backward method below
             deq = lambda: layer.nf4.dequantize(x.dtype, backend="torch")  # noqa: E731
             self.forward = lambda: python_ref.lora_forward(x, deq(), A, B, s)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench.conftest import HAS_CUDA
-from bench.layer import DEVICE, DTYPE, RANK, layers
+from bench.layer import DEVICE, DTYPE, RANK, layers, peft_lora
 from lowrank_kernels import qlora_linear
 
 TOKENS = [1, 16, 64, 256, 4096, 8192] if HAS_CUDA else [1, 64]  # M; --bench-m overrides
@@ -24,17 +24,17 @@ def provider_fn(provider, layer, x):
         return lambda: qlora_linear(x, layer.nf4, layer.A, layer.B, layer.scaling, backend="triton")
     if provider == "dense":
         return lambda: x @ layer.dense.t()
-    if provider == "unfused":
+    if provider == "unfused":  # the adapters cast to bf16, dequantize, cuBLAS, then the LoRA term by addmm
         def unfused():
             y = x @ layer.nf4.dequantize(x.dtype).t()
-            return torch.addmm(y, x @ layer.A.t(), layer.B.t(), alpha=layer.scaling)
+            return torch.addmm(y, x @ layer.A.to(x.dtype).t(), layer.B.to(x.dtype).t(), alpha=layer.scaling)
         return unfused
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     packed, state = layer.nf4.to_bnb()
 
-    def peft_bnb():  # peft's Linear4bit forward: base result, then lora_B(lora_A(dropout(x))) * scaling
+    def peft_bnb():  # peft's Linear4bit forward: base result + lora_B(lora_A(dropout(x))) * scaling, as x.dtype
         result = bnb.matmul_4bit(x, packed.t(), bias=None, quant_state=state)
-        return result + (x @ layer.A.t()) @ layer.B.t() * layer.scaling
+        return (result + peft_lora(x, layer.A, layer.B, layer.scaling)).to(x.dtype)
     return peft_bnb
 
 

@@ -8,7 +8,7 @@ FLOPs (38% with the real 128256 tokens; 7% in the real 32-layer model). Every q/
 becomes a ``bnb.nn.Linear4bit`` (NF4, double quantization, bf16 compute) as
 ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` makes it, then peft LoRA r=16, alpha 32, no
 dropout (peft keeps the adapters in fp32); AdamW over the adapters. Gradient checkpointing off unless
---bench-grad-ckpt. Batch 1 × 2048 random tokens.
+--bench-grad-ckpt. Sequences of 2048 random tokens, batch 1 and 4 (M = 2048 and 8192 rows per linear layer).
 Timed (eager): forward + loss + backward + ``optimizer.step()`` + ``zero_grad()``.
 extra_info: ``tokens`` per step, ``tokens_per_s``, ``peak_bytes`` (max allocated during one step) and
 ``peak_extra_bytes`` (that minus what was allocated before it: weights, adapters, optimizer state); CUDA only.
@@ -78,10 +78,12 @@ def build(model, layers, grad_ckpt):
 
 
 @pytest.mark.parametrize("provider", ["peft+bnb", "lowrank_kernels"])
-def test_train_step(run, benchmark, request, model, provider):
+@pytest.mark.parametrize("batch", [1, 4] if HAS_CUDA else [1], ids=lambda b: f"batch{b}")
+def test_train_step(run, benchmark, request, model, batch, provider):
     pytest.importorskip("transformers", reason="transformers is not installed")
     layers = request.config.getoption("--bench-layers") or (4 if HAS_CUDA else 2)
-    tokens = 32 if model == "tiny" else 2048
+    seq = 32 if model == "tiny" else 2048
+    tokens = batch * seq
     net = build(model, layers, request.config.getoption("--bench-grad-ckpt"))
     if provider == "lowrank_kernels":
         try:
@@ -90,7 +92,7 @@ def test_train_step(run, benchmark, request, model, provider):
             pytest.skip(f"lowrank_kernels.peft.convert is not available in this version ({e})")
         assert convert(net) > 0, "lowrank_kernels.peft.convert converted no layer of the peft QLoRA model"
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, net.config.vocab_size, (1, tokens), device=DEVICE)
+    ids = torch.randint(0, net.config.vocab_size, (batch, seq), device=DEVICE)
 
     def step():
         net(input_ids=ids, labels=ids).loss.backward()
@@ -98,7 +100,8 @@ def test_train_step(run, benchmark, request, model, provider):
         optimizer.zero_grad(set_to_none=True)
 
     peak, baseline = peak_memory(step)
-    run(step, provider, eager=True, group=f"train_step {model}", layers=layers, tokens=tokens,
+    run(step, provider, eager=True, rounds=5, group=f"train_step {model} batch={batch}", layers=layers,
+        tokens=tokens,
         grad_ckpt=bool(request.config.getoption("--bench-grad-ckpt")),
         peak_bytes=peak, peak_extra_bytes=peak and peak - baseline)
     if benchmark.stats:  # None under --benchmark-disable

@@ -40,24 +40,24 @@ class LoraLinearFunction(torch.autograd.Function):
         y, S = dispatch.lora_linear_forward(x, weight, A, B, scaling, b, keep, keep_scale, backend, config)
         dense = isinstance(weight, torch.Tensor)
         need_x_saved = ctx.needs_input_grad[1] or (dense and ctx.needs_input_grad[4])
-        ctx.save_for_backward(x if need_x_saved else None, lora_A, lora_B,
+        ctx.save_for_backward(x if need_x_saved else None, A, B,  # the casts: tiny, and not redone in backward
                               S if ctx.needs_input_grad[2] else None, weight if dense else None)
         ctx.nf4 = None if dense else weight
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.dtypes = (lora_A.dtype, lora_B.dtype, None if bias is None else bias.dtype)
         ctx.args = (scaling, dropout, seed, keep_scale, backend, config, x.shape)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, lora_A, lora_B, S, dense_w = ctx.saved_tensors
+        x, A, B, S, dense_w = ctx.saved_tensors
         scaling, dropout, seed, keep_scale, backend, config, x_shape = ctx.args
         weight = dense_w if ctx.nf4 is None else ctx.nf4
         needs = tuple(ctx.needs_input_grad[:5])
         keep = dropout_keep(x_shape, dropout, seed, grad_y.device) if dropout > 0 else None
-        A, B = lora_A.to(grad_y.dtype), lora_B.to(grad_y.dtype)
         dx, dA, dB, db, dw = dispatch.lora_linear_backward(
-            grad_y, x, weight, A, B, scaling, S, keep, keep_scale, needs, backend, config)
-        return (dx, _cast(dA, lora_A.dtype), _cast(dB, lora_B.dtype), _cast(db, ctx.bias_dtype),
+            grad_y.to(A.dtype), x, weight, A, B, scaling, S, keep, keep_scale, needs, backend, config)
+        a_dtype, b_dtype, bias_dtype = ctx.dtypes
+        return (dx, _cast(dA, a_dtype), _cast(dB, b_dtype), _cast(db, bias_dtype),
                 _cast(dw, None if dense_w is None else dense_w.dtype), None, None, None, None, None)
 
 

@@ -76,8 +76,8 @@ def _project(a, p, alpha, keep, keep_scale, triton_):
         from lowrank_kernels.kernels.lowrank_proj import lowrank_project
 
         return lowrank_project(a, p, alpha=alpha, keep=keep, keep_scale=keep_scale)
-    out = (a if keep is None else _apply_keep(a, keep, keep_scale)) @ p.t()
-    return out if alpha == 1.0 else out.mul_(alpha)
+    a = a if keep is None else _apply_keep(a, keep, keep_scale)
+    return a @ p.t() if alpha == 1.0 else torch.addmm(a.new_empty(()), a, p.t(), beta=0, alpha=alpha)
 
 
 def _reduce(l, a, alpha, keep, keep_scale, triton_):
@@ -86,8 +86,8 @@ def _reduce(l, a, alpha, keep, keep_scale, triton_):
         from lowrank_kernels.kernels.lowrank_proj import lowrank_reduce
 
         return lowrank_reduce(l, a, alpha=alpha, keep=keep, keep_scale=keep_scale)
-    out = l.t() @ (a if keep is None else _apply_keep(a, keep, keep_scale))
-    return out if alpha == 1.0 else out.mul_(alpha)
+    a = a if keep is None else _apply_keep(a, keep, keep_scale)
+    return l.t() @ a if alpha == 1.0 else torch.addmm(a.new_empty(()), l.t(), a, beta=0, alpha=alpha)
 
 
 def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, keep_scale=1.0, backend=None,
@@ -111,8 +111,8 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
     # The LoRA term (and bias) first, then the big GEMM accumulates into it (beta = 1): cuBLAS reads it in the
     # epilogue of a compute-bound GEMM, where an addmm_ after the GEMM would re-read and re-write all of Y.
     w = dense_weight(weight, x.dtype, backend)
-    s_scaled = S * scaling
-    y = s_scaled @ lora_B.t() if bias is None else torch.addmm(bias, s_scaled, lora_B.t())
+    y = torch.addmm(x.new_empty(()) if bias is None else bias, S, lora_B.t(), beta=0 if bias is None else 1,
+                    alpha=scaling)
     return y.addmm_(x, w.t()), S
 
 

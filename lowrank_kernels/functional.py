@@ -11,6 +11,7 @@ it, as peft does with fp32 adapters on bf16 activations.
 never materialized, the LoRA term in the same accumulator); they are correct but not yet faster than
 dequantize + cuBLAS, which is the default on CUDA (``dispatch.FUSED_BY_DEFAULT``). On CPU the torch path runs.
 """
+import contextlib
 import numbers
 
 import torch
@@ -61,7 +62,8 @@ def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
 
             check_config(config)
     dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
     x2 = x.reshape(-1, K).to(dtype)
     s, p = float(scaling), float(dropout)
@@ -70,7 +72,7 @@ def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
     # The dropout mask is a function of a seed drawn from the CPU RNG, which torch.utils.checkpoint saves and
     # restores: a recomputed forward (and the backward) sees the same mask.
     seed = int(torch.randint(0, 2**62, ()).item()) if p > 0 else 0
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
             y = LoraLinearFunction.apply(x2, lora_A, lora_B, bias, weight, s, p, seed, backend, config)
         else:  # inference: nothing is saved

@@ -15,6 +15,15 @@ computes it in the activation dtype (bf16 / fp16) with fp32 accumulation and ret
 parameter's own dtype. The base product runs in the activation dtype (bitsandbytes would use its
 ``compute_dtype``).
 
+AdaLoRA: peft's ``adalora.SVDLinear`` (dense base) and ``adalora.bnb.SVDLinear4bit`` (NF4 base) become
+``PeftAdaLoraLinear`` / ``PeftAdaLoraLinear4bit``, whose forward is ``adalora.adalora_linear`` with peft's factor
+``scaling / (ranknum + 1e-5)`` (``ranknum`` is read from the device once per change). They compute all ``r``
+ranks (``A * E``, ``B``), exactly as peft, until ``set_rank_mask(mask)`` installs a mask (``RankAllocator``
+calls it); from then on only the active ranks, and the pruned triplets get exactly zero gradient (peft's own
+forward still computes them: see ``lowrank_kernels.adalora``). The mask is a plain attribute, not in the state
+dict; it applies while its adapter is the single active one and its ``lora_A`` Parameter is unchanged. Layers
+that peft trimmed to rank 0 when loading a ``rank_pattern`` run the base product alone.
+
 Layers that cannot be converted (DoRA and other LoRA variants, ``lora_bias``, ``fan_in_fan_out``, FP4 or
 unquantized bitsandbytes weights, several active adapters) are left as they are and listed in a warning.
 """
@@ -23,6 +32,7 @@ import warnings
 import torch
 from torch import nn
 
+from lowrank_kernels.adalora import _check_mask, adalora_linear
 from lowrank_kernels.functional import lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
@@ -35,7 +45,17 @@ try:
 except ImportError:  # bitsandbytes missing: peft defines no 4-bit LoRA layer
     _PeftLinear4bit = None
 
-__all__ = ["convert", "revert", "PeftLoraLinear", "PeftLoraLinear4bit"]
+try:
+    from peft.tuners.adalora import SVDLinear as _PeftSVDLinear
+except ImportError:  # pragma: no cover - an old peft without AdaLoRA
+    _PeftSVDLinear = None
+try:
+    from peft.tuners.adalora.bnb import SVDLinear4bit as _PeftSVDLinear4bit
+except ImportError:
+    _PeftSVDLinear4bit = None
+
+__all__ = ["convert", "revert", "PeftLoraLinear", "PeftLoraLinear4bit", "PeftAdaLoraLinear",
+           "PeftAdaLoraLinear4bit"]
 
 
 class _FusedForward:
@@ -93,20 +113,20 @@ _ORIGINAL = {ours: theirs for theirs, ours in _OURS.items()}
 
 
 def _unsupported(module) -> str:
-    """Why ``module`` (a peft LoRA layer) cannot be converted; ``""`` if it can."""
+    """Why ``module`` (a peft LoRA or AdaLoRA layer) cannot be converted; ``""`` if it can."""
     if len(module.active_adapters) != 1:
         return f"{len(module.active_adapters)} active adapters (exactly one is supported)"
     name = module.active_adapters[0]
     if name not in module.lora_A:
         return f"active adapter {name!r} has no LoRA weights in this layer"
-    if name in module.lora_variant:
+    if type(module) not in _ADALORA and name in module.lora_variant:
         return f"LoRA variant {type(module.lora_variant[name]).__name__} (e.g. DoRA) is not supported"
     if module.lora_bias.get(name, False):
         return "lora_bias=True is not supported"
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out=True is not supported"
     base = module.get_base_layer()
-    if type(module) is _PeftLinear:
+    if type(module) in (_PeftLinear, _PeftSVDLinear):
         if not isinstance(base, nn.Linear) or getattr(base.weight, "quant_state", None) is not None \
                 or not base.weight.is_floating_point():
             return f"base layer {type(base).__name__} is not a dense nn.Linear"
@@ -155,7 +175,82 @@ def revert(model: nn.Module) -> int:
     for module in model.modules():
         original = _ORIGINAL.get(type(module))
         if original is not None:
-            module.__dict__.pop("_lowrank_nf4_cache", None)
+            for key in ("_lowrank_nf4_cache", "_lowrank_rank_masks", "_lowrank_denominators"):
+                module.__dict__.pop(key, None)
             module.__class__ = original
             reverted += 1
     return reverted
+
+
+# ---------------------------------------------------------------------------------------------------- AdaLoRA
+class _AdaFusedForward:
+    """Mixin for a peft AdaLoRA layer: ``adalora_linear`` whenever exactly one adapter is active (peft's forward
+    otherwise), over all ranks or over those of the mask ``set_rank_mask`` installed."""
+
+    def set_rank_mask(self, mask: torch.Tensor, adapter_name=None):
+        """Installs bool ``mask [r]`` (True = rank computed) for ``adapter_name`` (default: the single active
+        adapter); one host sync. ``E`` is not touched (``RankAllocator`` zeroes the pruned entries itself)."""
+        if adapter_name is None:
+            if len(self.active_adapters) != 1:
+                raise ValueError(f"adapter_name: required when {len(self.active_adapters)} adapters are active")
+            adapter_name = self.active_adapters[0]
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"adapter_name: {adapter_name!r} has no AdaLoRA weights in this layer")
+        A = self.lora_A[adapter_name]
+        _check_mask(mask, A.shape[0], "mask")
+        idx = mask.to(A.device).nonzero().flatten()
+        self.__dict__.setdefault("_lowrank_rank_masks", {})[adapter_name] = (A, idx)
+
+    def _lowrank_active(self, name, A):
+        """The active-rank indices of adapter ``name``, or ``None`` (all ranks)."""
+        entry = self.__dict__.get("_lowrank_rank_masks", {}).get(name)
+        if entry is None or entry[0] is not A:
+            return None
+        if entry[1].device != A.device:  # the model moved since the mask was set
+            entry = self._lowrank_rank_masks[name] = (A, entry[1].to(A.device))
+        return entry[1]
+
+    def _lowrank_denominator(self, name) -> float:
+        """``float(ranknum) + 1e-5``, read from the device once per change of peft's ``ranknum`` Parameter."""
+        ranknum = self.ranknum[name]
+        key = (ranknum.data_ptr(), ranknum._version)
+        cache = self.__dict__.setdefault("_lowrank_denominators", {})
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, float(ranknum) + 1e-5)
+        return cache[name][1]
+
+    def forward(self, x, *args, **kwargs):
+        if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1 \
+                or self.active_adapters[0] not in self.lora_A:
+            return super().forward(x, *args, **kwargs)
+        name = self.active_adapters[0]
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        A, base = self.lora_A[name], self.get_base_layer()
+        return adalora_linear(x, self._lowrank_weight(base.weight), A, self.lora_E[name], self.lora_B[name],
+                              self.scaling[name] / self._lowrank_denominator(name), base.bias,
+                              active=self._lowrank_active(name, A), dropout=p)
+
+
+if _PeftSVDLinear is not None:
+    class PeftAdaLoraLinear(_AdaFusedForward, _PeftSVDLinear):
+        """peft's ``adalora.SVDLinear`` (dense ``nn.Linear`` base) with the forward/backward of
+        ``adalora_linear``."""
+
+        def _lowrank_weight(self, weight):
+            return weight
+else:  # pragma: no cover
+    PeftAdaLoraLinear = None
+
+if _PeftSVDLinear4bit is not None:
+    class PeftAdaLoraLinear4bit(_AdaFusedForward, _PeftSVDLinear4bit):
+        """peft's ``adalora.bnb.SVDLinear4bit`` (NF4 base) with the forward/backward of ``adalora_linear``."""
+
+        _lowrank_weight = PeftLoraLinear4bit._lowrank_nf4
+else:
+    PeftAdaLoraLinear4bit = None
+
+_ADALORA = {theirs: ours for theirs, ours in ((_PeftSVDLinear, PeftAdaLoraLinear),
+                                               (_PeftSVDLinear4bit, PeftAdaLoraLinear4bit)) if theirs is not None}
+_OURS.update(_ADALORA)
+_ORIGINAL.update({ours: theirs for theirs, ours in _ADALORA.items()})

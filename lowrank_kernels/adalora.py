@@ -1,0 +1,257 @@
+"""AdaLoRA (SVD-form LoRA) with packed rank masks: only the active ranks are computed.
+
+    y = x @ W.T + bias + (dropout(x) @ A_act.T) @ B_act.T * scaling / (ranknum + 1e-5)
+    A_act = (lora_A * lora_E)[idx]   [ρ, K]        B_act = lora_B[:, idx]   [N, ρ]
+
+``lora_A [r, K]``, ``lora_E [r, 1]``, ``lora_B [N, r]`` are peft's ``SVDLinear`` parameters (fp32 by default) and
+``idx`` (int64 ``[ρ]``, sorted) the active ranks. The gather is differentiable (``index_select``): the gradients
+of the active triplets scatter back into dense ``[r, ...]`` gradients whose pruned rows/columns are exactly
+zero. The ρ-rank product runs through ``lora_linear`` / ``qlora_linear`` (DESIGN.md §4: only active ranks enter
+``S``). With ρ = 0 only the base product ``x @ W.T + bias`` runs, and ``lora_A``, ``lora_E``, ``lora_B`` get
+all-zero gradients (not ``None``: ``RankAllocator`` needs a gradient for every parameter).
+
+Rank masks are stored bit-packed (``pack_mask``): rank ``i`` is bit ``i % 32`` (LSB first) of int32 word
+``i // 32``; the unused high bits of the last word are zero.
+
+Semantic difference with peft during AdaLoRA's budgeting phase: peft keeps computing every rank; its allocator
+zeroes the pruned ``E`` entries, but their ``E`` still gets a gradient and the optimizer regrows them between
+masking steps. Here a pruned triplet is not computed at all: its A, E and B get exactly zero gradient, and
+nonzero values left in its E are ignored (the layer never writes its parameters). The mask is installed by
+``set_rank_mask`` (``RankAllocator`` calls it whenever a layer's mask changes).
+"""
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank_kernels.functional import lora_linear, qlora_linear
+from lowrank_kernels.nf4 import NF4Weight
+
+__all__ = ["AdaLoraLinear", "adalora_linear", "pack_mask", "unpack_mask"]
+
+_BITS = 32
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool ``[r]`` -> int32 ``[ceil(r / 32)]``: rank ``i`` is bit ``i % 32`` of word ``i // 32``."""
+    _check_mask(mask, None, "mask")
+    r = mask.shape[0]
+    bits = torch.zeros(-(-r // _BITS) * _BITS, dtype=torch.int64, device=mask.device)
+    bits[:r] = mask.to(torch.int64)
+    words = (bits.view(-1, _BITS) << torch.arange(_BITS, device=mask.device)).sum(1)   # in [0, 2^32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_mask(words: torch.Tensor, r: int) -> torch.Tensor:
+    """int32 ``[ceil(r / 32)]`` -> bool ``[r]``, the inverse of :func:`pack_mask`."""
+    if not isinstance(words, torch.Tensor) or words.dtype != torch.int32 or words.dim() != 1:
+        raise TypeError(f"words: expected a 1-D int32 tensor, got "
+                        f"{words.dtype if isinstance(words, torch.Tensor) else type(words).__name__}")
+    if words.shape[0] != -(-r // _BITS):
+        raise ValueError(f"words: expected {-(-r // _BITS)} word(s) for r={r}, got {words.shape[0]}")
+    shifts = torch.arange(_BITS, device=words.device)
+    bits = (words.to(torch.int64).bitwise_and(0xFFFFFFFF).unsqueeze(1) >> shifts) & 1
+    return bits.reshape(-1)[:r].bool()
+
+
+def _check_mask(mask, r, what):
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{what}: expected a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{what}: expected dtype torch.bool, got {mask.dtype}")
+    if mask.dim() != 1 or (r is not None and mask.shape[0] != r):
+        raise ValueError(f"{what}: expected shape [{'r' if r is None else r}], got {tuple(mask.shape)}")
+
+
+class _ZeroGrads(torch.autograd.Function):
+    """``apply(y, *params) -> y``; backward gives ``y`` its gradient and every param an all-zero one."""
+
+    @staticmethod
+    def forward(ctx, y, *params):
+        ctx.specs = [(p.shape, p.dtype, p.device) for p in params]
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (dy, *(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.specs))
+
+
+def adalora_linear(x, weight, lora_A, lora_E, lora_B, scaling, bias=None, *, active=None, dropout=0.0,
+                   backend=None, config=None):
+    """``x [..., K]``, ``weight`` dense ``[N, K]`` or ``NF4Weight``, ``lora_A [r, K]``, ``lora_E [r, 1]``,
+    ``lora_B [N, r]``, ``bias [N]`` -> ``[..., N]``.
+
+    ``scaling``: the whole factor of the LoRA term (for peft's layers ``scaling / (ranknum + 1e-5)``).
+    ``active``: int64 ``[ρ]`` sorted indices of the ranks to compute, or ``None`` for all ``r``.
+    ``dropout``, ``backend``, ``config``: as in :func:`~lowrank_kernels.functional.lora_linear`.
+    """
+    r = lora_A.shape[0]
+    if lora_E.shape != (r, 1):
+        raise ValueError(f"lora_E: expected shape [{r}, 1] (r of lora_A), got {tuple(lora_E.shape)}")
+    if False:
+        A = lora_A.index_select(0, active) * lora_E.index_select(0, active)
+        B = lora_B.index_select(1, active)
+    else:
+        A, B = lora_A * lora_E, lora_B
+    if A.shape[0] > 0:
+        fn = qlora_linear if isinstance(weight, NF4Weight) else lora_linear
+        return fn(x, weight, A, B, scaling, bias, dropout=dropout, backend=backend, config=config)
+    # ρ = 0: the base product alone, in the compute dtype the functional would use.
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        w = weight.dequantize(dtype) if isinstance(weight, NF4Weight) else weight.to(dtype)
+        y = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+    params = (lora_A, lora_E, lora_B)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        y = _ZeroGrads.apply(y, *params)
+    return y
+
+
+class AdaLoraLinear(nn.Module):
+    """AdaLoRA over a dense or NF4 base weight, computing only the active ranks (see the module docstring).
+
+    ``weight``: a dense ``[N, K]`` tensor (bf16 / fp16 / fp32; a Parameter is shared, and frozen) or an
+    ``NF4Weight``; ``bias``: ``[N]`` or ``None`` (frozen). As peft's ``SVDLinear``: parameters ``lora_A [r, K]``,
+    ``lora_E [r, 1]``, ``lora_B [N, r]`` in ``lora_dtype`` (E = 0, A, B ~ N(0, 0.02)), ``ranknum`` (buffer
+    ``[1]``, fp32, ``float(init_r)``) and ``scaling = lora_alpha if lora_alpha > 0 else init_r``; the LoRA term is
+    multiplied by ``scaling / (ranknum + 1e-5)``. Dropout acts on the LoRA branch, in training mode only.
+
+    Buffers: ``rank_mask_words`` (int32 ``[ceil(r / 32)]``, saved in ``state_dict``, so a reloaded model keeps its
+    active ranks) and ``active_idx`` (int64 ``[ρ]``, rebuilt from the words, not saved). An NF4 weight is saved
+    under bitsandbytes' ``weight.*`` keys, as ``QLoraLinear`` does.
+    """
+
+    def __init__(self, weight, bias=None, init_r=12, lora_alpha=8, lora_dropout=0.0, lora_dtype=torch.float32):
+        super().__init__()
+        if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r < 1:
+            raise ValueError(f"init_r: expected a positive int, got {init_r!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+            raise TypeError(f"lora_alpha: expected a real number, got {type(lora_alpha).__name__}")
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) \
+                or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {lora_dropout!r}")
+        if isinstance(weight, NF4Weight):
+            if len(weight.shape) != 2:
+                raise ValueError(f"weight: expected a 2-D NF4 weight, got shape {tuple(weight.shape)}")
+        elif isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2:
+            weight = weight.requires_grad_(False) if isinstance(weight, nn.Parameter) \
+                else nn.Parameter(weight, requires_grad=False)
+        else:
+            raise TypeError(f"weight: expected a 2-D floating-point tensor or an NF4Weight, got "
+                            f"{getattr(weight, 'shape', type(weight).__name__)}")
+        self.out_features, self.in_features = weight.shape
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias: expected a tensor of shape [{self.out_features}], got "
+                                 f"{getattr(bias, 'shape', type(bias).__name__)}")
+            bias = bias.requires_grad_(False) if isinstance(bias, nn.Parameter) \
+                else nn.Parameter(bias, requires_grad=False)
+        self.weight, self.bias = weight, bias   # an NF4Weight is a plain attribute (see _apply / state dict below)
+        self.r, self.lora_alpha, self.lora_dropout = init_r, lora_alpha, float(lora_dropout)
+        self.scaling = lora_alpha if lora_alpha > 0 else float(init_r)
+        dev = weight.device
+        self.lora_A = nn.Parameter(torch.empty(init_r, self.in_features, device=dev, dtype=lora_dtype))
+        self.lora_E = nn.Parameter(torch.zeros(init_r, 1, device=dev, dtype=lora_dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, init_r, device=dev, dtype=lora_dtype))
+        with torch.no_grad():
+            nn.init.normal_(self.lora_A, std=0.02)
+            nn.init.normal_(self.lora_B, std=0.02)
+        self.register_buffer("ranknum", torch.full((1,), float(init_r), device=dev))
+        self.register_buffer("rank_mask_words", pack_mask(torch.ones(init_r, dtype=torch.bool, device=dev)))
+        self.register_buffer("active_idx", torch.arange(init_r, device=dev), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, init_r=12, lora_alpha=8, lora_dropout=0.0, lora_dtype=torch.float32,
+                    quantize=False, blocksize=64, double_quant=True):
+        """Wraps ``linear``: shares its weight and bias (frozen), or with ``quantize=True`` quantizes the weight to
+        NF4 (bitsandbytes-exact, ``blocksize``, ``double_quant``) and shares the bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        weight = NF4Weight.quantize(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant) \
+            if quantize else linear.weight
+        return cls(weight, linear.bias, init_r=init_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                   lora_dtype=lora_dtype)
+
+    # ------------------------------------------------------------------ rank mask
+    def set_rank_mask(self, mask: torch.Tensor):
+        """Installs bool ``mask [r]`` (True = rank computed); one host sync (the count of active ranks)."""
+        _check_mask(mask, self.r, "mask")
+        mask = mask.to(self.rank_mask_words.device)
+        self.rank_mask_words.copy_(pack_mask(mask))
+        self.active_idx = mask.nonzero().flatten()
+
+    @property
+    def rank_mask(self) -> torch.Tensor:
+        """bool ``[r]``, unpacked from ``rank_mask_words``."""
+        return unpack_mask(self.rank_mask_words, self.r)
+
+    @property
+    def active_r(self) -> int:
+        """ρ, the number of active ranks (no sync)."""
+        return self.active_idx.numel()
+
+    # ------------------------------------------------------------------ compute
+    def _ranknum_denominator(self) -> float:
+        """``float(ranknum) + 1e-5``, read from the device once per change of ``ranknum``."""
+        key = (self.ranknum.data_ptr(), self.ranknum._version)
+        cached = self.__dict__.get("_denominator")
+        if cached is None or cached[0] != key:
+            cached = (key, float(self.ranknum) + 1e-5)
+            self.__dict__["_denominator"] = cached
+        return cached[1]
+
+    def forward(self, x):
+        return adalora_linear(x, self.weight, self.lora_A, self.lora_E, self.lora_B,
+                              self.scaling / self._ranknum_denominator(), self.bias, active=self.active_idx,
+                              dropout=self.lora_dropout if self.training else 0.0)
+
+    def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """``B[:, idx] @ (A * E)[idx] * scaling / (ranknum + 1e-5)`` ``[N, K]``, computed in fp32."""
+        idx = self.active_idx
+        with torch.no_grad():
+            AE = (self.lora_A.float() * self.lora_E.float())[idx]
+            return (self.lora_B.float()[:, idx] @ AE).mul_(self.scaling / self._ranknum_denominator()).to(dtype)
+
+    def extra_repr(self):
+        base = "nf4" if isinstance(self.weight, NF4Weight) else str(self.weight.dtype)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, base={base}, r={self.r}, "
+                f"active_r={self.active_r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}")
+
+    # ------------------------------------------------------------------ NF4 weight and mask in the state dict
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if isinstance(self.weight, NF4Weight):
+            device = fn(torch.empty(0, device=self.weight.device)).device  # dtype casts leave NF4 untouched
+            if device != self.weight.device:
+                self.weight = self.weight.to(device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if isinstance(self.weight, NF4Weight):
+            for key, value in self.weight.state_dict(prefix + "weight").items():
+                destination[key] = value if keep_vars else value.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if isinstance(self.weight, NF4Weight):
+            keys = [k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")]
+            if prefix + "weight" not in state_dict:
+                missing_keys.append(prefix + "weight")
+            else:
+                try:
+                    nf4 = NF4Weight.from_state_dict({k: state_dict[k] for k in keys}, prefix + "weight",
+                                                    device=self.weight.device)
+                except (KeyError, TypeError, ValueError) as e:
+                    error_msgs.append(f"{prefix}weight: {e}")
+                else:
+                    if tuple(nf4.shape) != tuple(self.weight.shape):
+                        error_msgs.append(f"{prefix}weight: shape {tuple(nf4.shape)} in the checkpoint, "
+                                          f"{tuple(self.weight.shape)} in the layer")
+                    else:
+                        self.weight = nf4
+            state_dict = {k: v for k, v in state_dict.items() if k not in keys}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.active_idx = self.rank_mask.nonzero().flatten()
