@@ -1,9 +1,10 @@
-"""lowrank_kernels: fused kernels for LoRA / QLoRA fine-tuning on NVIDIA GPUs."""
+"""lowrank_kernels: fused kernels for LoRA / QLoRA / AdaLoRA fine-tuning on NVIDIA GPUs."""
 from lowrank_kernels.nf4 import NF4Weight
 from lowrank_kernels.functional import lora_linear, qlora_linear
 from lowrank_kernels.layers import LoraLinear, QLoraLinear
 from lowrank_kernels.adalora import AdaLoraLinear, adalora_linear, pack_mask, unpack_mask
+from lowrank_kernels.rank_allocator import RankAllocator, orthogonal_regularization
 
 __version__ = "0.1.0"
-__all__ = ["NF4Weight", "lora_linear", "qlora_linear", "LoraLinear", "QLoraLinear"]
-__all__ += ["AdaLoraLinear", "adalora_linear", "pack_mask", "unpack_mask"]
+__all__ = ["NF4Weight", "lora_linear", "qlora_linear", "LoraLinear", "QLoraLinear", "AdaLoraLinear",
+           "adalora_linear", "pack_mask", "unpack_mask", "RankAllocator", "orthogonal_regularization"]

@@ -89,7 +89,7 @@ def adalora_linear(x, weight, lora_A, lora_E, lora_B, scaling, bias=None, *, act
     r = lora_A.shape[0]
     if lora_E.shape != (r, 1):
         raise ValueError(f"lora_E: expected shape [{r}, 1] (r of lora_A), got {tuple(lora_E.shape)}")
-    if False:
+    if active is not None and active.numel() < r:
         A = lora_A.index_select(0, active) * lora_E.index_select(0, active)
         B = lora_B.index_select(1, active)
     else:

@@ -13,6 +13,7 @@ from python_ref.nf4 import (
     quantize_nf4,
 )
 from python_ref.lora import lora_backward, lora_forward
+from python_ref.adalora import adalora_forward
 
 __all__ = [
     "NF4_CODE",
@@ -25,4 +26,5 @@ __all__ = [
     "quantize_nf4",
     "lora_forward",
     "lora_backward",
+    "adalora_forward",
 ]
