@@ -4,10 +4,11 @@
 
 Sections by mode (forward, backward, fwd+bwd of the QLoRA layer), then the other benchmark families (dequant,
 training step). One table per benchmark group (M included) and shape: median time per call, and the columns the
-results hold data for: speedup over bitsandbytes / peft+bnb, time × dense bf16, TFLOP/s (``flops``), tokens/s
-(``tokens``), GB/s and % of the device-copy bandwidth measured in the same run (``bytes``), peak MiB allocated
-beyond the inputs and weights (``peak_extra_bytes``), peak MiB in all (``peak_bytes``), base weight MiB
-(``weight_bytes``). Missing providers or fields leave a cell "–" or drop the column. ``--plots``: see bench/plots.py.
+results hold data for: speedup over bitsandbytes / peft+bnb / peft, time × dense bf16, time × the plain LoRA
+(``lora_r*``, the AdaLoRA layer's target), TFLOP/s (``flops``), tokens/s (``tokens``), GB/s and % of the
+device-copy bandwidth measured in the same run (``bytes``), peak MiB allocated beyond the inputs and weights
+(``peak_extra_bytes``), peak MiB in all (``peak_bytes``), base weight MiB (``weight_bytes``). Missing providers or
+fields leave a cell "–" or drop the column. ``--plots``: see bench/plots.py.
 """
 import argparse
 import json
@@ -15,7 +16,7 @@ import re
 import sys
 from collections import defaultdict
 
-BASELINES = ("bitsandbytes", "peft+bnb")
+BASELINES = ("bitsandbytes", "peft+bnb", "peft")
 MODES = ("forward", "backward", "fwd+bwd")  # the layer modes of bench/conftest.py
 MIB = 2**20
 
@@ -28,7 +29,7 @@ def load(path):
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
         group = b["group"] or b["name"]
-        family = re.sub(r" M=\d+$", "", group)  # the group without its token count
+        family = re.sub(r" M=\d+", "", group)  # the group without its token count
         mode = info.get("mode")
         if mode not in MODES:  # older results recorded the timing method under "mode"
             mode = next((m for m in MODES if family == f"qlora_{m}"), None)
@@ -57,11 +58,13 @@ def columns(rs, copy_bw):
     """``[(header, cell(row) -> str | None)]`` for a table of rows ``rs``: only columns some row fills."""
     base = next((r for r in rs if r["provider"] in BASELINES), None)
     dense = next((r["median"] for r in rs if r["provider"] == "dense"), None)
+    lora = next((r for r in rs if r["provider"].startswith("lora_r")), None)
     gbs = lambda r: r["bytes"] / r["median"] / 1e9 if r["bytes"] else None  # noqa: E731
     candidates = [
         ("median", lambda r: fmt_time(r["median"])),
         (f"speedup vs {base['provider']}" if base else "", lambda r: base and f"{base['median'] / r['median']:.2f}×"),
         ("× dense", lambda r: dense and f"{r['median'] / dense:.2f}"),
+        (f"× {lora['provider']}" if lora else "", lambda r: lora and f"{r['median'] / lora['median']:.2f}"),
         ("TFLOP/s", lambda r: r["flops"] and num(r["flops"] / r["median"] / 1e12)),
         ("tokens/s", lambda r: r["tokens"] and f"{r['tokens'] / r['median']:,.0f}"),
         ("GB/s", lambda r: gbs(r) and num(gbs(r))),
@@ -127,6 +130,8 @@ def main(argv=None):
     if args.plots:
         from bench import plots
 
+        # the headline plot is the QLoRA layer's: other layer families (adalora_*) get their own figures only
+        rows = [r if r["family"].startswith("qlora_") else dict(r, mode=None) for r in rows]
         for path in plots.write_all(rows, args.plots, title=data.get("machine_info", {}).get("gpu") or "CPU"):
             print(f"wrote {path}", file=sys.stderr)
 
