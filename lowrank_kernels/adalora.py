@@ -33,13 +33,25 @@ __all__ = ["AdaLoraLinear", "adalora_linear", "pack_mask", "unpack_mask"]
 _BITS = 32
 
 
+def active_indices(mask: torch.Tensor, device) -> torch.Tensor:
+    """Sorted int64 indices of the True entries of bool ``mask``, on ``device``; computed where ``mask`` lives
+    (no device sync for a CPU mask: the copy to the device is asynchronous)."""
+    return mask.nonzero().flatten().to(device, non_blocking=True)
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """bool ``[r]`` -> int32 ``[ceil(r / 32)]``: rank ``i`` is bit ``i % 32`` of word ``i // 32``."""
-    _check_mask(mask, None, "mask")
-    r = mask.shape[0]
-    bits = torch.zeros(-(-r // _BITS) * _BITS, dtype=torch.int64, device=mask.device)
-    bits[:r] = mask.to(torch.int64)
-    words = (bits.view(-1, _BITS) << torch.arange(_BITS, device=mask.device)).sum(1)   # in [0, 2^32)
+    """bool ``[r]`` -> int32 ``[ceil(r / 32)]``: rank ``i`` is bit ``i % 32`` of word ``i // 32``.
+    A 2-D ``[L, r]`` mask packs row by row into ``[L, ceil(r / 32)]``."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        for row in mask[:1]:
+            _check_mask(row, None, "mask")
+    else:
+        _check_mask(mask, None, "mask")
+    r = mask.shape[-1]
+    bits = torch.zeros(*mask.shape[:-1], -(-r // _BITS) * _BITS, dtype=torch.int64, device=mask.device)
+    bits[..., :r] = mask.to(torch.int64)
+    shifts = torch.arange(_BITS, device=mask.device)
+    words = (bits.view(*mask.shape[:-1], -1, _BITS) << shifts).sum(-1)   # in [0, 2^32)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
@@ -174,12 +186,17 @@ class AdaLoraLinear(nn.Module):
                    lora_dtype=lora_dtype)
 
     # ------------------------------------------------------------------ rank mask
-    def set_rank_mask(self, mask: torch.Tensor):
-        """Installs bool ``mask [r]`` (True = rank computed); one host sync (the count of active ranks)."""
+    def set_rank_mask(self, mask: torch.Tensor, *, words=None, active=None):
+        """Installs bool ``mask [r]`` (True = rank computed). A device mask costs one device sync (the count of
+        active ranks), a CPU mask none. ``words`` (``pack_mask(mask)``) and ``active`` (its indices) may be passed
+        precomputed on the layer's device: ``RankAllocator`` packs every changed layer in one batch."""
         _check_mask(mask, self.r, "mask")
-        mask = mask.to(self.rank_mask_words.device)
-        self.rank_mask_words.copy_(pack_mask(mask))
-        self.active_idx = mask.nonzero().flatten()
+        device = self.rank_mask_words.device
+        if words is None:
+            self.rank_mask_words.copy_(pack_mask(mask), non_blocking=True)
+        else:
+            self.rank_mask_words = words
+        self.active_idx = active_indices(mask, device) if active is None else active
 
     @property
     def rank_mask(self) -> torch.Tensor:

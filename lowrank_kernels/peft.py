@@ -32,7 +32,7 @@ import warnings
 import torch
 from torch import nn
 
-from lowrank_kernels.adalora import _check_mask, adalora_linear
+from lowrank_kernels.adalora import _check_mask, active_indices, adalora_linear
 from lowrank_kernels.functional import lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
@@ -187,9 +187,10 @@ class _AdaFusedForward:
     """Mixin for a peft AdaLoRA layer: ``adalora_linear`` whenever exactly one adapter is active (peft's forward
     otherwise), over all ranks or over those of the mask ``set_rank_mask`` installed."""
 
-    def set_rank_mask(self, mask: torch.Tensor, adapter_name=None):
+    def set_rank_mask(self, mask: torch.Tensor, adapter_name=None, *, words=None, active=None):
         """Installs bool ``mask [r]`` (True = rank computed) for ``adapter_name`` (default: the single active
-        adapter); one host sync. ``E`` is not touched (``RankAllocator`` zeroes the pruned entries itself)."""
+        adapter); a device sync only for a mask on the GPU. ``E`` is not touched (``RankAllocator`` zeroes the
+        pruned entries itself)."""
         if adapter_name is None:
             if len(self.active_adapters) != 1:
                 raise ValueError(f"adapter_name: required when {len(self.active_adapters)} adapters are active")
@@ -198,7 +199,7 @@ class _AdaFusedForward:
             raise ValueError(f"adapter_name: {adapter_name!r} has no AdaLoRA weights in this layer")
         A = self.lora_A[adapter_name]
         _check_mask(mask, A.shape[0], "mask")
-        idx = mask.to(A.device).nonzero().flatten()
+        idx = active_indices(mask, A.device) if active is None else active  # ``words``: unused (no buffer here)
         self.__dict__.setdefault("_lowrank_rank_masks", {})[adapter_name] = (A, idx)
 
     def _lowrank_active(self, name, A):

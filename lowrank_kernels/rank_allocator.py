@@ -20,6 +20,7 @@ masked entries of E between calls).
 
 Regularizer (peft's ``orth_reg``): ``R = mean over the 2L matrices of ‖A·Aᵀ − I‖_F and ‖Bᵀ·B − I‖_F``.
 """
+import inspect
 import operator
 import sys
 from dataclasses import dataclass
@@ -177,6 +178,8 @@ class RankAllocator:
                              + [l.param_name("lora_B") for l in L])
         self._E_keys = [l.param_name("lora_E") for l in L]
         self._hooks = [getattr(l.module, "set_rank_mask", None) for l in L]
+        self._fast_hooks = [h is not None and {"words", "active"} <= set(inspect.signature(h).parameters)
+                            for h in self._hooks]
         self._hooks = [h if callable(h) else None for h in self._hooks]
 
         f32 = dict(dtype=torch.float32, device=device)
@@ -325,14 +328,32 @@ class RankAllocator:
     def _set_mask(self, masked: torch.Tensor) -> dict:
         self._write_E(masked)
         kept = ~masked
-        rows = kept.view(self.num_layers, self.init_r).cpu().tolist()    # the one host sync
+        kept_cpu = kept.view(self.num_layers, self.init_r).cpu()    # the one host sync
+        rows = kept_cpu.tolist()
         previous = self._pattern_rows
-        for i, hook in enumerate(self._hooks):
-            if hook is not None and rows[i] != (previous[i] if previous is not None else [True] * self.init_r):
-                hook(kept[i * self.init_r:(i + 1) * self.init_r])
+        changed = [i for i, hook in enumerate(self._hooks)
+                   if hook is not None and rows[i] != (previous[i] if previous is not None else [True] * self.init_r)]
+        if changed:
+            self._install_masks(changed, kept.view(self.num_layers, self.init_r), kept_cpu, rows)
         self._masked, self._pattern_rows = masked, rows
         self._rank_pattern = dict(zip(self._E_keys, rows))
         return self.rank_pattern
+
+    def _install_masks(self, changed, kept, kept_cpu, rows):
+        """Calls the changed layers' ``set_rank_mask`` hooks: their packed words and active indices are made in
+        one batch (a pack on the device, one asynchronous host-to-device copy of all indices), no further sync."""
+        from lowrank_kernels.adalora import pack_mask
+
+        device = kept.device
+        index = torch.tensor(changed, dtype=torch.int64).to(device, non_blocking=True)
+        words = pack_mask(kept.index_select(0, index))
+        actives = [[j for j, k in enumerate(rows[i]) if k] for i in changed]
+        flat = torch.tensor([j for a in actives for j in a], dtype=torch.int64).to(device, non_blocking=True)
+        for i, w, a in zip(changed, words, flat.split([len(a) for a in actives])):
+            if self._fast_hooks[i]:
+                self._hooks[i](kept_cpu[i], words=w, active=a)
+            else:
+                self._hooks[i](kept[i])
 
     def _write_E(self, masked: torch.Tensor):
         """``E.masked_fill_(mask, 0)`` for every layer: one gather, one fill, one multi-tensor copy."""

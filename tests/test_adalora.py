@@ -100,7 +100,9 @@ def test_pack_errors():
     with pytest.raises(TypeError, match="mask"):
         pack_mask(torch.ones(5, dtype=torch.int64))
     with pytest.raises(ValueError, match="mask"):
-        pack_mask(torch.ones(2, 3, dtype=torch.bool))
+        pack_mask(torch.ones(2, 3, 4, dtype=torch.bool))
+    rows = torch.rand(3, 40) > 0.5  # a 2-D mask packs row by row
+    assert torch.equal(pack_mask(rows), torch.stack([pack_mask(row) for row in rows]))
     with pytest.raises(ValueError, match="words"):
         unpack_mask(torch.zeros(2, dtype=torch.int32), 32)
     with pytest.raises(TypeError, match="words"):
