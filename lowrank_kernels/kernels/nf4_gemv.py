@@ -2,57 +2,64 @@
 
     y [M, N] = x [M, K] @ deq(W).T + lora_l [M, r] @ lora_r [r, N] (+ bias [N])      W [N, K] NF4
 
-At M <= 16 the layer is a read of the 4-bit weight (4096 x 4096 with double quant: 8.4 MB of nibbles + 0.26 MB of
-scales); the kernel is built to stream it once at HBM speed, and to keep the per-element work small enough that
-instruction issue does not become the limit (at 2.5 TB/s an H100 SM must dequantize ~20 elements per clock).
+At M <= 16 the layer is one read of the 4-bit weight (4096 x 4096 with double quant: 8.4 MB of nibbles + 0.26 MB
+of scales). Streaming it at ~2.5 TB/s means every H100 SM must dequantize ~20 weight elements per clock, against
+an issue rate of 128 thread-instructions per clock: the kernel is designed around *instructions per weight
+element* as much as around bytes. (Counts below are from the sm_90 SASS of the loop, compiled offline.)
 
 Work decomposition
 ------------------
 Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``: program ``(i, s)`` owns rows ``[i*BLOCK_N, (i+1)*BLOCK_N)`` of W and the
 ``s``-th slice of K (a whole number of ``BLOCK_K`` chunks). Rows past ``N`` are clamped to ``N - 1`` (loads stay
-unmasked and in bounds; those results are never stored). Each K step of a program:
+in bounds and unmasked; those results are never stored).
 
-* reads the ``[BLOCK_N, BLOCK_K // 2]`` uint8 tile of packed nibbles: every row is a contiguous run of
-  ``BLOCK_K // 2`` bytes, so each thread issues 16-byte vector loads (with ``BLOCK_K = 256``, 4 warps and
-  ``BLOCK_N = 32``: 4096 bytes per step, 32 bytes per thread, two ``LDG.128``); each weight byte is read once;
-* reads the ``[BLOCK_N, max(1, BLOCK_K // blocksize)]`` first-level scales (uint8 when nested) and rebuilds the
-  fp32 scale exactly as ``nf4_block_scale`` (``code2[q] * absmax2[b // 256] + offset``, no FMA contraction);
-* dequantizes in registers: the high nibbles are the even K positions, the low nibbles the odd ones. The two
-  halves are *not* interleaved back (no join / reshape of the big tile): the kernel computes
-  ``acc += W_even @ x_even.T + W_odd @ x_odd.T`` with ``x`` split into its even and odd columns instead (the x
-  tile ``[M_PAD, BLOCK_K]`` is tiny, loaded contiguous and split in registers);
-  ``w = round_to_dtype(fp32(code[nibble] * am))``, bit-identical to ``NF4Weight.dequantize``; the 16-entry code
-  lookup is a register-table ``tl.gather`` (shared memory / shuffles on the GPU, one conflict-free access per
-  element) rather than a global-memory gather, which Triton's software pipeliner would otherwise turn into
-  ``cp.async`` copies of 4 bytes per element;
-* multiplies on tensor cores: ``tl.dot`` of the dequantized ``[BLOCK_N, BLOCK_K // 2]`` tiles (operand A, from
-  registers) with ``x.T`` padded to ``M_PAD = 16`` columns, accumulating ``[BLOCK_N, M_PAD]`` in fp32. At M = 1
-  the padding is free (tensor-core work is ~1 % of the issue slots); the alternative (broadcast-multiply and
-  ``tl.sum``) costs ``M`` FMAs per weight element, which is already issue-bound at M = 2 and 16x too slow at M = 16.
+Fast path (``WORDS``: ``K % blocksize == 0``, ``BLOCK_K >= 128``): each K step reads the ``[BLOCK_N, BLOCK_K // 8]``
+tile of packed 32-bit words (8 nibbles each; every row a contiguous run of ``BLOCK_K // 2`` bytes; Triton lays the
+load out in the wgmma operand layout, so each thread issues 8-byte loads of 2 words and a warp covers whole 32-byte
+sectors; every weight byte is read once) plus its ``[BLOCK_N, max(1, BLOCK_K // blocksize)]`` first-level scales.
+The next step's words, scales and x tile are loaded before the current step is computed (a register double
+buffer: the HBM latency of step ``i + 1`` hides behind the arithmetic of step ``i``, without the shared-memory round
+trip of ``num_stages`` pipelining, which costs 6-15 % more instructions here).
+
+Dequantization, bit-identical to ``NF4Weight.dequantize`` / bitsandbytes' ``dequantize_4bit``:
+``am = fp32(fp32(code2[q] * absmax2[b // 256]) + offset)`` (no FMA contraction: ``enable_fp_fusion=False``),
+``w = round_to_dtype(fp32(code[nibble] * am))``. The 16-entry code lookup is a warp shuffle (inline PTX): lane ``l``
+holds ``code[l % 16]`` and ``shfl.sync.idx`` with segment mask 16 reads lane ``(l & 16) | (b & 15)``, so a nibble
+needs one shift and no mask (7 shifts + 8 shuffles per word). The alternatives, compiled for sm_90 and counted:
+a global-memory gather ``tl.load(code + nibble)`` (kept as ``lookup="load"``; the interpreter, which cannot run
+inline PTX, always uses it) costs ~3.5 more SASS instructions per element (64-bit address arithmetic, byte
+extraction; with ``num_stages > 1`` Triton also turns it into 4-byte ``cp.async`` copies); a ``tl.where`` tree
+~20 more; Triton's ``tl.gather`` on a register table lowers to 8 shuffles + selects per element. With the default
+config the loop is ~5.35 SASS instructions per weight element (1 shuffle, 0.9 shift, 1 FMUL, 0.5 bf16x2 pack, the
+rest x operand staging, wgmma, loads) against ~9.0 with the global gather.
+
+The product uses tensor cores: ``tl.dot`` of each dequantized ``[BLOCK_N, BLOCK_K // 8]`` tile (the A operand,
+produced directly in the wgmma register layout: no shared-memory copy of W) with ``x.T`` padded to
+``M_PAD = max(8, next_pow2(M))`` columns (wgmma's n = 8; 16 costs 7 % more instructions and 40 % more registers),
+accumulating ``[BLOCK_N, M_PAD]`` in fp32. The 8 nibble positions of a word are kept apart: tile ``e`` holds
+elements ``k0 + 8c + e`` and is multiplied with the matching strided columns of x (the x tile is loaded contiguous
+and split in registers), so W is never interleaved. At M = 1 the padding costs little; broadcast-multiply +
+``tl.sum`` would instead cost ``M`` FMAs per element (already more than the whole dequantization at M = 4).
+
+Generic path (any K: odd K, blocks straddling rows, ``BLOCK_K < 128``): a tile row's even- and odd-position
+elements are read as two byte tiles starting at byte ``e0 >> 1`` and ``(e0 >> 1) + (e0 & 1)``
+(``e0 = n*K + k0``), the nibble picked by the row's parity, and the scales of the (at most
+``cdiv(BLOCK_K, blocksize) + 1``) blocks a tile row touches are selected per element. Correct, slower.
 
 LoRA and bias
 -------------
-``lora_l @ lora_r`` ([M, r] x [r, N], r <= 256, in chunks of 64 ranks) is one more ``tl.dot`` into the same fp32
+``lora_l @ lora_r`` (``[M, r] x [r, N]``, ``r <= 256`` in chunks of 64 ranks) is one more ``tl.dot`` into the fp32
 accumulator tile: with ``SPLIT_K == 1`` in the main kernel after its K loop (one launch in all), otherwise in the
-reduction pass. With ``SPLIT_K > 1`` each K slice stores its fp32 partial tile to a workspace ``[SPLIT_K, M, N]``
-and ``nf4_gemv_reduce_kernel`` sums the slices in the fixed order 0, 1, ..., adds the LoRA term and the bias
-and rounds to the output dtype: deterministic (no atomics).
-
-Layouts outside the fast path
------------------------------
-The fast path (``ALIGNED``) needs ``K % blocksize == 0`` (so every row starts on a byte and on a scale block);
-``EVEN_K`` (``K % BLOCK_K == 0``) further drops the K masks. Otherwise (odd K, blocks straddling rows) the even-
-and odd-position elements of a tile row are read as two byte tiles starting at ``e0 >> 1`` and
-``(e0 >> 1) + (e0 & 1)`` (``e0 = n*K + k0``) with the nibble picked by the row's parity, and the scales of the
-(at most ``cdiv(BLOCK_K, blocksize) + 1``) blocks a tile row touches are selected per element: correct for any
-``K`` and any blocksize, slower.
+reduction pass. With ``SPLIT_K > 1`` (``PARTIAL``) every K slice stores its fp32 partial tile to a workspace
+``[SPLIT_K, M, N]`` and ``nf4_gemv_reduce_kernel`` sums the slices in the fixed order 0, 1, ..., adds the LoRA term
+and the bias and rounds to the output dtype: deterministic (no atomics), at the price of a second launch.
 
 Indices: flat element indices ``n*K + k`` are int32 (``N*K`` is checked against ``MAX_ELEMENTS``); offsets into
 x, y, the LoRA factors and the workspace are int64.
 
-Interpreter (``TRITON_INTERPRET=1``): its ``tl.dot`` mishandles bf16, so bf16 operands are upcast (exactly) to
-fp32 there (``DOT_FP32``). fp32 inputs use ``input_precision`` ``"tf32"`` when torch allows TF32 for fp32 matmuls,
-else ``"tf32x3"`` (pass ``input_precision="ieee"`` for exact fp32 products).
+Interpreter (``TRITON_INTERPRET=1``): the lookup is the global gather (no inline PTX there), and bf16 dot operands
+are upcast (exactly) to fp32 because its ``tl.dot`` mishandles bf16 (``DOT_FP32``). fp32 inputs use
+``input_precision`` ``"tf32"`` when torch allows TF32 for fp32 matmuls, else ``"ieee"`` (exact).
 """
 import functools
 import os
@@ -67,104 +74,159 @@ from lowrank_kernels.kernels.rounding import round_fp32_to
 MAX_ELEMENTS = 2**31 - 2**16  # int32 flat element indices n*K + k (with a tile's overhang)
 MAX_M = 64  # M_PAD <= 64; the design point is M <= 16
 MAX_RANK_CHUNK = 64  # LoRA ranks per tl.dot
+LOOKUPS = ("shfl", "load")
+
+# NF4 code lookup by warp shuffle. Input $8: a packed word; its elements 0..7 sit in nibbles [4:8), [0:4), [12:16),
+# [8:12), [20:24), [16:20), [28:32), [24:28) (element 2j is the high nibble of byte j). Input $9: the address of the
+# fp32 code table; each lane loads code[lane % 16] (ptxas keeps one such load per loop iteration for all blocks).
+# shfl.sync.idx with c = 0x101f (segment mask 0x10, as CUDA's __shfl_sync(..., width=16) encodes it) reads lane
+# (lane & 16) | (b & 15): the bits of b above the nibble are ignored, so no masking. Outputs $0..$7: code[element
+# 0..7]. All 32 lanes execute it (the kernel has no divergent control flow around it), and the result does not
+# depend on which lane holds which element, so Triton may place it in any layout.
+_SHFL_LOOKUP_ASM = tl.constexpr("""
+{
+.reg .b32 ln, tb, s;
+.reg .b64 ad;
+mov.u32 ln, %laneid;
+and.b32 ln, ln, 15;
+mul.wide.u32 ad, ln, 4;
+add.s64 ad, ad, $9;
+ld.global.nc.b32 tb, [ad];
+shr.u32 s, $8, 4;
+shfl.sync.idx.b32 $0, tb, s, 0x101f, -1;
+shfl.sync.idx.b32 $1, tb, $8, 0x101f, -1;
+shr.u32 s, $8, 12;
+shfl.sync.idx.b32 $2, tb, s, 0x101f, -1;
+shr.u32 s, $8, 8;
+shfl.sync.idx.b32 $3, tb, s, 0x101f, -1;
+shr.u32 s, $8, 20;
+shfl.sync.idx.b32 $4, tb, s, 0x101f, -1;
+shr.u32 s, $8, 16;
+shfl.sync.idx.b32 $5, tb, s, 0x101f, -1;
+shr.u32 s, $8, 28;
+shfl.sync.idx.b32 $6, tb, s, 0x101f, -1;
+shr.u32 s, $8, 24;
+shfl.sync.idx.b32 $7, tb, s, 0x101f, -1;
+}
+""")
 
 
-LOOKUP = tl.constexpr(int(os.environ.get("GEMV_LOOKUP", "0")))
-
-
+# ---------------------------------------------------------------------------------------------- fast path
 @triton.jit
-def _code_lookup(code_tbl, code_ptr, nib, BLOCK_N: tl.constexpr):
-    """``code[nib]`` for a ``[BLOCK_N, C]`` tensor of nibbles."""
-    if LOOKUP == 1:
-        return tl.gather(tl.broadcast_to(code_tbl[None, :], (BLOCK_N, 16)), nib, axis=1)
-    elif LOOKUP == 2:
-        b0 = (nib & 1) != 0
-        b1 = (nib & 2) != 0
-        b2 = (nib & 4) != 0
-        b3 = (nib & 8) != 0
-        c0 = tl.where(b0, -0.6961928009986877, -1.0)
-        c1 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
-        c2 = tl.where(b0, -0.18477343022823334, -0.28444138169288635)
-        c3 = tl.where(b0, 0.0, -0.09105003625154495)
-        c4 = tl.where(b0, 0.16093020141124725, 0.07958029955625534)
-        c5 = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
-        c6 = tl.where(b0, 0.5626170039176941, 0.44070982933044434)
-        c7 = tl.where(b0, 1.0, 0.7229568362236023)
-        d0 = tl.where(b1, c1, c0)
-        d1 = tl.where(b1, c3, c2)
-        d2 = tl.where(b1, c5, c4)
-        d3 = tl.where(b1, c7, c6)
-        e0 = tl.where(b2, d1, d0)
-        e1 = tl.where(b2, d3, d2)
-        return tl.where(b3, e1, e0)
+def _load_words(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, k0, K, live,
+                BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr):
+    """The loads of one K step: packed words ``[BLOCK_N, SPT, WPS]`` (``SPT`` scale blocks per tile row, ``WPS``
+    words per block part) and the raw scales ``[BLOCK_N, SPT]`` (``q`` and ``absmax2`` when nested, else fp32
+    ``absmax`` twice). ``live``: scalar, False for the prefetch past the last step (nothing is read)."""
+    SUBK: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
+    SPT: tl.constexpr = BLOCK_K // SUBK
+    WPS: tl.constexpr = SUBK // 8
+    t = tl.arange(0, SPT)
+    kw = k0 // 8 + t[:, None] * WPS + tl.arange(0, WPS)[None, :]  # [SPT, WPS] word column
+    row_word = row_blk * (BLOCKSIZE // 8)  # = n*K/8, a multiple of 4 words: 16-byte aligned rows
+    ptrs = packed_ptr.to(tl.pointer_type(tl.uint32)) + row_word[:, None, None] + kw[None, :, :]
+    blk = row_blk[:, None] + (k0 // BLOCKSIZE + t)[None, :]
+    # live & ... through tl.full: a uniform mask keeps the vector loads (and the interpreter wants tensor masks)
+    w_ok = tl.full((1, SPT, WPS), 1, tl.int1) & live
+    s_ok = tl.full((1, SPT), 1, tl.int1) & live
+    if EVEN_K:
+        w = tl.load(ptrs, mask=w_ok)
     else:
-        return tl.load(code_ptr + nib)
+        w = tl.load(ptrs, mask=w_ok & (kw < K // 8)[None, :, :], other=0)
+        s_ok = s_ok & (k0 + t * SUBK < K)[None, :]
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=s_ok, other=0)
+        s2 = tl.load(absmax2_ptr + blk // NESTED_BLOCKSIZE, mask=s_ok, other=0.0)
+    else:
+        q = tl.load(absmax_ptr + blk, mask=s_ok, other=0.0)
+        s2 = q
+    return w, q, s2
 
 
 @triton.jit
-def _nf4_even_odd(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, code_tbl, rows, k0, K,
+def _nib_load(nibs, byte: tl.constexpr, code_ptr):
+    """``code[nibble]`` for the nibble in byte ``byte`` of each word of ``nibs`` (global-memory gather)."""
+    if byte == 0:
+        nib = nibs & 0xFF
+    elif byte == 3:
+        nib = nibs >> 24
+    else:
+        nib = (nibs >> (8 * byte)) & 0xFF
+    return tl.load(code_ptr + nib)
+
+
+@triton.jit
+def _deq(c, am, dtype: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr):
+    return tl.reshape(round_fp32_to(c * am, dtype), (BLOCK_N, C))
+
+
+@triton.jit
+def _dequant_words(w, q, s2, code2_ptr, offset, code_ptr, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, NESTED: tl.constexpr, SHFL: tl.constexpr):
+    """The 8 ``[BLOCK_N, BLOCK_K // 8]`` tiles of one K step in ``dtype``; tile ``e`` holds elements ``k0 + 8c + e``."""
+    C: tl.constexpr = BLOCK_K // 8
+    if NESTED:
+        am = tl.load(code2_ptr + q.to(tl.int32)) * s2 + offset  # two fp32 roundings (no FMA contraction)
+    else:
+        am = q
+    am = am[:, :, None]
+    if SHFL:
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            asm=_SHFL_LOOKUP_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,l",
+            args=[w, code_ptr.to(tl.int64)], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        hi = (w >> 4) & 0x0F0F0F0F  # elements 0, 2, 4, 6, one per byte
+        lo = w & 0x0F0F0F0F  # elements 1, 3, 5, 7
+        c0 = _nib_load(hi, 0, code_ptr)
+        c1 = _nib_load(lo, 0, code_ptr)
+        c2 = _nib_load(hi, 1, code_ptr)
+        c3 = _nib_load(lo, 1, code_ptr)
+        c4 = _nib_load(hi, 2, code_ptr)
+        c5 = _nib_load(lo, 2, code_ptr)
+        c6 = _nib_load(hi, 3, code_ptr)
+        c7 = _nib_load(lo, 3, code_ptr)
+    return (_deq(c0, am, dtype, BLOCK_N, C), _deq(c1, am, dtype, BLOCK_N, C), _deq(c2, am, dtype, BLOCK_N, C),
+            _deq(c3, am, dtype, BLOCK_N, C), _deq(c4, am, dtype, BLOCK_N, C), _deq(c5, am, dtype, BLOCK_N, C),
+            _deq(c6, am, dtype, BLOCK_N, C), _deq(c7, am, dtype, BLOCK_N, C))
+
+
+# ---------------------------------------------------------------------------------------------- generic path
+@triton.jit
+def _nf4_even_odd(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, rows, k0, K,
                   dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                  NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ALIGNED: tl.constexpr,
-                  EVEN_K: tl.constexpr):
-    """``(W[rows, k0 + 2j], W[rows, k0 + 2j + 1])`` for ``j < BLOCK_K // 2``: two ``[BLOCK_N, BLOCK_K // 2]``
-    tiles dequantized to ``dtype`` (0 past K). ``rows`` are valid (clamped) row indices."""
+                  NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """``(W[rows, k0 + 2j], W[rows, k0 + 2j + 1])``, ``j < BLOCK_K // 2``: two ``[BLOCK_N, BLOCK_K // 2]`` tiles in
+    ``dtype`` (any K; 0 past K). ``rows`` are valid (clamped) row indices."""
     HALF: tl.constexpr = BLOCK_K // 2
+    NB: tl.constexpr = (BLOCK_K + BLOCKSIZE - 1) // BLOCKSIZE + 1  # scale blocks one tile row can touch
     j = tl.arange(0, HALF)
-    row_elem = rows * K  # [BLOCK_N] flat index of W[n, 0] (int32; the launcher checks N*K)
-    if ALIGNED:
-        # K % BLOCKSIZE == 0 (so K is even): row n starts at byte n*K/2 and at block n*K/BLOCKSIZE.
-        kb = k0 // 2 + j
-        ptrs = packed_ptr + (row_elem // 2)[:, None] + kb[None, :]
-        if EVEN_K:
-            byte = tl.load(ptrs)
-        else:
-            byte = tl.load(ptrs, mask=(kb < K // 2)[None, :], other=0)
-        byte = byte.to(tl.int32)
-        if BLOCK_K <= BLOCKSIZE:  # one scale per tile row
-            am = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (row_elem + k0) // BLOCKSIZE,
-                                 rows >= 0, NESTED, NESTED_BLOCKSIZE)
-            am_b = am[:, None]
-        else:  # SPT scales per tile row, each covering BLOCKSIZE // 2 consecutive bytes
-            SPT: tl.constexpr = BLOCK_K // BLOCKSIZE
-            t = tl.arange(0, SPT)
-            blk = ((row_elem + k0) // BLOCKSIZE)[:, None] + t[None, :]
-            if EVEN_K:
-                s_ok = blk >= 0
-            else:
-                s_ok = (k0 + t * BLOCKSIZE < K)[None, :] & (rows >= 0)[:, None]
-            am = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, s_ok, NESTED,
-                                 NESTED_BLOCKSIZE)
-            am_b = tl.reshape(tl.broadcast_to(am[:, :, None], (BLOCK_N, SPT, BLOCKSIZE // 2)), (BLOCK_N, HALF))
-        w_ev = round_fp32_to(_code_lookup(code_tbl, code_ptr, byte >> 4, BLOCK_N) * am_b, dtype)
-        w_od = round_fp32_to(_code_lookup(code_tbl, code_ptr, byte & 0xF, BLOCK_N) * am_b, dtype)
-    else:
-        # Any K: a tile row may start on a low nibble (odd n*K + k0) and cross scale blocks anywhere.
-        NB: tl.constexpr = (BLOCK_K + BLOCKSIZE - 1) // BLOCKSIZE + 1  # scale blocks one tile row can touch
-        e0 = row_elem + k0
-        p = e0 & 1
-        ok_ev = (k0 + 2 * j < K)[None, :] & (rows >= 0)[:, None]
-        ok_od = (k0 + 2 * j + 1 < K)[None, :] & (rows >= 0)[:, None]
-        byte0 = e0 >> 1
-        b_ev = tl.load(packed_ptr + byte0[:, None] + j[None, :], mask=ok_ev, other=0).to(tl.int32)
-        b_od = tl.load(packed_ptr + (byte0 + p)[:, None] + j[None, :], mask=ok_od, other=0).to(tl.int32)
-        nib_ev = (b_ev >> ((1 - p) * 4)[:, None]) & 0xF  # p == 0: high nibble; p == 1: low nibble
-        nib_od = (b_od >> (p * 4)[:, None]) & 0xF
-        first = e0 % BLOCKSIZE
-        blk0 = e0 // BLOCKSIZE
-        rel_ev = (first[:, None] + 2 * j[None, :]) // BLOCKSIZE
-        rel_od = (first[:, None] + 2 * j[None, :] + 1) // BLOCKSIZE
-        am_ev = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-        am_od = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-        for t in tl.static_range(NB):
-            am_t = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + t,
-                                   t * BLOCKSIZE < first + (K - k0), NESTED, NESTED_BLOCKSIZE)
-            am_ev = tl.where(rel_ev == t, am_t[:, None], am_ev)
-            am_od = tl.where(rel_od == t, am_t[:, None], am_od)
-        w_ev = round_fp32_to(_code_lookup(code_tbl, code_ptr, nib_ev, BLOCK_N) * am_ev, dtype)
-        w_od = round_fp32_to(_code_lookup(code_tbl, code_ptr, nib_od, BLOCK_N) * am_od, dtype)
+    e0 = rows * K + k0  # [BLOCK_N] flat index of W[n, k0] (int32; the launcher checks N*K)
+    p = e0 & 1  # a row chunk starting on an odd element starts on a low nibble
+    ok_ev = (k0 + 2 * j < K)[None, :] & (rows >= 0)[:, None]
+    ok_od = (k0 + 2 * j + 1 < K)[None, :] & (rows >= 0)[:, None]
+    byte0 = e0 >> 1
+    b_ev = tl.load(packed_ptr + byte0[:, None] + j[None, :], mask=ok_ev, other=0).to(tl.int32)
+    b_od = tl.load(packed_ptr + (byte0 + p)[:, None] + j[None, :], mask=ok_od, other=0).to(tl.int32)
+    nib_ev = (b_ev >> ((1 - p) * 4)[:, None]) & 0xF  # p == 0: high nibble; p == 1: low nibble
+    nib_od = (b_od >> (p * 4)[:, None]) & 0xF
+    first = e0 % BLOCKSIZE
+    blk0 = e0 // BLOCKSIZE
+    rel_ev = (first[:, None] + 2 * j[None, :]) // BLOCKSIZE
+    rel_od = (first[:, None] + 2 * j[None, :] + 1) // BLOCKSIZE
+    am_ev = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+    am_od = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+    for t in tl.static_range(NB):
+        am_t = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + t,
+                               t * BLOCKSIZE < first + (K - k0), NESTED, NESTED_BLOCKSIZE)
+        am_ev = tl.where(rel_ev == t, am_t[:, None], am_ev)
+        am_od = tl.where(rel_od == t, am_t[:, None], am_od)
+    w_ev = round_fp32_to(tl.load(code_ptr + nib_ev) * am_ev, dtype)
+    w_od = round_fp32_to(tl.load(code_ptr + nib_od) * am_od, dtype)
     return w_ev, w_od
 
 
+# ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _dot(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     if DOT_FP32:
@@ -175,8 +237,7 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _add_lora(acc, l_ptr, r_ptr, offs_m64, m_ok, offs_n64, n_ok, R, stride_lm, stride_lr, stride_rr, stride_rn,
-              BLOCK_N: tl.constexpr, M_PAD: tl.constexpr, R_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
+              R_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """``acc [BLOCK_N, M_PAD] += (lora_l @ lora_r)ᵀ`` tile, ``R_BLOCK`` ranks per ``tl.dot``."""
     for r0 in range(0, R, R_BLOCK):
         offs_r = r0 + tl.arange(0, R_BLOCK)
@@ -199,51 +260,95 @@ def nf4_gemv_kernel(
     l_ptr,  # [M, r] x dtype
     r_ptr,  # [r, N] x dtype (any strides)
     bias_ptr,  # [N] (HAS_BIAS only)
-    y_ptr,  # [M, N] (SPLIT_K == 1)
-    ws_ptr,  # fp32 [SPLIT_K, M, N] (SPLIT_K > 1)
+    y_ptr,  # [M, N] (not PARTIAL)
+    ws_ptr,  # fp32 [n_split, M, N] (PARTIAL)
     M, N, K, R,
     stride_xm, stride_xk, stride_lm, stride_lr, stride_rr, stride_rn, stride_ym, stride_yn,
     K_PER_SPLIT,  # multiple of BLOCK_K
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-    ALIGNED: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    WORDS: tl.constexpr, EVEN_K: tl.constexpr, SHFL: tl.constexpr, HAS_BIAS: tl.constexpr,
     M_PAD: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    """``PARTIAL``: more than one K slice; store the fp32 partial tile to the workspace (LoRA and bias are added by
+    the reduction pass), else finish the tile here."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
-    HALF: tl.constexpr = BLOCK_K // 2
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    rows = tl.minimum(offs_n, N - 1)  # clamped: unmasked, in-bounds weight loads
+    rows = tl.minimum(offs_n, N - 1)  # clamped: in-bounds, unmasked weight loads
     offs_m = tl.arange(0, M_PAD)
     m_ok = offs_m < M
     offs_m64 = offs_m.to(tl.int64)
     x_rows = x_ptr + offs_m64[:, None] * stride_xm  # [M_PAD, 1]
-    code_tbl = tl.load(code_ptr + tl.arange(0, 16))
 
     acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)  # outᵀ tile
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        w_ev, w_od = _nf4_even_odd(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, code_tbl, rows, k0,
-                                   K, dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED, EVEN_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            x_mask = m_ok[:, None]
-        else:
-            x_mask = m_ok[:, None] & (offs_k < K)[None, :]
-        xt = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=x_mask, other=0.0)
-        x_ev, x_od = tl.split(tl.reshape(xt, (M_PAD, HALF, 2)))
-        acc = _dot(w_ev, tl.trans(x_ev), acc, DOT_FP32, INPUT_PRECISION)
-        acc = _dot(w_od, tl.trans(x_od), acc, DOT_FP32, INPUT_PRECISION)
+    if WORDS:
+        C: tl.constexpr = BLOCK_K // 8
+        row_blk = rows * (K // BLOCKSIZE)  # scale block of W[n, 0]
+        offset = 0.0
+        if NESTED:
+            offset = tl.load(offset_ptr)
+        # register double buffer: step k0 + BLOCK_K is loaded while step k0 is computed
+        live = k_start < k_end
+        w_n, q_n, s2_n = _load_words(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, k_start, K, live,
+                                     BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, EVEN_K)
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        x_ok = m_ok[:, None] & (tl.full((1, BLOCK_K), 1, tl.int1) & live)
+        if not EVEN_K:
+            x_ok = x_ok & (offs_k < K)[None, :]
+        x_n = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=x_ok, other=0.0)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            w_c, q_c, s2_c, x_c = w_n, q_n, s2_n, x_n
+            k1 = k0 + BLOCK_K
+            live = k1 < k_end
+            w_n, q_n, s2_n = _load_words(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, k1, K, live,
+                                         BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, EVEN_K)
+            offs_k = k1 + tl.arange(0, BLOCK_K)
+            x_ok = m_ok[:, None] & (tl.full((1, BLOCK_K), 1, tl.int1) & live)
+            if not EVEN_K:
+                x_ok = x_ok & (offs_k < K)[None, :]
+            x_n = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=x_ok, other=0.0)
+
+            w0, w1, w2, w3, w4, w5, w6, w7 = _dequant_words(w_c, q_c, s2_c, code2_ptr, offset, code_ptr, dtype,
+                                                            BLOCK_N, BLOCK_K, NESTED, SHFL)
+            # x columns k0 + 8c + e for e = 4i + 2j + l
+            xl0, xl1 = tl.split(tl.reshape(x_c, (M_PAD, C, 2, 2, 2)))
+            xj00, xj01 = tl.split(xl0)
+            xj10, xj11 = tl.split(xl1)
+            x0, x4 = tl.split(xj00)
+            x2, x6 = tl.split(xj01)
+            x1, x5 = tl.split(xj10)
+            x3, x7 = tl.split(xj11)
+            acc = _dot(w0, tl.trans(x0), acc, DOT_FP32, INPUT_PRECISION)
+            acc = _dot(w1, tl.trans(x1), acc, DOT_FP32, INPUT_PRECISION)
+            acc = _dot(w2, tl.trans(x2), acc, DOT_FP32, INPUT_PRECISION)
+            acc = _dot(w3, tl.trans(x3), acc, DOT_FP32, INPUT_PRECISION)
+            acc = _dot(w4, tl.trans(x4), acc, DOT_FP32, INPUT_PRECISION)
+            acc = _dot(w5, tl.trans(x5), acc, DOT_FP32, INPUT_PRECISION)
+            acc = _dot(w6, tl.trans(x6), acc, DOT_FP32, INPUT_PRECISION)
+            acc = _dot(w7, tl.trans(x7), acc, DOT_FP32, INPUT_PRECISION)
+    else:
+        HALF: tl.constexpr = BLOCK_K // 2
+        for k0 in range(k_start, k_end, BLOCK_K):
+            w_ev, w_od = _nf4_even_odd(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, rows,
+                                       k0, K, dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk,
+                         mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+            x_ev, x_od = tl.split(tl.reshape(xt, (M_PAD, HALF, 2)))
+            acc = _dot(w_ev, tl.trans(x_ev), acc, DOT_FP32, INPUT_PRECISION)
+            acc = _dot(w_od, tl.trans(x_od), acc, DOT_FP32, INPUT_PRECISION)
 
     offs_n64 = offs_n.to(tl.int64)
     out_ok = n_ok[:, None] & m_ok[None, :]
-    if SPLIT_K == 1:
+    if not PARTIAL:
         acc = _add_lora(acc, l_ptr, r_ptr, offs_m64, m_ok, offs_n64, n_ok, R, stride_lm, stride_lr, stride_rr,
-                        stride_rn, BLOCK_N, M_PAD, R_BLOCK, DOT_FP32, INPUT_PRECISION)
+                        stride_rn, R_BLOCK, DOT_FP32, INPUT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + offs_n64[:, None] * stride_yn + offs_m64[None, :] * stride_ym,
@@ -273,7 +378,7 @@ def nf4_gemv_reduce_kernel(ws_ptr, l_ptr, r_ptr, bias_ptr, y_ptr, M, N, R,
     for s in tl.static_range(1, SPLIT_K):
         acc += tl.load(ws + s * M * N, mask=out_ok, other=0.0)
     acc = _add_lora(acc, l_ptr, r_ptr, offs_m64, m_ok, offs_n64, n_ok, R, stride_lm, stride_lr, stride_rr,
-                    stride_rn, BLOCK_N, M_PAD, R_BLOCK, DOT_FP32, INPUT_PRECISION)
+                    stride_rn, R_BLOCK, DOT_FP32, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + offs_n64[:, None] * stride_yn + offs_m64[None, :] * stride_ym,
@@ -282,6 +387,7 @@ def nf4_gemv_reduce_kernel(ws_ptr, l_ptr, r_ptr, bias_ptr, y_ptr, M, N, R,
 
 # ---------------------------------------------------------------------------------------------- launcher
 REDUCE_BLOCK_N = 64
+GENERIC_BLOCK_K = 64  # default block_k when K % blocksize != 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -296,47 +402,54 @@ def _interpreting() -> bool:
 
 
 def default_input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision for fp32 operands (16-bit operands ignore it): ``"tf32"`` where torch allows TF32
-    for fp32 matmuls, else ``"tf32x3"`` (about fp32 accuracy, on tensor cores)."""
+    """``tl.dot`` precision for fp32 operands (16-bit operands ignore it): ``"tf32"`` where torch allows TF32 for
+    fp32 matmuls, else ``"ieee"`` (exact; in this kernel also cheaper than ``"tf32x3"``, whose split operands
+    spill registers: ~15 vs ~42 SASS instructions per weight element)."""
     if dtype != torch.float32:
         return "tf32"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, num_sms: int = 132) -> dict:
-    """Launch configuration ``dict(block_n, block_k, split_k, num_warps, num_stages)`` for ``y [M, N]``.
+    """Launch configuration ``dict(block_n, block_k, split_k, num_warps, num_stages, lookup)`` for ``y [M, N]``.
 
-    UNTUNED: reasoned defaults for the H100 until ``scripts/bench_gemv.py`` has been run there. The aim is a
-    grid of about four resident 4-warp programs per SM (enough bytes in flight to cover HBM latency) with every
-    program streaming long contiguous row segments:
-    ``block_n = 32``, ``block_k = 256`` (fp32: 128), 4 warps, 3 stages, and ``split_k`` the smallest split that
-    gives ``cdiv(N, block_n) * split_k >= 4 * num_sms`` programs, capped at 8 and at ``K / (2 * block_k)``.
-    (4096 x 4096: 128 row blocks x split 4; 4096 -> 14336: 448 x 1; 14336 -> 4096: 128 x 4.)
+    UNTUNED: reasoned defaults for the H100 (from register and instruction counts of the compiled sm_90 loop, not
+    from timings) until ``scripts/bench_gemv.py`` has been run there. ``block_n = 64`` with 4 warps (one warpgroup:
+    the wgmma path, each warp its own 16 rows), ``block_k = 256`` (8 KB of nibbles per step and program; 128 for
+    fp32 or ``M > 16``, where 256 spills), 1 stage (the kernel double-buffers in registers), the shuffle lookup, and
+    ``split_k`` the largest split whose grid still fits in one wave of resident programs (no tail): 3 per SM at
+    ``M <= 8`` (160 registers per thread), 2 above (M_PAD 16: 226 registers), capped at 8 and at two K steps per
+    slice. M = 1: 4096 -> 4096: 64 row blocks x split 6; 4096 -> 14336: 224 x 1; 14336 -> 4096: 64 x 6.
     """
-    block_n = 32
-    block_k = 128 if dtype == torch.float32 else 256
+    block_n = 64
+    block_k = 128 if dtype == torch.float32 or M > 16 else 256
     row_blocks = triton.cdiv(N, block_n)
     k_iters = triton.cdiv(K, block_k)
-    split_k = max(1, min(triton.cdiv(4 * num_sms, row_blocks), 8, k_iters // 2))
-    return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=3)
+    resident = (3 if M <= 8 else 2) * num_sms
+    split_k = max(1, min(resident // row_blocks, 8, k_iters // 2))
+    return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=1, lookup="shfl")
 
 
 def _check_pow2(name, v, lo, hi):
-    if not isinstance(v, int) or v < lo or v > hi or v & (v - 1):
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or v > hi or v & (v - 1):
         raise ValueError(f"nf4_gemv: {name} must be a power of two in [{lo}, {hi}], got {v!r}")
 
 
 def nf4_gemv(x, nf4, lora_l, lora_r, bias=None, *, block_n=None, block_k=None, split_k=None, num_warps=None,
-             num_stages=None, input_precision=None):
+             num_stages=None, lookup=None, input_precision=None):
     """``y [M, N] = x @ deq(W).T + lora_l @ lora_r + bias`` in ``x.dtype`` (decode-sized ``M``; see the module doc).
 
     ``x [M, K]`` (bf16 / fp16 / fp32, any strides, ``M <= 64``, built for ``M <= 16``); ``nf4``: the NF4 state of
     ``W [N, K]`` as ``dispatch._nf4_state`` gives it (``packed``, ``absmax``, ``code``, ``blocksize``, ``shape``
     and, when double-quantized, ``absmax2``, ``code2``, ``offset``, ``nested_blocksize``); ``lora_l [M, r]``
     (``= s * S``) and ``lora_r [r, N]`` (``= B.T``, any strides) in ``x.dtype``; ``bias [N]`` or ``None``.
+
     Launch knobs (``None``: :func:`default_config`): ``block_n`` (W rows per program, power of two >= 16),
-    ``block_k`` (K per step, power of two >= 32), ``split_k`` (K slices; > 1 adds a reduction pass),
-    ``num_warps``, ``num_stages``; ``input_precision`` of fp32 dots (``"ieee"``, ``"tf32"``, ``"tf32x3"``).
+    ``block_k`` (K per step, power of two >= 32; the fast path needs >= 128 and ``K % blocksize == 0``; when
+    ``K % blocksize != 0`` the default is 64),
+    ``split_k`` (K slices; > 1 adds a deterministic reduction pass), ``num_warps``, ``num_stages``, ``lookup``
+    (``"shfl"``: warp-shuffle code lookup, ``"load"``: global-memory gather; the interpreter always uses
+    ``"load"``); ``input_precision`` of fp32 dots (``"ieee"``, ``"tf32"``, ``"tf32x3"``).
     """
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D [M, K] tensor, got shape {tuple(x.shape)}")
@@ -352,24 +465,28 @@ def nf4_gemv(x, nf4, lora_l, lora_r, bias=None, *, block_n=None, block_k=None, s
     N = shape[0]
     if N * K > MAX_ELEMENTS:
         raise ValueError(f"weight: {N * K} elements, over the int32-indexed kernel limit {MAX_ELEMENTS}")
-    if lora_l.dim() != 2 or lora_r.dim() != 2 or lora_l.shape[0] != M or lora_r.shape != (lora_l.shape[1], N):
-        raise ValueError(f"lora_l {tuple(lora_l.shape)} / lora_r {tuple(lora_r.shape)}: expected [{M}, r] and [r, {N}]")
+    if lora_l.dim() != 2 or lora_r.dim() != 2 or lora_l.shape[0] != M or tuple(lora_r.shape) != (lora_l.shape[1], N):
+        raise ValueError(f"lora_l {tuple(lora_l.shape)} / lora_r {tuple(lora_r.shape)}: expected [{M}, r] and "
+                         f"[r, {N}]")
     if lora_l.dtype != dtype or lora_r.dtype != dtype:
         raise TypeError(f"lora_l / lora_r: expected {dtype}, got {lora_l.dtype} / {lora_r.dtype}")
-    if bias is not None and (bias.shape != (N,) or bias.dtype != dtype):
+    if bias is not None and (tuple(bias.shape) != (N,) or bias.dtype != dtype):
         raise ValueError(f"bias: expected a [{N}] {dtype} tensor, got {tuple(bias.shape)} {bias.dtype}")
     R = lora_l.shape[1]
 
     cfg = default_config(M, N, K, dtype, _num_sms(x.device))
-    for key, v in dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
-                       num_stages=num_stages).items():
-        if v is not None:
-            cfg[key] = v
+    if K % nf4["blocksize"] != 0:
+        cfg["block_k"] = GENERIC_BLOCK_K  # generic path: larger tiles spill (its per-element scale selection)
+    overrides = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
+                     num_stages=num_stages, lookup=lookup)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
     _check_pow2("block_n", cfg["block_n"], 16, 1024)
     _check_pow2("block_k", cfg["block_k"], 32, 4096)
     for key in ("split_k", "num_warps", "num_stages"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise ValueError(f"nf4_gemv: {key} must be a positive int, got {cfg[key]!r}")
+    if cfg["lookup"] not in LOOKUPS:
+        raise ValueError(f"nf4_gemv: lookup must be one of {LOOKUPS}, got {cfg['lookup']!r}")
     precision = input_precision or default_input_precision(dtype)
 
     y = x.new_empty((M, N))
@@ -379,17 +496,19 @@ def nf4_gemv(x, nf4, lora_l, lora_r, bias=None, *, block_n=None, block_k=None, s
     blocksize = nf4["blocksize"]
     nested = nf4.get("absmax2") is not None
     code = nf4["code"]
-    w_args = (nf4["packed"], nf4["absmax"], nf4["absmax2"] if nested else code, nf4["code2"] if nested else code,
+    packed = nf4["packed"]
+    w_args = (packed, nf4["absmax"], nf4["absmax2"] if nested else code, nf4["code2"] if nested else code,
               nf4["offset"].reshape(1) if nested else code, code)
 
     block_k = cfg["block_k"]
     k_iters = triton.cdiv(K, block_k)
-    iters_per_split = triton.cdiv(k_iters, cfg["split_k"]) if k_iters else 1
-    n_split = max(1, triton.cdiv(k_iters, iters_per_split))  # no empty slices
-    aligned = K % blocksize == 0
-    m_pad = max(16, triton.next_power_of_2(M))
+    iters_per_split = triton.cdiv(k_iters, cfg["split_k"])
+    n_split = triton.cdiv(k_iters, iters_per_split)  # no empty slices
+    words = K % blocksize == 0 and block_k >= 128 and packed.data_ptr() % 4 == 0 and packed.is_contiguous()
+    m_pad = max(8, triton.next_power_of_2(M))
     r_block = max(16, min(MAX_RANK_CHUNK, triton.next_power_of_2(max(R, 1))))
-    dot_fp32 = _interpreting() and dtype == torch.bfloat16
+    interpret = _interpreting()
+    dot_fp32 = interpret and dtype == torch.bfloat16
     has_bias = bias is not None
     bias_arg = bias if has_bias else x
     ws = torch.empty((n_split, M, N), dtype=torch.float32, device=x.device) if n_split > 1 else y
@@ -401,8 +520,8 @@ def nf4_gemv(x, nf4, lora_l, lora_r, bias=None, *, block_n=None, block_k=None, s
         y.stride(0), y.stride(1),
         iters_per_split * block_k,
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nf4["nested_blocksize"] if nested else 1,
-        ALIGNED=aligned, EVEN_K=aligned and K % block_k == 0, HAS_BIAS=has_bias,
-        M_PAD=m_pad, R_BLOCK=r_block, BLOCK_N=cfg["block_n"], BLOCK_K=block_k, SPLIT_K=n_split,
+        WORDS=words, EVEN_K=words and K % block_k == 0, SHFL=words and cfg["lookup"] == "shfl" and not interpret,
+        HAS_BIAS=has_bias, M_PAD=m_pad, R_BLOCK=r_block, BLOCK_N=cfg["block_n"], BLOCK_K=block_k, PARTIAL=n_split > 1,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
     )

@@ -1,0 +1,226 @@
+"""The decode NF4 GEMV kernel (``kernels.nf4_gemv``) against the fp64 oracle, and its dequantized operand bit for bit.
+
+Without CUDA the kernel runs in Triton's interpreter (shapes kept small; there the code lookup is the global-memory
+gather, the warp-shuffle lookup needs the GPU). bf16 oracle cases run on the GPU only; the bit-exactness test runs
+bf16 everywhere (the interpreter upcasts bf16 dot operands exactly).
+"""
+import pytest
+import torch
+
+import python_ref
+from lowrank_kernels import NF4Weight
+from lowrank_kernels.dispatch import _nf4_state
+from lowrank_kernels.kernels.nf4_gemv import MAX_ELEMENTS, default_config, nf4_gemv
+from tests.conftest import DEVICE, HAS_CUDA
+from tests.test_lora_forward import TOL, oracle_nf4_weight, rel_err
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="bf16 oracle cases run on the GPU")
+
+# Knob sets: "fast" (packed words, K % blocksize == 0 and block_k >= 128), "generic" (any K), split-K variants.
+KNOBS = {
+    "default": {},
+    "fast": dict(block_n=16, block_k=128, split_k=1, num_warps=1, num_stages=1),
+    "fast_split": dict(block_n=32, block_k=128, split_k=3, num_warps=2, num_stages=1),
+    "fast_wide": dict(block_n=16, block_k=256, split_k=2, num_warps=1, num_stages=2),
+    "generic": dict(block_n=16, block_k=64, split_k=1, num_warps=1, num_stages=1),
+    "generic_split": dict(block_n=16, block_k=32, split_k=4, num_warps=1, num_stages=1),
+}
+
+
+def make_weight(N, K, blocksize, nested, scale=1.0):
+    return NF4Weight.quantize(torch.randn(N, K, device=DEVICE) * scale, blocksize=blocksize, double_quant=nested)
+
+
+def make_inputs(M, N, K, r, dtype, bias):
+    """x, lora_l (= s * S) [M, r], lora_r (= B.T, a transposed view) [r, N], bias: random, never zero; the LoRA
+    term is comparable in size to the base term."""
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    lora_l = (torch.randn(M, r, device=DEVICE) * 2.0).to(dtype)
+    lora_r = (torch.randn(N, r, device=DEVICE) * (K / r) ** 0.5 / 2).to(dtype).t()
+    b = torch.randn(N, device=DEVICE).to(dtype) if bias else None
+    return x, lora_l, lora_r, b
+
+
+def oracle(x, W64, lora_l, lora_r, b):
+    y = x.double() @ W64.t() + lora_l.double() @ lora_r.double()
+    return y if b is None else y + b.double()
+
+
+# (M, N, K, r, dtype, nested, blocksize, bias, knobs)
+CASES = [
+    (1, 40, 512, 16, F16, True, 64, True, "default"),  # default config (fast path, split-K from default_config)
+    (1, 37, 512, 8, F16, True, 64, False, "fast"),  # M = 1, ragged N, 4 K steps (register double buffer)
+    (2, 33, 640, 1, F32, False, 32, True, "fast_split"),  # split 3 over 5 K steps, 4 scale blocks per tile row
+    (5, 20, 384, 64, F16, True, 128, True, "fast_split"),  # blocksize 128 (one scale per 16 words)
+    (16, 19, 256, 16, F16, False, 64, False, "fast_wide"),  # M = 16 (M_PAD 16), one K step per split
+    (16, 24, 320, 8, F32, True, 64, True, "fast"),  # K % block_k != 0: masked last step on the fast path
+    (3, 18, 256, 16, F16, True, 256, True, "fast"),  # block_k < blocksize: one scale per tile row
+    (5, 23, 129, 8, F16, True, 32, True, "generic"),  # odd K: rows start on low nibbles
+    (2, 30, 200, 64, F32, True, 64, False, "generic_split"),  # K % blocksize != 0: blocks straddle rows
+    (1, 17, 96, 1, F16, False, 32, True, "generic_split"),  # K % 64 == 0 but block_k < 128: generic path
+    (16, 25, 161, 16, F32, False, 128, True, "default"),  # default config on the generic path
+    (4, 21, 256, 100, F16, True, 64, True, "fast"),  # r = 100: two rank chunks of 64
+    pytest.param((4, 40, 512, 16, BF16, True, 64, True, "fast_split"), marks=needs_cuda),
+    pytest.param((1, 64, 4096, 16, BF16, True, 64, True, "default"), marks=needs_cuda),
+    pytest.param((16, 4096, 4096, 16, BF16, True, 64, False, "default"), marks=needs_cuda),
+    pytest.param((7, 1000, 1000, 8, BF16, False, 128, True, "default"), marks=needs_cuda),
+]
+
+
+def _case_id(case):
+    M, N, K, r, dtype, nested, bs, bias, knobs = case
+    layout = "nested" if nested else "flat"
+    return f"{M}x{N}x{K}-r{r}-{str(dtype)[6:]}-{layout}-bs{bs}-{'bias' if bias else 'nobias'}-{knobs}"
+
+
+def _check(case, **extra):
+    M, N, K, r, dtype, nested, bs, bias, knobs = case
+    scale = 0.05 if K >= 1000 else 1.0  # realistic weight scale on the big GPU shapes
+    w = make_weight(N, K, bs, nested, scale)
+    x, lora_l, lora_r, b = make_inputs(M, N, K, r, dtype, bias)
+    out = nf4_gemv(x, _nf4_state(w), lora_l, lora_r, b, **KNOBS[knobs], **extra)
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert rel_err(out, oracle(x, oracle_nf4_weight(w), lora_l, lora_r, b)) <= TOL[dtype]
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_nf4_gemv_matches_oracle(case):
+    _check(case)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the global-gather lookup is what the interpreter always runs")
+@pytest.mark.parametrize("case", [(1, 4096, 4096, 16, BF16, True, 64, True, "default"),
+                                  (16, 1000, 1024, 8, F16, False, 32, False, "fast_split")], ids=_case_id)
+def test_nf4_gemv_load_lookup_matches_oracle(case):
+    _check(case, lookup="load")
+
+
+def random_cases(count, seed):
+    """Ragged random shapes (odd K, K % blocksize != 0, N below one tile) with every knob set and NF4 layout."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    cases = []
+    while len(cases) < count:
+        M = pick([1, 2, 5, 16])
+        N = int(torch.randint(1, 70, (1,), generator=g))
+        bs = pick([32, 64, 128])
+        K = pick([int(torch.randint(1, 300, (1,), generator=g)), bs * int(torch.randint(1, 6, (1,), generator=g))])
+        cases.append((M, N, K, pick([1, 8, 16, 64]), pick([F16, F32]), pick([True, False]), bs,
+                      pick([True, False]), pick(list(KNOBS))))
+    return cases
+
+
+@pytest.mark.parametrize("case", random_cases(14, seed=11), ids=_case_id)
+def test_nf4_gemv_random_shapes(case):
+    _check(case)
+
+
+def _exact_weight(N, K, bs, nested):
+    """An NF4 weight with large values (bf16 / fp16 rounding matters) and, for ``nested``, a second level of
+    ``nested`` blocks (not only bitsandbytes' 256)."""
+    w = NF4Weight.quantize(torch.randn(N, K, device=DEVICE) * 5, blocksize=bs, double_quant=False)
+    if nested:
+        q, absmax2, code2, offset = python_ref.double_quantize_absmax(w.absmax, nested)
+        w = NF4Weight(w.packed, q, w.shape, w.dtype, bs, absmax2=absmax2, code2=code2, offset=offset,
+                      nested_blocksize=nested)
+    return w
+
+
+@pytest.mark.parametrize("dtype", [F16, F32, BF16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("N,K,bs,nested,knobs", [
+    (70, 256, 64, 256, "fast_split"),  # fast path, 2 scales per tile row, > 256 first-level blocks
+    (21, 128, 32, 16, "fast"),  # fast path, nested blocksize 16 (not bitsandbytes' 256)
+    (30, 96, 32, None, "generic_split"),  # generic path (block_k < 128)
+    (19, 37, 32, 16, "generic"),  # odd K: blocks straddle rows, rows start on low nibbles
+], ids=lambda v: str(v))
+def test_nf4_gemv_operand_is_bit_exact(dtype, N, K, bs, nested, knobs):
+    """x = 64-row slices of the identity and a zero LoRA term give columns of deq(W) exactly: the kernel's
+    in-register dequantization equals ``dequantize()`` (bitsandbytes' values) bit for bit."""
+    w = _exact_weight(N, K, bs, nested)
+    ref = w.dequantize(dtype, backend="torch")
+    state = _nf4_state(w)
+    eye = torch.eye(K, device=DEVICE, dtype=dtype)
+    lora_l = torch.zeros(64, 4, device=DEVICE, dtype=dtype)
+    lora_r = torch.randn(4, N, device=DEVICE).to(dtype)
+    precision = "ieee" if dtype == F32 else None  # tf32 splits fp32 operands; ieee products are exact
+    for k0 in range(0, K, 64):
+        x = eye[k0:k0 + 64]
+        out = nf4_gemv(x, state, lora_l[:x.shape[0]], lora_r, None, input_precision=precision, **KNOBS[knobs])
+        assert torch.equal(out, ref[:, k0:k0 + 64].t()), k0
+
+
+def test_nf4_gemv_split_k_is_deterministic_and_matches_single_slice():
+    M, N, K, r = 3, 40, 512, 16
+    w = make_weight(N, K, 64, True)
+    x, lora_l, lora_r, b = make_inputs(M, N, K, r, F32, True)
+    knobs = dict(block_n=16, block_k=128, num_warps=1)
+    one = nf4_gemv(x, _nf4_state(w), lora_l, lora_r, b, split_k=1, input_precision="ieee", **knobs)
+    a = nf4_gemv(x, _nf4_state(w), lora_l, lora_r, b, split_k=4, input_precision="ieee", **knobs)
+    again = nf4_gemv(x, _nf4_state(w), lora_l, lora_r, b, split_k=4, input_precision="ieee", **knobs)
+    assert torch.equal(a, again)
+    assert rel_err(a, one.double()) <= 1e-6
+
+
+def test_nf4_gemv_strided_operands():
+    """x strided in K, lora_l a column slice, lora_r a transposed view: any strides."""
+    M, N, K, r = 4, 24, 256, 8
+    w = make_weight(N, K, 64, True)
+    x = torch.randn(M, 2 * K, device=DEVICE).to(F16)[:, ::2]
+    lora_l = torch.randn(M, 2 * r, device=DEVICE).to(F16)[:, :r]
+    lora_r = torch.randn(N, r, device=DEVICE).to(F16).t()
+    out = nf4_gemv(x, _nf4_state(w), lora_l, lora_r, None, **KNOBS["fast_split"])
+    assert rel_err(out, oracle(x, oracle_nf4_weight(w), lora_l, lora_r, None)) <= TOL[F16]
+
+
+def test_nf4_gemv_empty_batch():
+    w = make_weight(8, 64, 64, True)
+    out = nf4_gemv(torch.randn(0, 64, device=DEVICE).to(F16), _nf4_state(w), torch.zeros(0, 4, device=DEVICE).to(F16),
+                   torch.zeros(4, 8, device=DEVICE).to(F16))
+    assert out.shape == (0, 8)
+
+
+def test_default_config_is_sane():
+    for M, N, K in [(1, 4096, 4096), (16, 14336, 4096), (4, 4096, 14336), (1, 8, 64)]:
+        cfg = default_config(M, N, K)
+        assert set(cfg) == {"block_n", "block_k", "split_k", "num_warps", "num_stages", "lookup"}
+        assert 1 <= cfg["split_k"] <= 8 and cfg["block_k"] >= 128
+    assert default_config(1, 4096, 4096)["split_k"] > 1  # 64 row blocks alone cannot fill 132 SMs
+    assert default_config(1, 8, 64)["split_k"] == 1  # never more slices than K steps allow
+    assert default_config(1, 4096, 4096, dtype=F32)["block_k"] == 128
+
+
+def _bad_inputs():
+    w = make_weight(8, 64, 64, True)
+    return dict(x=torch.randn(2, 64).to(F16), nf4=_nf4_state(w), lora_l=torch.randn(2, 4).to(F16),
+                lora_r=torch.randn(4, 8).to(F16), bias=None)
+
+
+@pytest.mark.parametrize("change,knobs,exc,name", [
+    (dict(x=torch.randn(2, 63).to(F16)), {}, ValueError, "nf4"),
+    (dict(x=torch.randn(65, 64).to(F16)), {}, ValueError, "x"),
+    (dict(x=torch.randn(2, 64, dtype=torch.float64)), {}, TypeError, "x"),
+    (dict(lora_r=torch.randn(4, 7).to(F16)), {}, ValueError, "lora_r"),
+    (dict(lora_l=torch.randn(2, 4)), {}, TypeError, "lora_l"),
+    (dict(bias=torch.randn(7).to(F16)), {}, ValueError, "bias"),
+    ({}, dict(block_n=24), ValueError, "block_n"),
+    ({}, dict(block_k=16), ValueError, "block_k"),
+    ({}, dict(split_k=0), ValueError, "split_k"),
+    ({}, dict(lookup="table"), ValueError, "lookup"),
+])
+def test_nf4_gemv_rejects_bad_input(change, knobs, exc, name):
+    args = {**_bad_inputs(), **change}
+    with pytest.raises(exc, match=name):
+        nf4_gemv(**args, **knobs)
+
+
+def test_nf4_gemv_rejects_weights_past_int32_indexing():
+    """N*K past the int32 flat-index limit is refused (before any launch), naming the weight."""
+    args = _bad_inputs()
+    big = {**args["nf4"], "shape": (MAX_ELEMENTS // 64 + 1, 64)}
+    with pytest.raises(ValueError, match="weight"):
+        nf4_gemv(args["x"], big, args["lora_l"], args["lora_r"])
