@@ -39,6 +39,12 @@ def nf4_dequantize(w, dtype, backend=None):
 FUSED_BY_DEFAULT = False
 
 
+# Decode (M <= GEMV_MAX_M, NF4 weight): the NF4 GEMV kernel on either Triton path, unless a ``config`` for the
+# tiled GEMM is passed. On the H100 it is 1.03-1.27x dense bf16 at M = 1..16, where dequantize + cuBLAS is
+# 2.5-3x (bench/results/gemv-h100.txt).
+GEMV_MAX_M = 16
+
+
 def _fused(device, backend) -> bool:
     chosen = choose_backend(device, backend)
     return chosen == "triton" and (backend == "triton" or FUSED_BY_DEFAULT)
@@ -97,13 +103,18 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
     ``x [M, K]``; ``weight`` an ``NF4Weight`` or a dense ``[N, K]`` tensor; ``lora_A``, ``lora_B`` and ``bias``
     already in ``x.dtype`` (inputs validated by the caller). Dropout on the LoRA branch: ``Xd = x * keep *
     keep_scale`` with ``keep`` a bool ``[M, K]`` tensor (``None``: no dropout). All products in ``x.dtype`` with
-    fp32 accumulation. ``config``: Triton tile overrides (``kernels.lora_matmul.default_config``).
+    fp32 accumulation. ``config``: tile overrides of the tiled Triton GEMM (``kernels.lora_matmul.default_config``);
+    passing one selects that GEMM also at decode sizes, where the NF4 GEMV kernel runs otherwise.
 
     The fused Triton path runs one GEMM (NF4 tiles dequantized in registers, LoRA in the accumulator); the
     default dequantizes with our bit-exact kernel into a temporary and runs cuBLAS.
     """
     triton_ = choose_backend(x.device, backend) == "triton"
     S = _project(x, lora_A, 1.0, keep, keep_scale, triton_)
+    if triton_ and x.shape[0] <= GEMV_MAX_M and not isinstance(weight, torch.Tensor) and config is None:
+        from lowrank_kernels.kernels.nf4_gemv import nf4_gemv
+
+        return nf4_gemv(x, _nf4_state(weight), S * scaling, lora_B.t(), bias), S
     if _fused(x.device, backend):
         from lowrank_kernels.kernels.lora_matmul import lora_matmul
 

@@ -413,20 +413,16 @@ def default_input_precision(dtype: torch.dtype) -> str:
 def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, num_sms: int = 132) -> dict:
     """Launch configuration ``dict(block_n, block_k, split_k, num_warps, num_stages, lookup)`` for ``y [M, N]``.
 
-    UNTUNED: reasoned defaults for the H100 (from register and instruction counts of the compiled sm_90 loop, not
-    from timings) until ``scripts/bench_gemv.py`` has been run there. ``block_n = 64`` with 4 warps (one warpgroup:
-    the wgmma path, each warp its own 16 rows), ``block_k = 256`` (8 KB of nibbles per step and program; 128 for
-    fp32 or ``M > 16``, where 256 spills), 1 stage (the kernel double-buffers in registers), the shuffle lookup, and
-    ``split_k`` the largest split whose grid still fits in one wave of resident programs (no tail): 3 per SM at
-    ``M <= 8`` (160 registers per thread), 2 above (M_PAD 16: 226 registers), capped at 8 and at two K steps per
-    slice. M = 1: 4096 -> 4096: 64 row blocks x split 6; 4096 -> 14336: 224 x 1; 14336 -> 4096: 64 x 6.
+    From the H100 sweep in ``bench/results/gemv-h100.txt`` (Llama-3-8B shapes, bf16, M = 1, 4, 16): for M <= 8,
+    128 rows x 128 K per program and split-K 8 was the fastest on all three shapes; for larger M, 64 x 256 (128 for
+    fp32, where 256 spills) with split-K 4. Always 4 warps, 1 stage (the kernel double-buffers in registers) and
+    the shuffle lookup. ``split_k`` is capped at two K steps per slice.
     """
-    block_n = 64
-    block_k = 128 if dtype == torch.float32 or M > 16 else 256
-    row_blocks = triton.cdiv(N, block_n)
-    k_iters = triton.cdiv(K, block_k)
-    resident = (3 if M <= 8 else 2) * num_sms
-    split_k = max(1, min(resident // row_blocks, 8, k_iters // 2))
+    if M <= 8:
+        block_n, block_k, split = 128, 128, 8
+    else:
+        block_n, block_k, split = 64, 128 if dtype == torch.float32 else 256, 4
+    split_k = max(1, min(split, triton.cdiv(K, block_k) // 2))
     return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=1, lookup="shfl")
 
 
