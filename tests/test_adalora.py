@@ -299,6 +299,8 @@ def assert_same_as_peft(model, ours, x, tol=1e-4):
     y0, dx0, g0 = outputs_and_grads(model, x)
     y1, dx1, g1 = outputs_and_grads(ours, x)
     assert rel_err(y1, y0.double()) <= tol and rel_err(dx1, dx0.double()) <= tol
+    # the adapters' gradients (peft's 4-bit layer on CUDA also lets its ranknum Parameter collect one)
+    g0, g1 = ({k: v for k, v in g.items() if ".lora_" in k} for g in (g0, g1))
     assert g0.keys() == g1.keys() and len(g0) == 6  # A, E, B of two layers
     for name in g0:
         assert g1[name].dtype == g0[name].dtype and rel_err(g1[name], g0[name].double()) <= tol, name
