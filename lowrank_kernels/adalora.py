@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_kernels import nf4_module
 from lowrank_kernels.functional import lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
@@ -239,36 +240,18 @@ class AdaLoraLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if isinstance(self.weight, NF4Weight):
-            device = fn(torch.empty(0, device=self.weight.device)).device  # dtype casts leave NF4 untouched
-            if device != self.weight.device:
-                self.weight = self.weight.to(device)
+            self.weight = nf4_module.moved(self.weight, fn)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if isinstance(self.weight, NF4Weight):
-            for key, value in self.weight.state_dict(prefix + "weight").items():
-                destination[key] = value if keep_vars else value.detach()
+            nf4_module.save(self.weight, destination, prefix, keep_vars)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         if isinstance(self.weight, NF4Weight):
-            keys = [k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")]
-            if prefix + "weight" not in state_dict:
-                missing_keys.append(prefix + "weight")
-            else:
-                try:
-                    nf4 = NF4Weight.from_state_dict({k: state_dict[k] for k in keys}, prefix + "weight",
-                                                    device=self.weight.device)
-                except (KeyError, TypeError, ValueError) as e:
-                    error_msgs.append(f"{prefix}weight: {e}")
-                else:
-                    if tuple(nf4.shape) != tuple(self.weight.shape):
-                        error_msgs.append(f"{prefix}weight: shape {tuple(nf4.shape)} in the checkpoint, "
-                                          f"{tuple(self.weight.shape)} in the layer")
-                    else:
-                        self.weight = nf4
-            state_dict = {k: v for k, v in state_dict.items() if k not in keys}
+            self.weight, state_dict = nf4_module.load(self.weight, state_dict, prefix, missing_keys, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self.active_idx = self.rank_mask.nonzero().flatten()

@@ -11,7 +11,6 @@ that requires one.
 import torch
 
 from lowrank_kernels import dispatch
-from lowrank_kernels.nf4 import NF4Weight
 
 
 def dropout_keep(shape, p: float, seed: int, device) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_kernels import nf4_module
 from lowrank_kernels.functional import lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
@@ -223,33 +224,15 @@ class QLoraLinear(_LoraAdapter):
     # -- the NF4 weight is not a Parameter: move it with the module, (de)serialize it as bitsandbytes does
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        device = fn(torch.empty(0, device=self.nf4.device)).device  # .to(dtype) casts leave NF4 untouched
-        if device != self.nf4.device:
-            self.nf4 = self.nf4.to(device)
+        self.nf4 = nf4_module.moved(self.nf4, fn)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for key, value in self.nf4.state_dict(prefix + "weight").items():
-            destination[key] = value if keep_vars else value.detach()
+        nf4_module.save(self.nf4, destination, prefix, keep_vars)
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        keys = [k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")]
-        if prefix + "weight" not in state_dict:
-            missing_keys.append(prefix + "weight")
-        else:
-            try:
-                nf4 = NF4Weight.from_state_dict({k: state_dict[k] for k in keys}, prefix + "weight",
-                                                device=self.nf4.device)
-            except (TypeError, ValueError) as e:
-                error_msgs.append(f"{prefix}weight: {e}")
-            else:
-                if tuple(nf4.shape) != tuple(self.nf4.shape):
-                    error_msgs.append(f"{prefix}weight: shape {tuple(nf4.shape)} in the checkpoint, "
-                                      f"{tuple(self.nf4.shape)} in the layer")
-                else:
-                    self.nf4 = nf4
-        rest = {k: v for k, v in state_dict.items() if k not in keys}
+        self.nf4, rest = nf4_module.load(self.nf4, state_dict, prefix, missing_keys, error_msgs)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

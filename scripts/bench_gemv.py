@@ -228,7 +228,8 @@ def main():
         name, t = best[0], best[1]
         vs_bnb = f"{t_bnb / t:7.2f}" if t_bnb else f"{'-':>7}"
         d = f"[{dflt_row[1]:.1f}]" if dflt_row else "[failed]"
-        table.add(f"{shape:13} {M:>2}  {name:34} {t:8.1f} {nb / (t * 1e-6) / 1e9:7.0f} {vs_bnb} {t_dense / t:8.2f}  {d}")
+        gbs = nb / (t * 1e-6) / 1e9
+        table.add(f"{shape:13} {M:>2}  {name:34} {t:8.1f} {gbs:7.0f} {vs_bnb} {t_dense / t:8.2f}  {d}")
     table.add(f"# total {time.time() - t_start:.0f} s")
 
 

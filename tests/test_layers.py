@@ -20,7 +20,8 @@ def randomize_B(layer):
 def expected(layer, x, W):
     """fp64 ``x W^T + b + s B A x`` for ``layer`` (dropout off)."""
     x64 = x.double()
-    y = x64 @ W.double().t() + layer.scaling * (x64 @ layer.lora_A.weight.double().t()) @ layer.lora_B.weight.double().t()
+    A, B = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+    y = x64 @ W.double().t() + layer.scaling * (x64 @ A.t()) @ B.t()
     return y if layer.bias is None else y + layer.bias.double()
 
 

@@ -331,10 +331,11 @@ def _interpreting() -> bool:
 
 def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=False, keep=None, keep_scale=1.0,
                 config=None):
-    """``out [M, N] = a @ op(W) + keep * keep_scale * (lora_l @ lora_r) + bias`` in ``a.dtype``; see the module docstring.
+    """``out [M, N] = a @ op(W) + keep * keep_scale * (lora_l @ lora_r) + bias`` in ``a.dtype`` (module docstring).
 
     Inputs are already validated and on one CUDA device (or CPU under ``TRITON_INTERPRET=1``), all in
-    ``a.dtype`` (any strides): ``a [M, K]``, ``lora_l [M, r]``, ``lora_r [r, N]``, ``bias [N]``; ``keep [M, N]`` a bool dropout mask or ``None``.
+    ``a.dtype`` (any strides): ``a [M, K]``, ``lora_l [M, r]``, ``lora_r [r, N]``, ``bias [N]``; ``keep [M, N]`` a
+    bool dropout mask or ``None``.
     Exactly one of ``weight`` (a dense float tensor) and ``nf4`` (a dict with ``packed, absmax, code, blocksize,
     shape`` and, when double-quantized, ``absmax2, code2, offset, nested_blocksize``) is given; the stored
     weight is ``[N, K]`` (``op(W) = W.T``), or ``[K, N]`` with ``trans_w`` (``op(W) = W``).
