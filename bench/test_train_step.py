@@ -1,5 +1,5 @@
-"""One QLoRA training step of a Llama-architecture model: peft + bitsandbytes as users run it, and the same model
-after ``lowrank_kernels.peft.convert``.
+"""One QLoRA (LoRA or AdaLoRA) training step of a Llama-architecture model: peft + bitsandbytes as users run it, and
+the same model after ``lowrank_kernels.peft.convert`` (AdaLoRA: with our ``RankAllocator`` instead of peft's).
 
 Model: ``LlamaForCausalLM`` with the layer dimensions of a bench/shapes.py model (head_dim 128), random init
 (nothing downloaded), bf16, --bench-layers decoder layers (default 4). The vocabulary is cut to 32000 so that the
@@ -61,8 +61,13 @@ def quantize_(model, bnb):
     model.is_loaded_in_4bit = True  # as from_pretrained sets it; peft picks its Linear4bit LoRA layer by it
 
 
-def build(model, layers, grad_ckpt):
-    """The peft QLoRA model as users train it: quantized, LoRA-wrapped, adapters trainable."""
+# AdaLoRA (method "adalora"): peft's defaults except the schedule, chosen so that the timed steps (after ~30
+# warm-up steps) fall in the budgeting phase, with a rank reallocation every DELTA_T steps.
+ADALORA = dict(init_r=12, target_r=8, tinit=20, tfinal=200, deltaT=10, total_step=1000)
+
+
+def build(model, layers, grad_ckpt, method="lora"):
+    """The peft QLoRA (or AdaLoRA) model as users train it: quantized, adapter-wrapped, adapters trainable."""
     from transformers import LlamaForCausalLM
 
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
@@ -73,34 +78,49 @@ def build(model, layers, grad_ckpt):
     quantize_(net, bnb)
     if grad_ckpt:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+    if method == "adalora":
+        config = peft.AdaLoraConfig(lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, **ADALORA)
+    else:
+        config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
     return peft.get_peft_model(net, config)
 
 
 @pytest.mark.parametrize("provider", ["peft+bnb", "lowrank_kernels"])
 @pytest.mark.parametrize("batch", [1, 4] if HAS_CUDA else [1], ids=lambda b: f"batch{b}")
-def test_train_step(run, benchmark, request, model, batch, provider):
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_train_step(run, benchmark, request, model, method, batch, provider):
+    """One step; for AdaLoRA, ``update_and_allocate`` (peft's, or our ``RankAllocator`` on the converted model)
+    runs after ``optimizer.step()`` as peft documents it."""
     pytest.importorskip("transformers", reason="transformers is not installed")
     layers = request.config.getoption("--bench-layers") or (4 if HAS_CUDA else 2)
     seq = 32 if model == "tiny" else 2048
     tokens = batch * seq
-    net = build(model, layers, request.config.getoption("--bench-grad-ckpt"))
+    net = build(model, layers, request.config.getoption("--bench-grad-ckpt"), method)
+    allocate = net.base_model.update_and_allocate if method == "adalora" else None
     if provider == "lowrank_kernels":
         try:
             from lowrank_kernels.peft import convert
         except ImportError as e:
             pytest.skip(f"lowrank_kernels.peft.convert is not available in this version ({e})")
-        assert convert(net) > 0, "lowrank_kernels.peft.convert converted no layer of the peft QLoRA model"
+        assert convert(net) > 0, "lowrank_kernels.peft.convert converted no layer of the peft model"
+        if method == "adalora":
+            from lowrank_kernels import RankAllocator
+
+            allocate = RankAllocator(net, **ADALORA).update_and_allocate
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, net.config.vocab_size, (batch, seq), device=DEVICE)
+    count = iter(range(10**9))
 
     def step():
         net(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
+        if allocate is not None:
+            allocate(next(count))
         optimizer.zero_grad(set_to_none=True)
 
     peak, baseline = peak_memory(step)
-    run(step, provider, eager=True, rounds=5, group=f"train_step {model} batch={batch}", layers=layers,
+    name = "train_step" if method == "lora" else "adalora_train_step"
+    run(step, provider, eager=True, rounds=5, group=f"{name} {model} batch={batch}", layers=layers,
         tokens=tokens,
         grad_ckpt=bool(request.config.getoption("--bench-grad-ckpt")),
         peak_bytes=peak, peak_extra_bytes=peak and peak - baseline)
