@@ -58,8 +58,8 @@ def nf4_dequant_kernel(
     tl.store(out_ptr + elem, round_fp32_to(vals, out_ptr.dtype.element_ty), mask=elem < n)
 
 
-ELEMENTS_PER_PROGRAM = 2048  # with 1 warp: best of the sweep in bench/results/dequant-tune-h100.txt
-NUM_WARPS = 1
+ELEMENTS_PER_PROGRAM = 2048  # with 2 warps: best of the sweep in bench/results/dequant-tune-h100.txt
+NUM_WARPS = 2
 MAX_ELEMENTS = 2**31 - 2**13  # int32 element indices, with room for the last program's overhang
 
 
