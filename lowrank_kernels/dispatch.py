@@ -33,16 +33,16 @@ def nf4_dequantize(w, dtype, backend=None):
     return python_ref.dequantize_nf4(w.packed, absmax, (w.numel(),), w.blocksize, dtype)
 
 
-# The fused Triton GEMM is opt-in (backend="triton") until it beats dequantize + cuBLAS: on the H100 it is
-# 3.7-4.7x dense bf16 at M <= 64 and 27-40x at M >= 256, where dequantize + cuBLAS is 1.26-2.98x
-# (bench/results/bench-h100.md). The default on CUDA is therefore the unfused path.
+# The tiled fused Triton GEMM is opt-in (backend="triton") until it beats dequantize + cuBLAS: on the H100 it is
+# 4.3-4.8x dense bf16 at M = 64 and 25-39x at M >= 256, where dequantize + cuBLAS is 1.1-2.6x
+# (bench/results/bench-h100-forward.json). Above GEMV_MAX_M the default on CUDA is therefore the unfused path.
 FUSED_BY_DEFAULT = False
 
 
-# Decode (M <= GEMV_MAX_M, NF4 weight): the NF4 GEMV kernel on either Triton path, unless a ``config`` for the
-# tiled GEMM is passed. On the H100 it is 1.03-1.27x dense bf16 at M = 1..16, where dequantize + cuBLAS is
-# 2.5-3x (bench/results/gemv-h100.txt).
-GEMV_MAX_M = 16
+# Decode and small batches (M <= GEMV_MAX_M, NF4 weight): the NF4 GEMV kernel on either Triton path, unless a
+# ``config`` for the tiled GEMM is passed. On the H100 it takes 1.0-1.3x the time of dense bf16 at M = 1..32 and
+# 1.4-1.7x at M = 64, where dequantize + cuBLAS takes 2.5-3x (bench/results/gemv-h100.txt, gemv-m32-64-h100.txt).
+GEMV_MAX_M = 64
 
 
 def _fused(device, backend) -> bool:

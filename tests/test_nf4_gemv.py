@@ -61,7 +61,10 @@ CASES = [
     (1, 17, 96, 1, F16, False, 32, True, "generic_split"),  # K % 64 == 0 but block_k < 128: generic path
     (16, 25, 161, 16, F32, False, 128, True, "default"),  # default config on the generic path
     (4, 21, 256, 100, F16, True, 64, True, "fast"),  # r = 100: two rank chunks of 64
+    (40, 24, 256, 8, F16, True, 64, True, "default"),  # M_PAD 64: the largest M the dispatcher sends here
+    (33, 20, 130, 16, F32, False, 64, False, "default"),  # M > 32, generic path
     pytest.param((4, 40, 512, 16, BF16, True, 64, True, "fast_split"), marks=needs_cuda),
+    pytest.param((64, 4096, 4096, 16, BF16, True, 64, True, "default"), marks=needs_cuda),
     pytest.param((1, 64, 4096, 16, BF16, True, 64, True, "default"), marks=needs_cuda),
     pytest.param((16, 4096, 4096, 16, BF16, True, 64, False, "default"), marks=needs_cuda),
     pytest.param((7, 1000, 1000, 8, BF16, False, 128, True, "default"), marks=needs_cuda),

@@ -413,15 +413,20 @@ def default_input_precision(dtype: torch.dtype) -> str:
 def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, num_sms: int = 132) -> dict:
     """Launch configuration ``dict(block_n, block_k, split_k, num_warps, num_stages, lookup)`` for ``y [M, N]``.
 
-    From the H100 sweep in ``bench/results/gemv-h100.txt`` (Llama-3-8B shapes, bf16, M = 1, 4, 16): for M <= 8,
-    128 rows x 128 K per program and split-K 8 was the fastest on all three shapes; for larger M, 64 x 256 (128 for
-    fp32, where 256 spills) with split-K 4. Always 4 warps, 1 stage (the kernel double-buffers in registers) and
-    the shuffle lookup. ``split_k`` is capped at two K steps per slice.
+    From the H100 sweeps in ``bench/results/gemv-h100.txt`` (M = 1, 4, 16) and ``gemv-m32-64-h100.txt``
+    (M = 32, 64), Llama-3-8B shapes, bf16: for M <= 8, 128 rows x 128 K per program with split-K 8 was the
+    fastest on all three shapes; for M <= 16, 64 x 256 (128 for fp32, where 256 spills) with split-K 4; above,
+    128 x 128 with split-K chosen for about 256 programs (8 for N = 4096, 2 for N = 14336). Always 4 warps,
+    1 stage (the kernel double-buffers in registers) and the shuffle lookup; ``split_k`` is capped at two K steps
+    per slice.
     """
     if M <= 8:
         block_n, block_k, split = 128, 128, 8
-    else:
+    elif M <= 16:
         block_n, block_k, split = 64, 128 if dtype == torch.float32 else 256, 4
+    else:
+        block_n, block_k = 128, 128
+        split = max(1, min(8, 256 // triton.cdiv(N, block_n)))
     split_k = max(1, min(split, triton.cdiv(K, block_k) // 2))
     return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=1, lookup="shfl")
 
