@@ -267,7 +267,7 @@ peft = pytest.importorskip("peft")
 from peft import AdaLoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 from lowrank_kernels import peft as lk_peft  # noqa: E402
-from tests.test_peft_convert import Tiny, quantized_tiny, runs_our_function  # noqa: E402
+from tests.test_peft_convert import Tiny, outputs_and_grads, quantized_tiny, runs_our_function  # noqa: E402
 
 
 def ada_pair(base, **config):
@@ -282,15 +282,6 @@ def ada_pair(base, **config):
     ours = copy.deepcopy(model)
     assert lk_peft.convert(ours) == 2
     return model, ours
-
-
-def outputs_and_grads(model, x):
-    x = x.clone().requires_grad_()
-    y = model(x)
-    y.float().square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return y, x.grad, grads
 
 
 def assert_same_as_peft(model, ours, x, tol=1e-4):

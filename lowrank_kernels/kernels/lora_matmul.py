@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.kernels.rounding import round_fp32_to
-from lowrank_kernels.kernels.nf4_dequant import nf4_block_scale
+from lowrank_kernels.kernels.nf4_dequant import nf4_block_scale, nf4_tile_even_odd
 
 MAX_ELEMENTS = 2**31 - 2**16  # int32 flat NF4 element indices (n*K + k) inside the kernel
 
@@ -86,36 +86,9 @@ def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_p
         hi = round_fp32_to(tl.load(code_ptr + (byte >> 4)) * am_b, dtype)
         lo = round_fp32_to(tl.load(code_ptr + (byte & 0xF)) * am_b, dtype)
         w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
-    else:
-        # Any K: a tile row may start on a low nibble (odd n*K + k0) and cross scale blocks anywhere.
-        # Split the row chunk into its even-position and odd-position elements (k0 + 2j, k0 + 2j + 1):
-        # each set reads consecutive bytes, from byte (e0 >> 1) and (e0 >> 1) + p, where p = e0 & 1.
-        HALF: tl.constexpr = BLOCK_K // 2
-        NB: tl.constexpr = (BLOCK_K + BLOCKSIZE - 1) // BLOCKSIZE + 1  # scale blocks one tile row can touch
-        e0 = row_elem + k0  # [BLOCK_N] flat index of W[n, k0]
-        p = e0 & 1
-        j = tl.arange(0, HALF)
-        ok_ev = n_ok[:, None] & (k0 + 2 * j < K)[None, :]
-        ok_od = n_ok[:, None] & (k0 + 2 * j + 1 < K)[None, :]
-        byte0 = e0 >> 1
-        b_ev = tl.load(packed_ptr + byte0[:, None] + j[None, :], mask=ok_ev, other=0).to(tl.int32)
-        b_od = tl.load(packed_ptr + (byte0 + p)[:, None] + j[None, :], mask=ok_od, other=0).to(tl.int32)
-        nib_ev = (b_ev >> ((1 - p) * 4)[:, None]) & 0xF  # p == 0: high nibble; p == 1: low nibble
-        nib_od = (b_od >> (p * 4)[:, None]) & 0xF
-        # Scales: element k0 + i of the row lies in block blk0 + (first + i) // BLOCKSIZE.
-        first = e0 % BLOCKSIZE
-        blk0 = e0 // BLOCKSIZE
-        rel_ev = (first[:, None] + 2 * j[None, :]) // BLOCKSIZE
-        rel_od = (first[:, None] + 2 * j[None, :] + 1) // BLOCKSIZE
-        am_ev = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-        am_od = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-        for t in tl.static_range(NB):
-            am_t = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + t,
-                              n_ok & (t * BLOCKSIZE < first + (K - k0)), NESTED, NESTED_BLOCKSIZE)
-            am_ev = tl.where(rel_ev == t, am_t[:, None], am_ev)
-            am_od = tl.where(rel_od == t, am_t[:, None], am_od)
-        w_ev = round_fp32_to(tl.load(code_ptr + nib_ev) * am_ev, dtype)
-        w_od = round_fp32_to(tl.load(code_ptr + nib_od) * am_od, dtype)
+    else:  # any K (see nf4_tile_even_odd)
+        w_ev, w_od = nf4_tile_even_odd(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_n,
+                                       n_ok, k0, K, dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
         w = tl.reshape(tl.join(w_ev, w_od), (BLOCK_N, BLOCK_K))
     return w
 

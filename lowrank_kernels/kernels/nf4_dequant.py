@@ -26,6 +26,48 @@ def nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask,
 
 
 @triton.jit
+def nf4_tile_even_odd(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, rows, row_ok, k0, K,
+                      dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                      NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """``(W[rows, k0 + 2j], W[rows, k0 + 2j + 1])`` for ``j < BLOCK_K // 2``: two ``[BLOCK_N, BLOCK_K // 2]`` tiles
+    of the NF4 weight ``W [*, K]`` dequantized to ``dtype``, for any K (0 past K and where ``row_ok`` is False).
+
+    A tile row may start on a low nibble (odd ``n*K + k0``) and cross scale blocks anywhere, so its even-position
+    and odd-position elements are read as two sets of consecutive bytes, from byte ``e0 >> 1`` and
+    ``(e0 >> 1) + (e0 & 1)`` (``e0 = n*K + k0``), taking the high or low nibble by the row's parity; the scales of
+    the (at most ``cdiv(BLOCK_K, BLOCKSIZE) + 1``) blocks a tile row touches are rebuilt once per row and selected
+    per element. Launch with ``enable_fp_fusion=False`` (see ``nf4_block_scale``).
+    """
+    HALF: tl.constexpr = BLOCK_K // 2
+    NB: tl.constexpr = (BLOCK_K + BLOCKSIZE - 1) // BLOCKSIZE + 1  # scale blocks one tile row can touch
+    j = tl.arange(0, HALF)
+    e0 = rows * K + k0  # [BLOCK_N] flat index of W[n, k0] (int32; launchers check N*K)
+    p = e0 & 1
+    ok_ev = row_ok[:, None] & (k0 + 2 * j < K)[None, :]
+    ok_od = row_ok[:, None] & (k0 + 2 * j + 1 < K)[None, :]
+    byte0 = e0 >> 1
+    b_ev = tl.load(packed_ptr + byte0[:, None] + j[None, :], mask=ok_ev, other=0).to(tl.int32)
+    b_od = tl.load(packed_ptr + (byte0 + p)[:, None] + j[None, :], mask=ok_od, other=0).to(tl.int32)
+    nib_ev = (b_ev >> ((1 - p) * 4)[:, None]) & 0xF  # p == 0: high nibble; p == 1: low nibble
+    nib_od = (b_od >> (p * 4)[:, None]) & 0xF
+    # Scales: element k0 + i of the row lies in block blk0 + (first + i) // BLOCKSIZE.
+    first = e0 % BLOCKSIZE
+    blk0 = e0 // BLOCKSIZE
+    rel_ev = (first[:, None] + 2 * j[None, :]) // BLOCKSIZE
+    rel_od = (first[:, None] + 2 * j[None, :] + 1) // BLOCKSIZE
+    am_ev = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+    am_od = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+    for t in tl.static_range(NB):
+        am_t = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + t,
+                               row_ok & (t * BLOCKSIZE < first + (K - k0)), NESTED, NESTED_BLOCKSIZE)
+        am_ev = tl.where(rel_ev == t, am_t[:, None], am_ev)
+        am_od = tl.where(rel_od == t, am_t[:, None], am_od)
+    w_ev = round_fp32_to(tl.load(code_ptr + nib_ev) * am_ev, dtype)
+    w_od = round_fp32_to(tl.load(code_ptr + nib_od) * am_od, dtype)
+    return w_ev, w_od
+
+
+@triton.jit
 def nf4_dequant_kernel(
     packed_ptr,  # uint8 [(n + 1) // 2]
     absmax_ptr,  # uint8 [nblocks] when NESTED, else fp32 [nblocks]

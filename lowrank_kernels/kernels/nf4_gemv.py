@@ -68,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.kernels.nf4_dequant import nf4_block_scale
+from lowrank_kernels.kernels.nf4_dequant import nf4_tile_even_odd
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
 MAX_ELEMENTS = 2**31 - 2**16  # int32 flat element indices n*K + k (with a tile's overhang)
@@ -192,40 +192,6 @@ def _dequant_words(w, q, s2, code2_ptr, offset, code_ptr, dtype: tl.constexpr, B
 
 
 # ---------------------------------------------------------------------------------------------- generic path
-@triton.jit
-def _nf4_even_odd(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, rows, k0, K,
-                  dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                  NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
-    """``(W[rows, k0 + 2j], W[rows, k0 + 2j + 1])``, ``j < BLOCK_K // 2``: two ``[BLOCK_N, BLOCK_K // 2]`` tiles in
-    ``dtype`` (any K; 0 past K). ``rows`` are valid (clamped) row indices."""
-    HALF: tl.constexpr = BLOCK_K // 2
-    NB: tl.constexpr = (BLOCK_K + BLOCKSIZE - 1) // BLOCKSIZE + 1  # scale blocks one tile row can touch
-    j = tl.arange(0, HALF)
-    e0 = rows * K + k0  # [BLOCK_N] flat index of W[n, k0] (int32; the launcher checks N*K)
-    p = e0 & 1  # a row chunk starting on an odd element starts on a low nibble
-    ok_ev = (k0 + 2 * j < K)[None, :] & (rows >= 0)[:, None]
-    ok_od = (k0 + 2 * j + 1 < K)[None, :] & (rows >= 0)[:, None]
-    byte0 = e0 >> 1
-    b_ev = tl.load(packed_ptr + byte0[:, None] + j[None, :], mask=ok_ev, other=0).to(tl.int32)
-    b_od = tl.load(packed_ptr + (byte0 + p)[:, None] + j[None, :], mask=ok_od, other=0).to(tl.int32)
-    nib_ev = (b_ev >> ((1 - p) * 4)[:, None]) & 0xF  # p == 0: high nibble; p == 1: low nibble
-    nib_od = (b_od >> (p * 4)[:, None]) & 0xF
-    first = e0 % BLOCKSIZE
-    blk0 = e0 // BLOCKSIZE
-    rel_ev = (first[:, None] + 2 * j[None, :]) // BLOCKSIZE
-    rel_od = (first[:, None] + 2 * j[None, :] + 1) // BLOCKSIZE
-    am_ev = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-    am_od = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-    for t in tl.static_range(NB):
-        am_t = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0 + t,
-                               t * BLOCKSIZE < first + (K - k0), NESTED, NESTED_BLOCKSIZE)
-        am_ev = tl.where(rel_ev == t, am_t[:, None], am_ev)
-        am_od = tl.where(rel_od == t, am_t[:, None], am_od)
-    w_ev = round_fp32_to(tl.load(code_ptr + nib_ev) * am_ev, dtype)
-    w_od = round_fp32_to(tl.load(code_ptr + nib_od) * am_od, dtype)
-    return w_ev, w_od
-
-
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _dot(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -335,8 +301,9 @@ def nf4_gemv_kernel(
     else:
         HALF: tl.constexpr = BLOCK_K // 2
         for k0 in range(k_start, k_end, BLOCK_K):
-            w_ev, w_od = _nf4_even_odd(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, rows,
-                                       k0, K, dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
+            w_ev, w_od = nf4_tile_even_odd(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
+                                           rows, rows >= 0, k0, K, dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED,
+                                           NESTED_BLOCKSIZE)
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xt = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk,
                          mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
