@@ -53,8 +53,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.kernels.rounding import round_fp32_to
+from lowrank_kernels.kernels.dot import dot as _dot
 from lowrank_kernels.kernels.nf4_dequant import nf4_block_scale, nf4_tile_even_odd
+from lowrank_kernels.kernels.rounding import round_fp32_to
 
 MAX_ELEMENTS = 2**31 - 2**16  # int32 flat NF4 element indices (n*K + k) inside the kernel
 
@@ -91,14 +92,6 @@ def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_p
                                        n_ok, k0, K, dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
         w = tl.reshape(tl.join(w_ev, w_od), (BLOCK_N, BLOCK_K))
     return w
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit

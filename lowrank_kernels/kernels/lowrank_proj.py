@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_kernels.kernels.dot import dot
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
 
@@ -29,14 +30,6 @@ def _dropout(a, keep_ptr, offs_m, offs_k, stride_km, stride_kk, ok, keep_scale, 
         keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + offs_k[None, :] * stride_kk, mask=ok, other=0)
         a = tl.where(keep != 0, round_fp32_to(a.to(tl.float32) * keep_scale, a.dtype), 0.0).to(a.dtype)
     return a
-
-
-@triton.jit
-def _operand(t, DOT_FP32: tl.constexpr):
-    if DOT_FP32:
-        return t.to(tl.float32)
-    else:
-        return t
 
 
 @triton.jit
@@ -57,7 +50,7 @@ def project_kernel(a_ptr, p_ptr, keep_ptr, out_ptr, M, K, R, alpha, keep_scale,
         a = _dropout(a, keep_ptr, offs_m, offs_k, stride_km, stride_kk, ok, keep_scale, HAS_KEEP)
         p = tl.load(p_ptr + offs_r[None, :] * stride_pr + offs_k[:, None] * stride_pk,
                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, R_PAD] = P.T tile
-        acc = tl.dot(_operand(a, DOT_FP32), _operand(p, DOT_FP32), acc, input_precision=PRECISION)
+        acc = dot(a, p, acc, DOT_FP32, PRECISION)
     out = round_fp32_to(acc * alpha, out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or, out,
              mask=m_ok[:, None] & r_ok[None, :])
@@ -86,7 +79,7 @@ def reduce_kernel(l_ptr, a_ptr, keep_ptr, ws_ptr, M, K, R, keep_scale, M_PER_SPL
         a = _dropout(a, keep_ptr, offs_m, offs_k, stride_km, stride_kk, ok, keep_scale, HAS_KEEP)
         lt = tl.load(l_ptr + offs_m[None, :] * stride_lm + offs_r[:, None] * stride_lr,
                      mask=r_ok[:, None] & m_ok[None, :], other=0.0)  # [R_PAD, BLOCK_M] = L.T tile
-        acc = tl.dot(_operand(lt, DOT_FP32), _operand(a, DOT_FP32), acc, input_precision=PRECISION)
+        acc = dot(lt, a, acc, DOT_FP32, PRECISION)
     ws = ws_ptr + split.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :]
     tl.store(ws, acc, mask=r_ok[:, None] & k_ok[None, :])
 

@@ -68,6 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_kernels.kernels.dot import dot as _dot
 from lowrank_kernels.kernels.nf4_dequant import nf4_tile_even_odd
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
@@ -191,16 +192,7 @@ def _dequant_words(w, q, s2, code2_ptr, offset, code_ptr, dtype: tl.constexpr, B
             _deq(c6, am, dtype, BLOCK_N, C), _deq(c7, am, dtype, BLOCK_N, C))
 
 
-# ---------------------------------------------------------------------------------------------- generic path
 # ---------------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _dot(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
-
 @triton.jit
 def _add_lora(acc, l_ptr, r_ptr, offs_m64, m_ok, offs_n64, n_ok, R, stride_lm, stride_lr, stride_rr, stride_rn,
               R_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
