@@ -192,6 +192,22 @@ def _dequant_words(w, q, s2, code2_ptr, offset, code_ptr, dtype: tl.constexpr, B
             _deq(c6, am, dtype, BLOCK_N, C), _deq(c7, am, dtype, BLOCK_N, C))
 
 
+@triton.jit
+def _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk, m_ok, k0, k_end, K,
+               BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+               EVEN_K: tl.constexpr):
+    """The packed words, scales and ``[M_PAD, BLOCK_K]`` x tile of the K step at ``k0`` (nothing past ``k_end``)."""
+    live = k0 < k_end
+    w, q, s2 = _load_words(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, k0, K, live,
+                           BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, EVEN_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    x_ok = m_ok[:, None] & (tl.full((1, BLOCK_K), 1, tl.int1) & live)
+    if not EVEN_K:
+        x_ok = x_ok & (offs_k < K)[None, :]
+    x = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=x_ok, other=0.0)
+    return w, q, s2, x
+
+
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _add_lora(acc, l_ptr, r_ptr, offs_m64, m_ok, offs_n64, n_ok, R, stride_lm, stride_lr, stride_rr, stride_rn,
@@ -252,25 +268,13 @@ def nf4_gemv_kernel(
         if NESTED:
             offset = tl.load(offset_ptr)
         # register double buffer: step k0 + BLOCK_K is loaded while step k0 is computed
-        live = k_start < k_end
-        w_n, q_n, s2_n = _load_words(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, k_start, K, live,
-                                     BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, EVEN_K)
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        x_ok = m_ok[:, None] & (tl.full((1, BLOCK_K), 1, tl.int1) & live)
-        if not EVEN_K:
-            x_ok = x_ok & (offs_k < K)[None, :]
-        x_n = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=x_ok, other=0.0)
+        w_n, q_n, s2_n, x_n = _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk, m_ok,
+                                         k_start, k_end, K, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, EVEN_K)
         for k0 in range(k_start, k_end, BLOCK_K):
             w_c, q_c, s2_c, x_c = w_n, q_n, s2_n, x_n
-            k1 = k0 + BLOCK_K
-            live = k1 < k_end
-            w_n, q_n, s2_n = _load_words(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, k1, K, live,
-                                         BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, EVEN_K)
-            offs_k = k1 + tl.arange(0, BLOCK_K)
-            x_ok = m_ok[:, None] & (tl.full((1, BLOCK_K), 1, tl.int1) & live)
-            if not EVEN_K:
-                x_ok = x_ok & (offs_k < K)[None, :]
-            x_n = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=x_ok, other=0.0)
+            w_n, q_n, s2_n, x_n = _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk, m_ok,
+                                             k0 + BLOCK_K, k_end, K, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
+                                             EVEN_K)
 
             w0, w1, w2, w3, w4, w5, w6, w7 = _dequant_words(w_c, q_c, s2_c, code2_ptr, offset, code_ptr, dtype,
                                                             BLOCK_N, BLOCK_K, NESTED, SHFL)
