@@ -34,8 +34,8 @@ def nf4_dequantize(w, dtype, backend=None):
 
 
 # The tiled fused Triton GEMM is opt-in (backend="triton") until it beats dequantize + cuBLAS: on the H100 it is
-# 4.3-4.8x dense bf16 at M = 64 and 25-39x at M >= 256, where dequantize + cuBLAS is 1.1-2.6x
-# (bench/results/bench-h100-forward.json). Above GEMV_MAX_M the default on CUDA is therefore the unfused path.
+# 26-39x dense bf16 at M >= 256, where dequantize + cuBLAS is 1.13-2.63x (bench/results/bench-h100-forward.json).
+# Above GEMV_MAX_M the default on CUDA is therefore the unfused path.
 FUSED_BY_DEFAULT = False
 
 
