@@ -39,9 +39,10 @@ def nf4_dequantize(w, dtype, backend=None):
 FUSED_BY_DEFAULT = False
 
 
-# Decode and small batches (M <= GEMV_MAX_M, NF4 weight): the NF4 GEMV kernel on either Triton path, unless a
-# ``config`` for the tiled GEMM is passed. On the H100 it takes 1.0-1.3x the time of dense bf16 at M = 1..32 and
-# 1.4-1.7x at M = 64, where dequantize + cuBLAS takes 2.5-3x (bench/results/gemv-h100.txt, gemv-m32-64-h100.txt).
+# Decode and small batches (M <= GEMV_MAX_M, NF4 weight, no LoRA dropout): the NF4 GEMV kernels on either Triton
+# path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.74-0.75x the time
+# of dense bf16 at M = 1, 1.04-1.06x at M = 16 and 1.47-1.77x at M = 64, where dequantize + cuBLAS takes 2.5-3x
+# (bench/results/bench-h100-forward.json, gemv-h100.txt).
 GEMV_MAX_M = 64
 
 
@@ -101,20 +102,28 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
     """``(Y [M, N], S [M, r])``: ``Y = x @ W.T + scaling * S @ lora_B.T + bias``, ``S = Xd @ lora_A.T``.
 
     ``x [M, K]``; ``weight`` an ``NF4Weight`` or a dense ``[N, K]`` tensor; ``lora_A``, ``lora_B`` and ``bias``
-    already in ``x.dtype`` (inputs validated by the caller). Dropout on the LoRA branch: ``Xd = x * keep *
-    keep_scale`` with ``keep`` a bool ``[M, K]`` tensor (``None``: no dropout). All products in ``x.dtype`` with
-    fp32 accumulation. ``config``: tile overrides of the tiled Triton GEMM (``kernels.lora_matmul.default_config``);
-    passing one selects that GEMM also at decode sizes, where the NF4 GEMV kernel runs otherwise.
+    in any float dtype, rounded to ``x.dtype`` (inputs validated by the caller). Dropout on the LoRA branch:
+    ``Xd = x * keep * keep_scale`` with ``keep`` a bool ``[M, K]`` tensor (``None``: no dropout). All products in
+    ``x.dtype`` with fp32 accumulation. ``config``: tile overrides of the tiled Triton GEMM
+    (``kernels.lora_matmul.default_config``); passing one selects that GEMM also at decode sizes.
 
-    The fused Triton path runs one GEMM (NF4 tiles dequantized in registers, LoRA in the accumulator); the
-    default dequantizes with our bit-exact kernel into a temporary and runs cuBLAS.
+    Decode (NF4, at most ``GEMV_MAX_M`` rows, no dropout): the NF4 GEMV kernels, two launches in all (the
+    adapters are read and rounded in the kernels). The fused Triton path runs one GEMM (NF4 tiles dequantized in
+    registers, LoRA in the accumulator); the default dequantizes with our bit-exact kernel into a temporary and
+    runs cuBLAS.
     """
     triton_ = choose_backend(x.device, backend) == "triton"
-    S = _project(x, lora_A, 1.0, keep, keep_scale, triton_)
-    if triton_ and x.shape[0] <= GEMV_MAX_M and not isinstance(weight, torch.Tensor) and config is None:
+    if (triton_ and x.shape[0] <= GEMV_MAX_M and not isinstance(weight, torch.Tensor) and config is None
+            and keep is None):
         from lowrank_kernels.kernels.nf4_gemv import nf4_gemv
 
-        return nf4_gemv(x, _nf4_state(weight), S * scaling, lora_B.t(), bias), S
+        def operand(t):  # the kernels read bf16 / fp16 / fp32 adapters as they are
+            return t if t is None or t.dtype in (torch.bfloat16, torch.float16, torch.float32) else t.to(x.dtype)
+
+        return nf4_gemv(x, _nf4_state(weight), operand(lora_A), operand(lora_B), scaling, operand(bias))
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    S = _project(x, lora_A, 1.0, keep, keep_scale, triton_)
     if _fused(x.device, backend):
         from lowrank_kernels.kernels.lora_matmul import lora_matmul
 

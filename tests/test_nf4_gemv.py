@@ -21,6 +21,8 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="bf16 oracle cases run on t
 KNOBS = {
     "default": {},
     "fast": dict(block_n=16, block_k=128, split_k=1, num_warps=1, num_stages=1),
+    "fast_dot": dict(block_n=16, block_k=128, split_k=2, num_warps=1, num_stages=1, fma=False),
+    "fast_fma": dict(block_n=32, block_k=256, split_k=2, num_warps=2, num_stages=1, fma=True),
     "fast_split": dict(block_n=32, block_k=128, split_k=3, num_warps=2, num_stages=1),
     "fast_wide": dict(block_n=16, block_k=256, split_k=2, num_warps=1, num_stages=2),
     "generic": dict(block_n=16, block_k=64, split_k=1, num_warps=1, num_stages=1),
@@ -32,25 +34,36 @@ def make_weight(N, K, blocksize, nested, scale=1.0):
     return NF4Weight.quantize(torch.randn(N, K, device=DEVICE) * scale, blocksize=blocksize, double_quant=nested)
 
 
-def make_inputs(M, N, K, r, dtype, bias):
-    """x, lora_l (= s * S) [M, r], lora_r (= B.T, a transposed view) [r, N], bias: random, never zero; the LoRA
-    term is comparable in size to the base term."""
+SCALING = 1.5
+
+
+def make_inputs(M, N, K, r, dtype, bias, adapter_dtype=None):
+    """x [M, K], lora_A [r, K], lora_B [N, r], bias [N]: random, never zero; the LoRA term is comparable in size
+    to the base term. Adapters and bias in ``adapter_dtype`` (default: fp32 for odd N, as peft keeps them, else
+    ``dtype``)."""
+    adapter_dtype = adapter_dtype or (F32 if N % 2 else dtype)
     x = torch.randn(M, K, device=DEVICE).to(dtype)
-    lora_l = (torch.randn(M, r, device=DEVICE) * 2.0).to(dtype)
-    lora_r = (torch.randn(N, r, device=DEVICE) * (K / r) ** 0.5 / 2).to(dtype).t()
-    b = torch.randn(N, device=DEVICE).to(dtype) if bias else None
-    return x, lora_l, lora_r, b
+    A = (torch.randn(r, K, device=DEVICE) / K ** 0.5).to(adapter_dtype)
+    B = (torch.randn(N, r, device=DEVICE) * (K / r) ** 0.5 / 2).to(adapter_dtype)
+    b = torch.randn(N, device=DEVICE).to(adapter_dtype) if bias else None
+    return x, A, B, b
 
 
-def oracle(x, W64, lora_l, lora_r, b):
-    y = x.double() @ W64.t() + lora_l.double() @ lora_r.double()
-    return y if b is None else y + b.double()
+def oracle(x, W64, A, B, b, scaling=SCALING):
+    """``(y, S)`` in fp64 from the operands rounded to ``x.dtype`` (as the kernels read them)."""
+    S = x.double() @ A.to(x.dtype).double().t()
+    y = x.double() @ W64.t() + scaling * S @ B.to(x.dtype).double().t()
+    return (y if b is None else y + b.to(x.dtype).double()), S
 
 
 # (M, N, K, r, dtype, nested, blocksize, bias, knobs)
 CASES = [
     (1, 40, 512, 16, F16, True, 64, True, "default"),  # default config (fast path, split-K from default_config)
-    (1, 37, 512, 8, F16, True, 64, False, "fast"),  # M = 1, ragged N, 4 K steps (register double buffer)
+    (1, 37, 512, 8, F16, True, 64, False, "fast"),  # M = 1 (FMA), ragged N, 4 K steps (register double buffer)
+    (1, 37, 512, 8, F16, True, 64, True, "fast_dot"),  # M = 1 on the tensor-core path
+    (1, 45, 768, 16, F32, False, 128, True, "fast_fma"),  # FMA, fp32, blocksize 128, 2 scale blocks per step
+    (1, 20, 320, 4, F16, True, 32, False, "fast_fma"),  # FMA, masked last step, 8 scale blocks per step
+    (3, 26, 512, 8, F16, True, 64, True, "fast_fma"),  # fma=True at M > 1: the tensor-core path runs
     (2, 33, 640, 1, F32, False, 32, True, "fast_split"),  # split 3 over 5 K steps, 4 scale blocks per tile row
     (5, 20, 384, 64, F16, True, 128, True, "fast_split"),  # blocksize 128 (one scale per 16 words)
     (16, 19, 256, 16, F16, False, 64, False, "fast_wide"),  # M = 16 (M_PAD 16), one K step per split
@@ -66,6 +79,8 @@ CASES = [
     pytest.param((4, 40, 512, 16, BF16, True, 64, True, "fast_split"), marks=needs_cuda),
     pytest.param((64, 4096, 4096, 16, BF16, True, 64, True, "default"), marks=needs_cuda),
     pytest.param((1, 64, 4096, 16, BF16, True, 64, True, "default"), marks=needs_cuda),
+    pytest.param((1, 4097, 4096, 16, BF16, True, 64, True, "default"), marks=needs_cuda),
+    pytest.param((1, 1000, 4096, 64, BF16, True, 64, True, "fast_dot"), marks=needs_cuda),
     pytest.param((16, 4096, 4096, 16, BF16, True, 64, False, "default"), marks=needs_cuda),
     pytest.param((7, 1000, 1000, 8, BF16, False, 128, True, "default"), marks=needs_cuda),
 ]
@@ -81,10 +96,12 @@ def _check(case, **extra):
     M, N, K, r, dtype, nested, bs, bias, knobs = case
     scale = 0.05 if K >= 1000 else 1.0  # realistic weight scale on the big GPU shapes
     w = make_weight(N, K, bs, nested, scale)
-    x, lora_l, lora_r, b = make_inputs(M, N, K, r, dtype, bias)
-    out = nf4_gemv(x, _nf4_state(w), lora_l, lora_r, b, **KNOBS[knobs], **extra)
-    assert out.dtype == dtype and out.shape == (M, N)
-    assert rel_err(out, oracle(x, oracle_nf4_weight(w), lora_l, lora_r, b)) <= TOL[dtype]
+    x, A, B, b = make_inputs(M, N, K, r, dtype, bias)
+    out, S = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, **KNOBS[knobs], **extra)
+    assert out.dtype == dtype and out.shape == (M, N) and S.dtype == dtype and S.shape == (M, r)
+    y_ref, S_ref = oracle(x, oracle_nf4_weight(w), A, B, b)
+    assert rel_err(S, S_ref) <= TOL[dtype]
+    assert rel_err(out, y_ref) <= TOL[dtype]
     return out
 
 
@@ -148,25 +165,37 @@ def test_nf4_gemv_operand_is_bit_exact(dtype, N, K, bs, nested, knobs):
     ref = w.dequantize(dtype, backend="torch")
     state = _nf4_state(w)
     eye = torch.eye(K, device=DEVICE, dtype=dtype)
-    lora_l = torch.zeros(64, 4, device=DEVICE, dtype=dtype)
-    lora_r = torch.randn(4, N, device=DEVICE).to(dtype)
+    A = torch.zeros(4, K, device=DEVICE, dtype=dtype)
+    B = torch.randn(N, 4, device=DEVICE).to(dtype)
     precision = "ieee" if dtype == F32 else None  # tf32 splits fp32 operands; ieee products are exact
     for k0 in range(0, K, 64):
         x = eye[k0:k0 + 64]
-        out = nf4_gemv(x, state, lora_l[:x.shape[0]], lora_r, None, input_precision=precision, **KNOBS[knobs])
+        out, _ = nf4_gemv(x, state, A, B, 1.0, None, input_precision=precision, **KNOBS[knobs])
         assert torch.equal(out, ref[:, k0:k0 + 64].t()), k0
 
 
 def test_nf4_gemv_split_k_is_deterministic_and_matches_single_slice():
     M, N, K, r = 3, 40, 512, 16
     w = make_weight(N, K, 64, True)
-    x, lora_l, lora_r, b = make_inputs(M, N, K, r, F32, True)
+    x, A, B, b = make_inputs(M, N, K, r, F32, True)
     knobs = dict(block_n=16, block_k=128, num_warps=1)
-    one = nf4_gemv(x, _nf4_state(w), lora_l, lora_r, b, split_k=1, input_precision="ieee", **knobs)
-    a = nf4_gemv(x, _nf4_state(w), lora_l, lora_r, b, split_k=4, input_precision="ieee", **knobs)
-    again = nf4_gemv(x, _nf4_state(w), lora_l, lora_r, b, split_k=4, input_precision="ieee", **knobs)
-    assert torch.equal(a, again)
-    assert rel_err(a, one.double()) <= 1e-6
+    one, s_one = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, split_k=1, input_precision="ieee", **knobs)
+    a, s_a = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, split_k=4, input_precision="ieee", **knobs)
+    again, s_again = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, split_k=4, input_precision="ieee", **knobs)
+    assert torch.equal(a, again) and torch.equal(s_a, s_again)
+    assert rel_err(a, one.double()) <= 1e-6 and rel_err(s_a, s_one.double()) <= 1e-6
+
+
+def test_nf4_gemv_fma_matches_tensor_core_path():
+    """M = 1: the CUDA-core FMA variant and the tensor-core variant agree (fp32, exact products)."""
+    N, K, r = 50, 1024, 8
+    w = make_weight(N, K, 64, True)
+    x, A, B, b = make_inputs(1, N, K, r, F32, True)
+    knobs = dict(block_n=16, block_k=256, split_k=2, num_warps=2, input_precision="ieee")
+    y_fma, s_fma = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, fma=True, **knobs)
+    y_dot, s_dot = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, fma=False, **knobs)
+    assert torch.equal(s_fma, s_dot)
+    assert rel_err(y_fma, y_dot.double()) <= 1e-5
 
 
 def test_nf4_gemv_strided_operands():
@@ -174,42 +203,52 @@ def test_nf4_gemv_strided_operands():
     M, N, K, r = 4, 24, 256, 8
     w = make_weight(N, K, 64, True)
     x = torch.randn(M, 2 * K, device=DEVICE).to(F16)[:, ::2]
-    lora_l = torch.randn(M, 2 * r, device=DEVICE).to(F16)[:, :r]
-    lora_r = torch.randn(N, r, device=DEVICE).to(F16).t()
-    out = nf4_gemv(x, _nf4_state(w), lora_l, lora_r, None, **KNOBS["fast_split"])
-    assert rel_err(out, oracle(x, oracle_nf4_weight(w), lora_l, lora_r, None)) <= TOL[F16]
+    A = (torch.randn(2 * r, K, device=DEVICE) / K ** 0.5)[::2]  # row stride 2K
+    B = torch.randn(r, N, device=DEVICE).t()  # column-major view
+    b = torch.randn(2 * N, device=DEVICE)[::2]
+    for knobs in ("fast_split", "fast_fma"):
+        out, S = nf4_gemv(x[:1] if knobs == "fast_fma" else x, _nf4_state(w), A, B, SCALING, b, **KNOBS[knobs])
+        y_ref, S_ref = oracle(x[:out.shape[0]], oracle_nf4_weight(w), A, B, b)
+        assert rel_err(out, y_ref) <= TOL[F16] and rel_err(S, S_ref) <= TOL[F16]
 
 
 def test_nf4_gemv_empty_batch():
     w = make_weight(8, 64, 64, True)
-    out = nf4_gemv(torch.randn(0, 64, device=DEVICE).to(F16), _nf4_state(w), torch.zeros(0, 4, device=DEVICE).to(F16),
-                   torch.zeros(4, 8, device=DEVICE).to(F16))
-    assert out.shape == (0, 8)
+    out, S = nf4_gemv(torch.randn(0, 64, device=DEVICE).to(F16), _nf4_state(w), torch.randn(4, 64, device=DEVICE),
+                      torch.randn(8, 4, device=DEVICE), SCALING)
+    assert out.shape == (0, 8) and S.shape == (0, 4)
 
 
 def test_default_config_is_sane():
     for M, N, K in [(1, 4096, 4096), (16, 14336, 4096), (4, 4096, 14336), (1, 8, 64)]:
         cfg = default_config(M, N, K)
-        assert set(cfg) == {"block_n", "block_k", "split_k", "num_warps", "num_stages", "lookup"}
+        assert set(cfg) == {"block_n", "block_k", "split_k", "num_warps", "num_stages", "lookup", "fma"}
         assert 1 <= cfg["split_k"] <= 8 and cfg["block_k"] >= 128
     assert default_config(1, 4096, 4096)["split_k"] > 1  # 64 row blocks alone cannot fill 132 SMs
     assert default_config(1, 8, 64)["split_k"] == 1  # never more slices than K steps allow
-    assert default_config(1, 4096, 4096, dtype=F32)["block_k"] == 128
+    assert default_config(4, 4096, 4096, dtype=F32)["block_k"] == 128  # fp32 dot operands: 256 would spill
+    assert default_config(1, 4096, 4096)["fma"] and not default_config(2, 4096, 4096)["fma"]
 
 
 def _bad_inputs():
     w = make_weight(8, 64, 64, True)
-    return dict(x=torch.randn(2, 64).to(F16), nf4=_nf4_state(w), lora_l=torch.randn(2, 4).to(F16),
-                lora_r=torch.randn(4, 8).to(F16), bias=None)
+    return dict(x=torch.randn(2, 64, device=DEVICE).to(F16), nf4=_nf4_state(w),
+                lora_A=torch.randn(4, 64, device=DEVICE), lora_B=torch.randn(8, 4, device=DEVICE), scaling=SCALING,
+                bias=None)
 
 
 @pytest.mark.parametrize("change,knobs,exc,name", [
-    (dict(x=torch.randn(2, 63).to(F16)), {}, ValueError, "nf4"),
-    (dict(x=torch.randn(65, 64).to(F16)), {}, ValueError, "x"),
-    (dict(x=torch.randn(2, 64, dtype=torch.float64)), {}, TypeError, "x"),
-    (dict(lora_r=torch.randn(4, 7).to(F16)), {}, ValueError, "lora_r"),
-    (dict(lora_l=torch.randn(2, 4)), {}, TypeError, "lora_l"),
-    (dict(bias=torch.randn(7).to(F16)), {}, ValueError, "bias"),
+    (dict(x=torch.randn(2, 63, device=DEVICE).to(F16)), {}, ValueError, "nf4"),
+    (dict(x=torch.randn(65, 64, device=DEVICE).to(F16)), {}, ValueError, "x"),
+    (dict(x=torch.randn(2, 64, device=DEVICE, dtype=torch.float64)), {}, TypeError, "x"),
+    (dict(lora_A=torch.randn(4, 63, device=DEVICE)), {}, ValueError, "lora_A"),
+    (dict(lora_A=torch.randn(64, device=DEVICE)), {}, ValueError, "lora_A"),
+    (dict(lora_B=torch.randn(7, 4, device=DEVICE)), {}, ValueError, "lora_B"),
+    (dict(lora_B=torch.randn(8, 4, device=DEVICE, dtype=torch.float64)), {}, TypeError, "lora_B"),
+    (dict(lora_A=torch.randint(0, 3, (4, 64), device=DEVICE)), {}, TypeError, "lora_A"),
+    (dict(bias=torch.randn(7, device=DEVICE).to(F16)), {}, ValueError, "bias"),
+    (dict(scaling="2"), {}, TypeError, "scaling"),
+    ({}, dict(fma=1), ValueError, "fma"),
     ({}, dict(block_n=24), ValueError, "block_n"),
     ({}, dict(block_k=16), ValueError, "block_k"),
     ({}, dict(split_k=0), ValueError, "split_k"),
@@ -221,9 +260,16 @@ def test_nf4_gemv_rejects_bad_input(change, knobs, exc, name):
         nf4_gemv(**args, **knobs)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a second device")
+def test_nf4_gemv_rejects_operands_on_another_device():
+    args = {**_bad_inputs(), "lora_B": torch.randn(8, 4)}
+    with pytest.raises(ValueError, match="lora_B"):
+        nf4_gemv(**args)
+
+
 def test_nf4_gemv_rejects_weights_past_int32_indexing():
     """N*K past the int32 flat-index limit is refused (before any launch), naming the weight."""
     args = _bad_inputs()
     big = {**args["nf4"], "shape": (MAX_ELEMENTS // 64 + 1, 64)}
     with pytest.raises(ValueError, match="weight"):
-        nf4_gemv(args["x"], big, args["lora_l"], args["lora_r"])
+        nf4_gemv(args["x"], big, args["lora_A"], args["lora_B"], SCALING)

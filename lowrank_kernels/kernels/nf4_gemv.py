@@ -1,8 +1,8 @@
-"""Triton kernel: memory-bound NF4 GEMV / skinny GEMM for decode (M = 1 ... 16), LoRA and bias in the same kernel.
+"""Triton kernels: memory-bound NF4 GEMV / skinny GEMM for decode (M = 1 ... 64), LoRA and bias in the same launches.
 
-    y [M, N] = x [M, K] @ deq(W).T + lora_l [M, r] @ lora_r [r, N] (+ bias [N])      W [N, K] NF4
+    S [M, r] = x [M, K] @ A.T,   y [M, N] = x @ deq(W).T + (s * S) @ B.T (+ bias [N])     W [N, K] NF4, A [r, K]
 
-At M <= 16 the layer is one read of the 4-bit weight (4096 x 4096 with double quant: 8.4 MB of nibbles + 0.26 MB
+At decode sizes the layer is one read of the 4-bit weight (4096 x 4096 with double quant: 8.4 MB of nibbles + 0.26 MB
 of scales). Streaming it at ~2.5 TB/s means every H100 SM must dequantize ~20 weight elements per clock, against
 an issue rate of 128 thread-instructions per clock: the kernel is designed around *instructions per weight
 element* as much as around bytes. (Counts below are from the sm_90 SASS of the loop, compiled offline.)
@@ -29,30 +29,46 @@ needs one shift and no mask (7 shifts + 8 shuffles per word). The alternatives, 
 a global-memory gather ``tl.load(code + nibble)`` (kept as ``lookup="load"``; the interpreter, which cannot run
 inline PTX, always uses it) costs ~3.5 more SASS instructions per element (64-bit address arithmetic, byte
 extraction; with ``num_stages > 1`` Triton also turns it into 4-byte ``cp.async`` copies); a ``tl.where`` tree
-~20 more; Triton's ``tl.gather`` on a register table lowers to 8 shuffles + selects per element. With the default
-config the loop is ~5.35 SASS instructions per weight element (1 shuffle, 0.9 shift, 1 FMUL, 0.5 bf16x2 pack, the
-rest x operand staging, wgmma, loads) against ~9.0 with the global gather.
+~20 more; Triton's ``tl.gather`` on a register table lowers to 8 shuffles + selects per element.
 
-The product uses tensor cores: ``tl.dot`` of each dequantized ``[BLOCK_N, BLOCK_K // 8]`` tile (the A operand,
-produced directly in the wgmma register layout: no shared-memory copy of W) with ``x.T`` padded to
+The product at ``M > 1`` uses tensor cores: ``tl.dot`` of each dequantized ``[BLOCK_N, BLOCK_K // 8]`` tile (the A
+operand, produced directly in the wgmma register layout: no shared-memory copy of W) with ``x.T`` padded to
 ``M_PAD = max(8, next_pow2(M))`` columns (wgmma's n = 8; 16 costs 7 % more instructions and 40 % more registers),
 accumulating ``[BLOCK_N, M_PAD]`` in fp32. The 8 nibble positions of a word are kept apart: tile ``e`` holds
 elements ``k0 + 8c + e`` and is multiplied with the matching strided columns of x (the x tile is loaded contiguous
-and split in registers), so W is never interleaved. At M = 1 the padding costs little; broadcast-multiply +
-``tl.sum`` would instead cost ``M`` FMAs per element (already more than the whole dequantization at M = 4).
+and split in registers), so W is never interleaved. ``scripts/sass_gemv.py`` compiles the kernel for sm_90 offline
+and counts the loop: with Triton 3.6, 128 x 128 tiles, 4 warps, ~7.4 SASS instructions per weight element (1
+shuffle, 1 shift, 1 FMUL, 0.5 bf16x2 pack, the rest x operand staging through shared memory, wgmma, loads),
+against ~4.6 for the ``FMA`` variant below, which is what ``M = 1`` runs.
 
 Generic path (any K: odd K, blocks straddling rows, ``BLOCK_K < 128``): a tile row's even- and odd-position
 elements are read as two byte tiles starting at byte ``e0 >> 1`` and ``(e0 >> 1) + (e0 & 1)``
 (``e0 = n*K + k0``), the nibble picked by the row's parity, and the scales of the (at most
 ``cdiv(BLOCK_K, blocksize) + 1``) blocks a tile row touches are selected per element. Correct, slower.
 
-LoRA and bias
--------------
-``lora_l @ lora_r`` (``[M, r] x [r, N]``, ``r <= 256`` in chunks of 64 ranks) is one more ``tl.dot`` into the fp32
-accumulator tile: with ``SPLIT_K == 1`` in the main kernel after its K loop (one launch in all), otherwise in the
-reduction pass. With ``SPLIT_K > 1`` (``PARTIAL``) every K slice stores its fp32 partial tile to a workspace
-``[SPLIT_K, M, N]`` and ``nf4_gemv_reduce_kernel`` sums the slices in the fixed order 0, 1, ..., adds the LoRA term
-and the bias and rounds to the output dtype: deterministic (no atomics), at the price of a second launch.
+LoRA, bias and the second launch
+--------------------------------
+The adapters are read in their own dtype (peft keeps them in fp32) and rounded to ``x.dtype`` in the kernels, so
+a decode step is exactly two launches: no casts, no separate ``S`` GEMM. Program ``(i, s)`` stores its fp32
+partial tile to a workspace ``[SPLIT_K, M, N]``; the programs ``i < cdiv(r, RANKS)`` of each K slice also store
+the slice's partial ``S = x @ A.T`` for ``RANKS = cdiv(r, grid_n)`` ranks each (``[SPLIT_K, M, r]``; a few KB of
+``A`` per program). ``nf4_gemv_finish_kernel`` then sums both workspaces in the fixed order 0, 1, ... (no atomics:
+deterministic), rounds ``S`` and ``scaling * S`` to ``x.dtype`` as the unfused path does, adds
+``(s S) @ round(B).T`` with one more ``tl.dot`` per 64 ranks, adds the bias and rounds to the output dtype.
+
+M = 1 on CUDA cores (``FMA``)
+-----------------------------
+At ``M = 1`` the tensor-core dot wastes 7/8 of its padded columns and, worse, needs every weight element scaled,
+rounded and packed into the wgmma operand layout. The ``FMA`` variant skips all of that: per packed word it
+computes ``t = sum_e code[nibble_e] * x_e`` with 8 fp32 FMAs on the looked-up codes and applies the block scale
+once per word (``acc += t * am``), so the loop costs a shift, a shuffle and an FMA per element. Its result is
+not the bf16-rounded dequantized weight times ``x`` but the unrounded one (closer to the fp32 product).
+On the H100 the decode layer (LoRA included) went from 13.6 / 32.8 / 35.3 us (the previous tensor-core default,
+``S`` computed by separate launches and not counted) to 11.3 / 27.9 / 28.9 us on 4096->4096 / 4096->14336 /
+14336->4096 (``bench/results/gemv-h100.txt``): 0.92-1.01x the time of bitsandbytes' ``matmul_4bit`` without
+LoRA. The loop is no longer issue-bound (~4.6 instructions per element would allow ~4x that speed): at 168
+registers an SM holds one 8-warp program, each program streams only 2 K steps, and the load latency of its
+first step is exposed.
 
 Indices: flat element indices ``n*K + k`` are int32 (``N*K`` is checked against ``MAX_ELEMENTS``); offsets into
 x, y, the LoRA factors and the workspace are int64.
@@ -158,41 +174,6 @@ def _nib_load(nibs, byte: tl.constexpr, code_ptr):
 
 
 @triton.jit
-def _deq(c, am, dtype: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr):
-    return tl.reshape(round_fp32_to(c * am, dtype), (BLOCK_N, C))
-
-
-@triton.jit
-def _dequant_words(w, q, s2, code2_ptr, offset, code_ptr, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, NESTED: tl.constexpr, SHFL: tl.constexpr):
-    """The 8 ``[BLOCK_N, BLOCK_K // 8]`` tiles of one K step in ``dtype``; tile ``e`` holds elements ``k0 + 8c + e``."""
-    C: tl.constexpr = BLOCK_K // 8
-    if NESTED:
-        am = tl.load(code2_ptr + q.to(tl.int32)) * s2 + offset  # two fp32 roundings (no FMA contraction)
-    else:
-        am = q
-    am = am[:, :, None]
-    if SHFL:
-        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-            asm=_SHFL_LOOKUP_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,l",
-            args=[w, code_ptr.to(tl.int64)], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-    else:
-        hi = (w >> 4) & 0x0F0F0F0F  # elements 0, 2, 4, 6, one per byte
-        lo = w & 0x0F0F0F0F  # elements 1, 3, 5, 7
-        c0 = _nib_load(hi, 0, code_ptr)
-        c1 = _nib_load(lo, 0, code_ptr)
-        c2 = _nib_load(hi, 1, code_ptr)
-        c3 = _nib_load(lo, 1, code_ptr)
-        c4 = _nib_load(hi, 2, code_ptr)
-        c5 = _nib_load(lo, 2, code_ptr)
-        c6 = _nib_load(hi, 3, code_ptr)
-        c7 = _nib_load(lo, 3, code_ptr)
-    return (_deq(c0, am, dtype, BLOCK_N, C), _deq(c1, am, dtype, BLOCK_N, C), _deq(c2, am, dtype, BLOCK_N, C),
-            _deq(c3, am, dtype, BLOCK_N, C), _deq(c4, am, dtype, BLOCK_N, C), _deq(c5, am, dtype, BLOCK_N, C),
-            _deq(c6, am, dtype, BLOCK_N, C), _deq(c7, am, dtype, BLOCK_N, C))
-
-
-@triton.jit
 def _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk, m_ok, k0, k_end, K,
                BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                EVEN_K: tl.constexpr):
@@ -210,18 +191,116 @@ def _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk, 
 
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _add_lora(acc, l_ptr, r_ptr, offs_m64, m_ok, offs_n64, n_ok, R, stride_lm, stride_lr, stride_rr, stride_rn,
-              R_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """``acc [BLOCK_N, M_PAD] += (lora_l @ lora_r)ᵀ`` tile, ``R_BLOCK`` ranks per ``tl.dot``."""
-    for r0 in range(0, R, R_BLOCK):
-        offs_r = r0 + tl.arange(0, R_BLOCK)
-        r_ok = offs_r < R
-        lt = tl.load(l_ptr + offs_m64[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [M_PAD, R_BLOCK]
-        rt = tl.load(r_ptr + offs_n64[:, None] * stride_rn + offs_r[None, :] * stride_rr,
-                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_N, R_BLOCK]
-        acc = _dot(rt, tl.trans(lt), acc, DOT_FP32, INPUT_PRECISION)
+def _lookup(w, code_ptr, SHFL: tl.constexpr):
+    """``code[nibble]`` (fp32) for the 8 nibble positions of every packed word of ``w``: 8 tensors shaped like
+    ``w``, element ``e`` of each word in the ``e``-th."""
+    if SHFL:
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            asm=_SHFL_LOOKUP_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,l",
+            args=[w, code_ptr.to(tl.int64)], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        hi = (w >> 4) & 0x0F0F0F0F  # elements 0, 2, 4, 6, one per byte
+        lo = w & 0x0F0F0F0F  # elements 1, 3, 5, 7
+        c0 = _nib_load(hi, 0, code_ptr)
+        c1 = _nib_load(lo, 0, code_ptr)
+        c2 = _nib_load(hi, 1, code_ptr)
+        c3 = _nib_load(lo, 1, code_ptr)
+        c4 = _nib_load(hi, 2, code_ptr)
+        c5 = _nib_load(lo, 2, code_ptr)
+        c6 = _nib_load(hi, 3, code_ptr)
+        c7 = _nib_load(lo, 3, code_ptr)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _absmax(q, s2, code2_ptr, offset, NESTED: tl.constexpr):
+    """First-level scales (fp32): ``fp32(fp32(code2[q] * absmax2) + offset)`` when nested, else ``q`` itself."""
+    if NESTED:
+        am = tl.load(code2_ptr + q.to(tl.int32)) * s2 + offset  # two fp32 roundings (no FMA contraction)
+    else:
+        am = q
+    return am
+
+
+@triton.jit
+def _deq(c, am, dtype: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr):
+    return tl.reshape(round_fp32_to(c * am, dtype), (BLOCK_N, C))
+
+
+@triton.jit
+def _split8(x, SHAPE0: tl.constexpr, SHAPE1: tl.constexpr):
+    """The 8 strided parts of ``x`` (``SHAPE0 * SHAPE1 * 8`` elements, last axis fastest): part ``e`` holds the
+    elements ``8c + e``, shaped ``[SHAPE0, SHAPE1]`` (the nibble positions of :func:`_lookup`)."""
+    xl0, xl1 = tl.split(tl.reshape(x, (SHAPE0, SHAPE1, 2, 2, 2)))  # e = 4i + 2j + l
+    xj00, xj01 = tl.split(xl0)
+    xj10, xj11 = tl.split(xl1)
+    x0, x4 = tl.split(xj00)
+    x2, x6 = tl.split(xj01)
+    x1, x5 = tl.split(xj10)
+    x3, x7 = tl.split(xj11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _dot_step(acc, w, q, s2, x, code2_ptr, offset, code_ptr, dtype: tl.constexpr, NESTED: tl.constexpr,
+              SHFL: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Tensor-core step: ``acc [BLOCK_N, M_PAD] += deq(W tile) @ x_tile.T``, the tile dequantized bit-exactly to
+    ``dtype`` in registers as 8 ``[BLOCK_N, BLOCK_K // 8]`` tiles (tile ``e``: elements ``k0 + 8c + e``)."""
+    C: tl.constexpr = BLOCK_K // 8
+    am = _absmax(q, s2, code2_ptr, offset, NESTED)[:, :, None]
+    c0, c1, c2, c3, c4, c5, c6, c7 = _lookup(w, code_ptr, SHFL)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, M_PAD, C)
+    acc = _dot(_deq(c0, am, dtype, BLOCK_N, C), tl.trans(x0), acc, DOT_FP32, INPUT_PRECISION)
+    acc = _dot(_deq(c1, am, dtype, BLOCK_N, C), tl.trans(x1), acc, DOT_FP32, INPUT_PRECISION)
+    acc = _dot(_deq(c2, am, dtype, BLOCK_N, C), tl.trans(x2), acc, DOT_FP32, INPUT_PRECISION)
+    acc = _dot(_deq(c3, am, dtype, BLOCK_N, C), tl.trans(x3), acc, DOT_FP32, INPUT_PRECISION)
+    acc = _dot(_deq(c4, am, dtype, BLOCK_N, C), tl.trans(x4), acc, DOT_FP32, INPUT_PRECISION)
+    acc = _dot(_deq(c5, am, dtype, BLOCK_N, C), tl.trans(x5), acc, DOT_FP32, INPUT_PRECISION)
+    acc = _dot(_deq(c6, am, dtype, BLOCK_N, C), tl.trans(x6), acc, DOT_FP32, INPUT_PRECISION)
+    acc = _dot(_deq(c7, am, dtype, BLOCK_N, C), tl.trans(x7), acc, DOT_FP32, INPUT_PRECISION)
     return acc
+
+
+@triton.jit
+def _fma_step(acc, w, q, s2, x, code2_ptr, offset, code_ptr, NESTED: tl.constexpr, SHFL: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """CUDA-core step for one row of x: ``acc [BLOCK_N, SPT, WPS] += am * sum_e code[nibble_e] * x_e`` (fp32,
+    explicit FMAs), the scale applied once per word instead of once per element."""
+    SUBK: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
+    am = _absmax(q, s2, code2_ptr, offset, NESTED)[:, :, None]
+    c0, c1, c2, c3, c4, c5, c6, c7 = _lookup(w, code_ptr, SHFL)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x.to(tl.float32), BLOCK_K // SUBK, SUBK // 8)
+    t = c0 * x0[None, :, :]
+    t = tl.fma(c1, x1[None, :, :], t)
+    t = tl.fma(c2, x2[None, :, :], t)
+    t = tl.fma(c3, x3[None, :, :], t)
+    t = tl.fma(c4, x4[None, :, :], t)
+    t = tl.fma(c5, x5[None, :, :], t)
+    t = tl.fma(c6, x6[None, :, :], t)
+    t = tl.fma(c7, x7[None, :, :], t)
+    return tl.fma(t, am, acc)
+
+
+@triton.jit
+def _lora_s_partial(x_rows, stride_xk, m_ok, offs_m64, a_ptr, stride_ar, stride_ak, ws_s_ptr, pid_n, pid_k,
+                    M, K, R, RANKS, k_start, k_end, dtype: tl.constexpr, M_PAD: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """``ws_s[pid_k, m, r] = sum over this K slice of x[m, k] * round(A[r, k])`` (fp32) for the ranks
+    ``r = pid_n * RANKS + j`` of this program (``A`` read in its own dtype, rounded to ``dtype``)."""
+    for j in range(RANKS):
+        rank = pid_n * RANKS + j
+        if rank < R:
+            s = tl.zeros((M_PAD,), dtype=tl.float32)
+            a_row = a_ptr + rank.to(tl.int64) * stride_ar
+            for k0 in range(k_start, k_end, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < k_end
+                xt = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
+                             other=0.0)
+                a = tl.load(a_row + offs_k.to(tl.int64) * stride_ak, mask=k_ok, other=0.0).to(dtype)
+                s += tl.sum(xt.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+            tl.store(ws_s_ptr + (pid_k * M + offs_m64) * R + rank, s, mask=m_ok)
 
 
 @triton.jit
@@ -231,21 +310,19 @@ def nf4_gemv_kernel(
     absmax_ptr,  # uint8 [nblocks] when NESTED, else fp32 [nblocks]
     absmax2_ptr, code2_ptr, offset_ptr,  # NESTED only (dummies otherwise)
     code_ptr,  # fp32 [16]
-    l_ptr,  # [M, r] x dtype
-    r_ptr,  # [r, N] x dtype (any strides)
-    bias_ptr,  # [N] (HAS_BIAS only)
-    y_ptr,  # [M, N] (not PARTIAL)
-    ws_ptr,  # fp32 [n_split, M, N] (PARTIAL)
-    M, N, K, R,
-    stride_xm, stride_xk, stride_lm, stride_lr, stride_rr, stride_rn, stride_ym, stride_yn,
+    a_ptr,  # lora_A [R, K], any float dtype and strides
+    ws_ptr,  # fp32 [n_split, M, N]: partial x @ deq(W).T per K slice
+    ws_s_ptr,  # fp32 [n_split, M, R]: partial S = x @ A.T per K slice
+    M, N, K, R, RANKS,  # RANKS: ranks of S per program (programs pid_n < cdiv(R, RANKS) compute them)
+    stride_xm, stride_xk, stride_ar, stride_ak,
     K_PER_SPLIT,  # multiple of BLOCK_K
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-    WORDS: tl.constexpr, EVEN_K: tl.constexpr, SHFL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    M_PAD: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WORDS: tl.constexpr, EVEN_K: tl.constexpr, SHFL: tl.constexpr, FMA: tl.constexpr,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """``PARTIAL``: more than one K slice; store the fp32 partial tile to the workspace (LoRA and bias are added by
-    the reduction pass), else finish the tile here."""
+    """Program ``(pid_n, pid_k)``: the fp32 partial ``x @ deq(W).T`` of its rows and K slice, and (for the first
+    programs of each slice) its share of the partial ``S``. ``FMA`` (``M == 1``, ``WORDS``): CUDA-core FMAs."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -258,15 +335,18 @@ def nf4_gemv_kernel(
     offs_m64 = offs_m.to(tl.int64)
     x_rows = x_ptr + offs_m64[:, None] * stride_xm  # [M_PAD, 1]
 
-    acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)  # outᵀ tile
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
     if WORDS:
-        C: tl.constexpr = BLOCK_K // 8
+        SUBK: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
         row_blk = rows * (K // BLOCKSIZE)  # scale block of W[n, 0]
         offset = 0.0
         if NESTED:
             offset = tl.load(offset_ptr)
+        if FMA:
+            acc3 = tl.zeros((BLOCK_N, BLOCK_K // SUBK, SUBK // 8), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)  # outᵀ tile
         # register double buffer: step k0 + BLOCK_K is loaded while step k0 is computed
         w_n, q_n, s2_n, x_n = _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk, m_ok,
                                          k_start, k_end, K, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, EVEN_K)
@@ -275,27 +355,17 @@ def nf4_gemv_kernel(
             w_n, q_n, s2_n, x_n = _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk, m_ok,
                                              k0 + BLOCK_K, k_end, K, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
                                              EVEN_K)
-
-            w0, w1, w2, w3, w4, w5, w6, w7 = _dequant_words(w_c, q_c, s2_c, code2_ptr, offset, code_ptr, dtype,
-                                                            BLOCK_N, BLOCK_K, NESTED, SHFL)
-            # x columns k0 + 8c + e for e = 4i + 2j + l
-            xl0, xl1 = tl.split(tl.reshape(x_c, (M_PAD, C, 2, 2, 2)))
-            xj00, xj01 = tl.split(xl0)
-            xj10, xj11 = tl.split(xl1)
-            x0, x4 = tl.split(xj00)
-            x2, x6 = tl.split(xj01)
-            x1, x5 = tl.split(xj10)
-            x3, x7 = tl.split(xj11)
-            acc = _dot(w0, tl.trans(x0), acc, DOT_FP32, INPUT_PRECISION)
-            acc = _dot(w1, tl.trans(x1), acc, DOT_FP32, INPUT_PRECISION)
-            acc = _dot(w2, tl.trans(x2), acc, DOT_FP32, INPUT_PRECISION)
-            acc = _dot(w3, tl.trans(x3), acc, DOT_FP32, INPUT_PRECISION)
-            acc = _dot(w4, tl.trans(x4), acc, DOT_FP32, INPUT_PRECISION)
-            acc = _dot(w5, tl.trans(x5), acc, DOT_FP32, INPUT_PRECISION)
-            acc = _dot(w6, tl.trans(x6), acc, DOT_FP32, INPUT_PRECISION)
-            acc = _dot(w7, tl.trans(x7), acc, DOT_FP32, INPUT_PRECISION)
+            if FMA:
+                acc3 = _fma_step(acc3, w_c, q_c, s2_c, x_c, code2_ptr, offset, code_ptr, NESTED, SHFL, BLOCK_K,
+                                 BLOCKSIZE)
+            else:
+                acc = _dot_step(acc, w_c, q_c, s2_c, x_c, code2_ptr, offset, code_ptr, dtype, NESTED, SHFL, M_PAD,
+                                BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION)
+        if FMA:
+            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None]  # [BLOCK_N, 1]
     else:
         HALF: tl.constexpr = BLOCK_K // 2
+        acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             w_ev, w_od = nf4_tile_even_odd(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
                                            rows, rows >= 0, k0, K, dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED,
@@ -307,28 +377,22 @@ def nf4_gemv_kernel(
             acc = _dot(w_ev, tl.trans(x_ev), acc, DOT_FP32, INPUT_PRECISION)
             acc = _dot(w_od, tl.trans(x_od), acc, DOT_FP32, INPUT_PRECISION)
 
-    offs_n64 = offs_n.to(tl.int64)
-    out_ok = n_ok[:, None] & m_ok[None, :]
-    if not PARTIAL:
-        acc = _add_lora(acc, l_ptr, r_ptr, offs_m64, m_ok, offs_n64, n_ok, R, stride_lm, stride_lr, stride_rr,
-                        stride_rn, R_BLOCK, DOT_FP32, INPUT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + offs_n64[:, None] * stride_yn + offs_m64[None, :] * stride_ym,
-                 round_fp32_to(acc, y_ptr.dtype.element_ty), mask=out_ok)
-    else:
-        ws = ws_ptr + pid_k.to(tl.int64) * M * N + offs_m64[None, :] * N + offs_n64[:, None]
-        tl.store(ws, acc, mask=out_ok)
+    ws = ws_ptr + pid_k.to(tl.int64) * M * N + offs_m64[None, :] * N + offs_n.to(tl.int64)[:, None]
+    tl.store(ws, acc, mask=n_ok[:, None] & m_ok[None, :])
+    _lora_s_partial(x_rows, stride_xk, m_ok, offs_m64, a_ptr, stride_ar, stride_ak, ws_s_ptr, pid_n, pid_k,
+                    M, K, R, RANKS, k_start, k_end, dtype, M_PAD, BLOCK_K)
 
 
 @triton.jit
-def nf4_gemv_reduce_kernel(ws_ptr, l_ptr, r_ptr, bias_ptr, y_ptr, M, N, R,
-                           stride_lm, stride_lr, stride_rr, stride_rn, stride_ym, stride_yn,
+def nf4_gemv_finish_kernel(ws_ptr, ws_s_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, M, N, R, scaling,
+                           stride_bn, stride_br, stride_bias, stride_ym, stride_yn, stride_sm, stride_sr,
                            SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
                            R_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
                            INPUT_PRECISION: tl.constexpr):
-    """``y = round(ws[0] + ws[1] + ... + ws[SPLIT_K - 1] + lora_l @ lora_r + bias)``, in that order, for a
-    ``[M, BLOCK_N]`` column tile of ``y``."""
+    """For a ``[M, BLOCK_N]`` column tile of ``y``, sums taken in the fixed order 0, 1, ..., SPLIT_K - 1:
+    ``S = round(ws_s[0] + ws_s[1] + ...)`` (program 0 stores it), ``y = round(ws[0] + ws[1] + ... +
+    round(scaling * S) @ round(B).T + round(bias))``; everything in ``y.dtype`` with fp32 accumulation."""
+    dtype: tl.constexpr = y_ptr.dtype.element_ty
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_m = tl.arange(0, M_PAD)
@@ -338,19 +402,33 @@ def nf4_gemv_reduce_kernel(ws_ptr, l_ptr, r_ptr, bias_ptr, y_ptr, M, N, R,
     out_ok = n_ok[:, None] & m_ok[None, :]
     ws = ws_ptr + offs_m64[None, :] * N + offs_n64[:, None]
     acc = tl.load(ws, mask=out_ok, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(ws + s * M * N, mask=out_ok, other=0.0)
-    acc = _add_lora(acc, l_ptr, r_ptr, offs_m64, m_ok, offs_n64, n_ok, R, stride_lm, stride_lr, stride_rr,
-                    stride_rn, R_BLOCK, DOT_FP32, INPUT_PRECISION)
+    for sk in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ws + sk * M * N, mask=out_ok, other=0.0)
+    for r0 in range(0, R, R_BLOCK):
+        offs_r = r0 + tl.arange(0, R_BLOCK)
+        r_ok = offs_r < R
+        s_ok = m_ok[:, None] & r_ok[None, :]
+        ws_s = ws_s_ptr + offs_m64[:, None] * R + offs_r[None, :]
+        s = tl.load(ws_s, mask=s_ok, other=0.0)  # [M_PAD, R_BLOCK]
+        for sk in tl.static_range(1, SPLIT_K):
+            s += tl.load(ws_s + sk * M * R, mask=s_ok, other=0.0)
+        s = round_fp32_to(s, dtype)
+        if tl.program_id(0) == 0:
+            tl.store(s_ptr + offs_m64[:, None] * stride_sm + offs_r[None, :] * stride_sr, s, mask=s_ok)
+        lora_l = round_fp32_to(s.to(tl.float32) * scaling, dtype)
+        bt = tl.load(b_ptr + offs_n64[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(dtype)  # [BLOCK_N, R_BLOCK]
+        acc = _dot(bt, tl.trans(lora_l), acc, DOT_FP32, INPUT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        acc += tl.load(bias_ptr + offs_n64 * stride_bias, mask=n_ok, other=0.0).to(dtype).to(tl.float32)[:, None]
     tl.store(y_ptr + offs_n64[:, None] * stride_yn + offs_m64[None, :] * stride_ym,
-             round_fp32_to(acc, y_ptr.dtype.element_ty), mask=out_ok)
+             round_fp32_to(acc, dtype), mask=out_ok)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
-REDUCE_BLOCK_N = 64
+FINISH_BLOCK_N = 64
 GENERIC_BLOCK_K = 64  # default block_k when K % blocksize != 0
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -374,24 +452,30 @@ def default_input_precision(dtype: torch.dtype) -> str:
 
 
 def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, num_sms: int = 132) -> dict:
-    """Launch configuration ``dict(block_n, block_k, split_k, num_warps, num_stages, lookup)`` for ``y [M, N]``.
+    """Launch configuration ``dict(block_n, block_k, split_k, num_warps, num_stages, lookup, fma)`` for
+    ``y [M, N]``.
 
-    From the H100 sweeps in ``bench/results/gemv-h100.txt`` (M = 1, 4, 16) and ``gemv-m32-64-h100.txt``
-    (M = 32, 64), Llama-3-8B shapes, bf16: for M <= 8, 128 rows x 128 K per program with split-K 8 was the
-    fastest on all three shapes; for M <= 16, 64 x 256 (128 for fp32, where 256 spills) with split-K 4; above,
-    128 x 128 with split-K chosen for about 256 programs (8 for N = 4096, 2 for N = 14336). Always 4 warps,
-    1 stage (the kernel double-buffers in registers) and the shuffle lookup; ``split_k`` is capped at two K steps
-    per slice.
+    From the H100 sweeps in ``bench/results/gemv-h100.txt`` (M = 1, 4, 16; the fastest config over the three
+    Llama-3-8B shapes, bf16) and ``gemv-m32-64-h100.txt`` (M = 32, 64): M = 1: the CUDA-core variant with
+    128 rows x 256 K per program, 8 warps, split-K 8; M <= 8: 64 x 256, 4 warps, split-K 8; M <= 16: 128 x 256,
+    8 warps, split-K 8; above, 128 x 128, 4 warps, with split-K chosen for about 256 programs (8 for N = 4096,
+    2 for N = 14336). fp32 uses ``block_k`` 128 at M > 1 (256 spills). Always 1 stage (the kernel double-buffers
+    in registers) and the shuffle lookup; ``split_k`` is capped at two K steps per slice.
     """
-    if M <= 8:
-        block_n, block_k, split = 128, 128, 8
+    if M == 1:
+        block_n, block_k, warps, split = 128, 256, 8, 8
+    elif M <= 8:
+        block_n, block_k, warps, split = 64, 256, 4, 8
     elif M <= 16:
-        block_n, block_k, split = 64, 128 if dtype == torch.float32 else 256, 4
+        block_n, block_k, warps, split = 128, 256, 8, 8
     else:
-        block_n, block_k = 128, 128
+        block_n, block_k, warps = 128, 128, 4
         split = max(1, min(8, 256 // triton.cdiv(N, block_n)))
+    if dtype == torch.float32 and M > 1:
+        block_k = 128
     split_k = max(1, min(split, triton.cdiv(K, block_k) // 2))
-    return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=1, lookup="shfl")
+    return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=warps, num_stages=1, lookup="shfl",
+                fma=M == 1)
 
 
 def _check_pow2(name, v, lo, hi):
@@ -399,27 +483,39 @@ def _check_pow2(name, v, lo, hi):
         raise ValueError(f"nf4_gemv: {name} must be a power of two in [{lo}, {hi}], got {v!r}")
 
 
-def nf4_gemv(x, nf4, lora_l, lora_r, bias=None, *, block_n=None, block_k=None, split_k=None, num_warps=None,
-             num_stages=None, lookup=None, input_precision=None):
-    """``y [M, N] = x @ deq(W).T + lora_l @ lora_r + bias`` in ``x.dtype`` (decode-sized ``M``; see the module doc).
+def _check_float(name, t, shape):
+    if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name}: expected a bfloat16, float16 or float32 tensor, got {got}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {tuple(t.shape)}")
 
-    ``x [M, K]`` (bf16 / fp16 / fp32, any strides, ``M <= 64``, built for ``M <= 16``); ``nf4``: the NF4 state of
-    ``W [N, K]`` as ``dispatch._nf4_state`` gives it (``packed``, ``absmax``, ``code``, ``blocksize``, ``shape``
-    and, when double-quantized, ``absmax2``, ``code2``, ``offset``, ``nested_blocksize``); ``lora_l [M, r]``
-    (``= s * S``) and ``lora_r [r, N]`` (``= B.T``, any strides) in ``x.dtype``; ``bias [N]`` or ``None``.
+
+def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_k=None, split_k=None,
+             num_warps=None, num_stages=None, lookup=None, fma=None, input_precision=None):
+    """``(y [M, N], S [M, r])``: ``S = x @ A.T``, ``y = x @ deq(W).T + (scaling * S) @ B.T + bias`` in
+    ``x.dtype`` (decode-sized ``M``; see the module doc). Two launches, nothing else.
+
+    ``x [M, K]`` (bf16 / fp16 / fp32, any strides, ``M <= 64``); ``nf4``: the NF4 state of ``W [N, K]`` as
+    ``dispatch._nf4_state`` gives it (``packed``, ``absmax``, ``code``, ``blocksize``, ``shape`` and, when
+    double-quantized, ``absmax2``, ``code2``, ``offset``, ``nested_blocksize``); ``lora_A [r, K]``,
+    ``lora_B [N, r]`` and ``bias [N]`` (or ``None``) in any of bf16 / fp16 / fp32 and any strides: the kernels
+    round them to ``x.dtype`` as they read them (peft's fp32 adapters need no cast launches). ``S`` and
+    ``scaling * S`` are rounded to ``x.dtype``, as the unfused path computes them.
 
     Launch knobs (``None``: :func:`default_config`): ``block_n`` (W rows per program, power of two >= 16),
     ``block_k`` (K per step, power of two >= 32; the fast path needs >= 128 and ``K % blocksize == 0``; when
-    ``K % blocksize != 0`` the default is 64),
-    ``split_k`` (K slices; > 1 adds a deterministic reduction pass), ``num_warps``, ``num_stages``, ``lookup``
-    (``"shfl"``: warp-shuffle code lookup, ``"load"``: global-memory gather; the interpreter always uses
-    ``"load"``); ``input_precision`` of fp32 dots (``"ieee"``, ``"tf32"``, ``"tf32x3"``).
+    ``K % blocksize != 0`` the default is 64), ``split_k`` (K slices, summed in a fixed order by the second
+    launch: deterministic), ``num_warps``, ``num_stages``, ``lookup`` (``"shfl"``: warp-shuffle code lookup,
+    ``"load"``: global-memory gather; the interpreter always uses ``"load"``), ``fma`` (``M == 1`` on the fast
+    path: CUDA-core FMAs, the scale applied per packed word); ``input_precision`` of fp32 dots (``"ieee"``,
+    ``"tf32"``, ``"tf32x3"``).
     """
-    if x.dim() != 2:
-        raise ValueError(f"x: expected a 2-D [M, K] tensor, got shape {tuple(x.shape)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D [M, K] tensor, got {getattr(x, 'shape', type(x).__name__)}")
     M, K = x.shape
     dtype = x.dtype
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x: expected bfloat16, float16 or float32, got {dtype}")
     if M > MAX_M:
         raise ValueError(f"x: nf4_gemv handles M <= {MAX_M} rows (decode); got M={M}")
@@ -429,20 +525,25 @@ def nf4_gemv(x, nf4, lora_l, lora_r, bias=None, *, block_n=None, block_k=None, s
     N = shape[0]
     if N * K > MAX_ELEMENTS:
         raise ValueError(f"weight: {N * K} elements, over the int32-indexed kernel limit {MAX_ELEMENTS}")
-    if lora_l.dim() != 2 or lora_r.dim() != 2 or lora_l.shape[0] != M or tuple(lora_r.shape) != (lora_l.shape[1], N):
-        raise ValueError(f"lora_l {tuple(lora_l.shape)} / lora_r {tuple(lora_r.shape)}: expected [{M}, r] and "
-                         f"[r, {N}]")
-    if lora_l.dtype != dtype or lora_r.dtype != dtype:
-        raise TypeError(f"lora_l / lora_r: expected {dtype}, got {lora_l.dtype} / {lora_r.dtype}")
-    if bias is not None and (tuple(bias.shape) != (N,) or bias.dtype != dtype):
-        raise ValueError(f"bias: expected a [{N}] {dtype} tensor, got {tuple(bias.shape)} {bias.dtype}")
-    R = lora_l.shape[1]
+    R = lora_A.shape[0] if isinstance(lora_A, torch.Tensor) and lora_A.dim() == 2 else 0
+    if R < 1:
+        raise ValueError(f"lora_A: expected a 2-D [r, {K}] tensor with r >= 1, got "
+                         f"{getattr(lora_A, 'shape', type(lora_A).__name__)}")
+    _check_float("lora_A", lora_A, (R, K))
+    _check_float("lora_B", lora_B, (N, R))
+    if bias is not None:
+        _check_float("bias", bias, (N,))
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling: expected a real number, got {type(scaling).__name__}")
+    for name, t in (("nf4 packed", nf4["packed"]), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: on {t.device}, but x is on {x.device}")
 
     cfg = default_config(M, N, K, dtype, _num_sms(x.device))
     if K % nf4["blocksize"] != 0:
         cfg["block_k"] = GENERIC_BLOCK_K  # generic path: larger tiles spill (its per-element scale selection)
     overrides = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
-                     num_stages=num_stages, lookup=lookup)
+                     num_stages=num_stages, lookup=lookup, fma=fma)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     _check_pow2("block_n", cfg["block_n"], 16, 1024)
     _check_pow2("block_k", cfg["block_k"], 32, 4096)
@@ -451,11 +552,14 @@ def nf4_gemv(x, nf4, lora_l, lora_r, bias=None, *, block_n=None, block_k=None, s
             raise ValueError(f"nf4_gemv: {key} must be a positive int, got {cfg[key]!r}")
     if cfg["lookup"] not in LOOKUPS:
         raise ValueError(f"nf4_gemv: lookup must be one of {LOOKUPS}, got {cfg['lookup']!r}")
+    if not isinstance(cfg["fma"], bool):
+        raise ValueError(f"nf4_gemv: fma must be a bool, got {cfg['fma']!r}")
     precision = input_precision or default_input_precision(dtype)
 
     y = x.new_empty((M, N))
-    if M == 0 or N == 0:
-        return y
+    if M == 0 or N == 0:  # nothing to launch (S of an N = 0 layer is still x @ A.T)
+        return y, x @ lora_A.to(dtype).t()
+    S = x.new_empty((M, R))
 
     blocksize = nf4["blocksize"]
     nested = nf4.get("absmax2") is not None
@@ -469,31 +573,31 @@ def nf4_gemv(x, nf4, lora_l, lora_r, bias=None, *, block_n=None, block_k=None, s
     iters_per_split = triton.cdiv(k_iters, cfg["split_k"])
     n_split = triton.cdiv(k_iters, iters_per_split)  # no empty slices
     words = K % blocksize == 0 and block_k >= 128 and packed.data_ptr() % 4 == 0 and packed.is_contiguous()
-    m_pad = max(8, triton.next_power_of_2(M))
-    r_block = max(16, min(MAX_RANK_CHUNK, triton.next_power_of_2(max(R, 1))))
+    use_fma = cfg["fma"] and words and M == 1
+    grid_n = triton.cdiv(N, cfg["block_n"])
     interpret = _interpreting()
     dot_fp32 = interpret and dtype == torch.bfloat16
-    has_bias = bias is not None
-    bias_arg = bias if has_bias else x
-    ws = torch.empty((n_split, M, N), dtype=torch.float32, device=x.device) if n_split > 1 else y
+    ws = torch.empty((n_split, M, N), dtype=torch.float32, device=x.device)
+    ws_s = torch.empty((n_split, M, R), dtype=torch.float32, device=x.device)
 
-    nf4_gemv_kernel[(triton.cdiv(N, cfg["block_n"]), n_split)](
-        x, *w_args, lora_l, lora_r, bias_arg, y, ws,
-        M, N, K, R,
-        x.stride(0), x.stride(1), lora_l.stride(0), lora_l.stride(1), lora_r.stride(0), lora_r.stride(1),
-        y.stride(0), y.stride(1),
+    nf4_gemv_kernel[(grid_n, n_split)](
+        x, *w_args, lora_A, ws, ws_s,
+        M, N, K, R, triton.cdiv(R, grid_n),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         iters_per_split * block_k,
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nf4["nested_blocksize"] if nested else 1,
         WORDS=words, EVEN_K=words and K % block_k == 0, SHFL=words and cfg["lookup"] == "shfl" and not interpret,
-        HAS_BIAS=has_bias, M_PAD=m_pad, R_BLOCK=r_block, BLOCK_N=cfg["block_n"], BLOCK_K=block_k, PARTIAL=n_split > 1,
-        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        FMA=use_fma, M_PAD=1 if use_fma else max(8, triton.next_power_of_2(M)), BLOCK_N=cfg["block_n"],
+        BLOCK_K=block_k, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
     )
-    if n_split > 1:
-        nf4_gemv_reduce_kernel[(triton.cdiv(N, REDUCE_BLOCK_N),)](
-            ws, lora_l, lora_r, bias_arg, y, M, N, R,
-            lora_l.stride(0), lora_l.stride(1), lora_r.stride(0), lora_r.stride(1), y.stride(0), y.stride(1),
-            SPLIT_K=n_split, HAS_BIAS=has_bias, M_PAD=m_pad, R_BLOCK=r_block, BLOCK_N=REDUCE_BLOCK_N,
-            DOT_FP32=dot_fp32, INPUT_PRECISION=precision, num_warps=4, enable_fp_fusion=False,
-        )
-    return y
+    has_bias = bias is not None
+    nf4_gemv_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_N),)](
+        ws, ws_s, lora_B, bias if has_bias else x, y, S, M, N, R, float(scaling),
+        lora_B.stride(0), lora_B.stride(1), bias.stride(0) if has_bias else 0, y.stride(0), y.stride(1),
+        S.stride(0), S.stride(1),
+        SPLIT_K=n_split, HAS_BIAS=has_bias, M_PAD=max(8, triton.next_power_of_2(M)),
+        R_BLOCK=max(16, min(MAX_RANK_CHUNK, triton.next_power_of_2(R))), BLOCK_N=FINISH_BLOCK_N,
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision, num_warps=4, enable_fp_fusion=False,
+    )
+    return y, S
