@@ -10,7 +10,9 @@ timed only if it passes; a config that fails to compile or is wrong is reported 
 Columns: µs per layer; GB/s = (packed nibbles + scale bytes + x + y) / time, the bytes a decode layer must move
 (dense: the bf16 weight instead); %copy = GB/s against a measured device-to-device copy; the speed-up over
 ``bnb.matmul_4bit`` (base GEMM only, no LoRA, as DESIGN.md §5 measured it) and over dense bf16 ``x @ W.t()``.
-``bnb+lora`` adds the two small LoRA matmuls the way peft runs them. The nf4_gemv rows include LoRA.
+``bnb+lora`` adds the two small LoRA matmuls the way peft runs them. The nf4_gemv rows include LoRA, with fp32
+adapters as peft keeps them (read and rounded in the kernels); ``qlora_linear`` is the whole dispatched call under
+``torch.no_grad()``. At M = 1 the grid also runs the CUDA-core variant (``/fma``).
 
     python scripts/bench_gemv.py --out bench/results/gemv-h100.txt [--grid small|full] [--m 1 4 16]
 
@@ -27,7 +29,7 @@ import traceback
 import torch
 import triton
 
-from lowrank_kernels import NF4Weight
+from lowrank_kernels import NF4Weight, qlora_linear
 from lowrank_kernels.dispatch import _nf4_state
 from lowrank_kernels.kernels.nf4_gemv import default_config, nf4_gemv
 
@@ -37,10 +39,15 @@ COPIES = 8
 # (block_n, block_k, num_warps, num_stages): the default first, then variants chosen from the compiled sm_90 loop
 # (registers without spills, SASS instructions per weight element ~5.0-6.4).
 GRID = {
+    "none": [],
     "small": [(64, 256, 4, 1), (64, 256, 4, 2), (128, 256, 8, 1), (128, 128, 4, 1), (64, 128, 4, 1),
               (32, 256, 2, 1)],
     "full": [(64, 256, 4, 1), (64, 256, 4, 2), (128, 256, 8, 1), (128, 128, 4, 1), (64, 128, 4, 1),
              (32, 256, 2, 1), (32, 128, 2, 1), (128, 128, 8, 1), (128, 256, 8, 2)],
+    "fma": [(128, 128, 4, 1), (64, 256, 4, 1), (128, 256, 8, 1), (256, 128, 8, 1), (64, 128, 2, 1),
+            (32, 256, 2, 1), (256, 256, 8, 1)],
+    "fma-deep": [(128, 256, 8, 1), (128, 256, 8, 2), (128, 256, 8, 3), (128, 512, 8, 1), (64, 512, 4, 1),
+                 (256, 256, 8, 2), (64, 256, 4, 2), (32, 512, 2, 1)],
 }
 SPLITS = [1, 2, 4, 6, 8]
 
@@ -102,6 +109,8 @@ def main():
     ap.add_argument("--out", default=None, help="also write the table to this file")
     ap.add_argument("--grid", choices=sorted(GRID), default="small")
     ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--fma-grid", choices=[g for g in GRID if g.startswith("fma")], default="fma",
+                    help="configs of the CUDA-core variant, run at M = 1")
     ap.add_argument("--splits", type=int, nargs="+", default=SPLITS)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -123,7 +132,8 @@ def main():
     table.add(f"# bf16, r={R}, no bias, {COPIES} rotating weight copies, "
               f"{'CUDA-graph replay' if has_cudagraph_bench() else 'do_bench'} medians (* = do_bench); "
               f"device copy {bw / 1e9:.0f} GB/s")
-    table.add("# nf4_gemv config = block_n/block_k/warps/stages/split_k[/lookup]; default_config marked (default)")
+    table.add("# nf4_gemv config = block_n/block_k/warps/stages/split_k[/lookup][/fma]; default_config marked "
+              "(default)")
     header = f"{'shape K->N':13} {'M':>2}  {'provider / config':34} {'µs':>8} {'GB/s':>7} {'%copy':>6} {'vs bnb':>7} " \
              f"{'vs dense':>8}  note"
     table.add(header)
@@ -145,10 +155,10 @@ def main():
 
         for M in args.m:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            A = torch.randn(R, K, device="cuda", dtype=torch.bfloat16) / K**0.5
-            B = torch.randn(N, R, device="cuda", dtype=torch.bfloat16) * 0.02
-            lora_l = (x @ A.t()) * 2.0  # s * S
-            lora_r = B.t()
+            A = torch.randn(R, K, device="cuda") / K**0.5  # fp32 adapters, as peft keeps them
+            B = torch.randn(N, R, device="cuda") * 0.02
+            lora_l = (x @ A.to(x.dtype).t()) * 2.0  # s * S, for the bnb + addmm baseline
+            lora_r = B.to(x.dtype).t()
             ref = x.float() @ w_ref.t() + lora_l.float() @ lora_r.float()
             nbytes = nf4_bytes(ours[0], M, K, N)
             rows = []
@@ -178,23 +188,33 @@ def main():
             except Exception as e:
                 row("lora_matmul nf4 (existing fused)", float("nan"), "", note=f"failed: {type(e).__name__}")
 
+            y = qlora_linear(x, ours[0], A, B, 2.0)
+            err = rel_err(y, ref)
+            with torch.no_grad():
+                t, mk = time_us([lambda w=w: qlora_linear(x, w, A, B, 2.0) for w in ours])
+            row("qlora_linear (full call)", t, mk, note=f"err {err:.1e}")
+
             # nf4_gemv over the grid (the default config first, marked)
             dflt = default_config(M, N, K, torch.bfloat16, torch.cuda.get_device_properties(0).multi_processor_count)
-            dkey = (dflt["block_n"], dflt["block_k"], dflt["num_warps"], dflt["num_stages"], dflt["split_k"], "shfl")
-            configs = [dkey, dkey[:5] + ("load",)]
-            configs += [c + (s, "shfl") for c, s in itertools.product(GRID[args.grid], args.splits)]
+            dkey = (dflt["block_n"], dflt["block_k"], dflt["num_warps"], dflt["num_stages"], dflt["split_k"], "shfl",
+                    dflt["fma"])
+            configs = [dkey, dkey[:5] + ("load", dkey[6])]
+            configs += [c + (s, "shfl", False) for c, s in itertools.product(GRID[args.grid], args.splits)]
+            if M == 1:
+                configs += [c + (s, "shfl", True) for c, s in itertools.product(GRID[args.fma_grid], args.splits)]
             seen = set()
             for cfg in configs:
                 if cfg in seen:
                     continue
                 seen.add(cfg)
-                bn, bk, nw, ns, sk, lookup = cfg
-                name = f"nf4_gemv {bn}/{bk}/{nw}/{ns}/{sk}" + ("/load" if lookup == "load" else "")
+                bn, bk, nw, ns, sk, lookup, fma = cfg
+                name = f"nf4_gemv {bn}/{bk}/{nw}/{ns}/{sk}" + ("/load" if lookup == "load" else "") + \
+                    ("/fma" if fma else "")
                 if cfg == dkey:
                     name += " (default)"
-                knobs = dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, split_k=sk, lookup=lookup)
+                knobs = dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, split_k=sk, lookup=lookup, fma=fma)
                 try:
-                    y = nf4_gemv(x, states[0], lora_l, lora_r, None, **knobs)
+                    y, _ = nf4_gemv(x, states[0], A, B, 2.0, None, **knobs)
                     torch.cuda.synchronize()
                 except Exception as e:  # compile error, out of resources, ...
                     msg = str(e).strip().splitlines()[-1][:90] if str(e).strip() else ""
@@ -204,7 +224,7 @@ def main():
                 if not err <= 1e-2:
                     row(name, float("nan"), "", note=f"WRONG: rel err {err:.2e}")
                     continue
-                t, mk = time_us([lambda s=s: nf4_gemv(x, s, lora_l, lora_r, None, **knobs) for s in states])
+                t, mk = time_us([lambda s=s: nf4_gemv(x, s, A, B, 2.0, None, **knobs) for s in states])
                 row(name, t, mk, note=f"err {err:.1e}")
 
             for name, t, mark, nb, note in rows:
