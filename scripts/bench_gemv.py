@@ -46,6 +46,8 @@ GRID = {
              (32, 256, 2, 1), (32, 128, 2, 1), (128, 128, 8, 1), (128, 256, 8, 2)],
     "fma": [(128, 128, 4, 1), (64, 256, 4, 1), (128, 256, 8, 1), (256, 128, 8, 1), (64, 128, 2, 1),
             (32, 256, 2, 1), (256, 256, 8, 1)],
+    "regs": [(64, 256, 4, 1), (128, 256, 8, 1), (128, 128, 4, 1)],
+    "fma-regs": [(128, 256, 8, 1), (64, 256, 4, 1), (128, 128, 4, 1), (256, 256, 8, 1), (64, 512, 4, 1)],
     "fma-deep": [(128, 256, 8, 1), (128, 256, 8, 2), (128, 256, 8, 3), (128, 512, 8, 1), (64, 512, 4, 1),
                  (256, 256, 8, 2), (64, 256, 4, 2), (32, 512, 2, 1)],
 }
@@ -112,6 +114,8 @@ def main():
     ap.add_argument("--fma-grid", choices=[g for g in GRID if g.startswith("fma")], default="fma",
                     help="configs of the CUDA-core variant, run at M = 1")
     ap.add_argument("--splits", type=int, nargs="+", default=SPLITS)
+    ap.add_argument("--maxnreg", type=int, nargs="*", default=[],
+                    help="also run every grid config with these max_registers (ptxas maxnreg) values")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gemv.py needs a CUDA GPU")
@@ -132,8 +136,8 @@ def main():
     table.add(f"# bf16, r={R}, no bias, {COPIES} rotating weight copies, "
               f"{'CUDA-graph replay' if has_cudagraph_bench() else 'do_bench'} medians (* = do_bench); "
               f"device copy {bw / 1e9:.0f} GB/s")
-    table.add("# nf4_gemv config = block_n/block_k/warps/stages/split_k[/lookup][/fma]; default_config marked "
-              "(default)")
+    table.add("# nf4_gemv config = block_n/block_k/warps/stages/split_k[/lookup][/fma][/r<max registers>]; "
+              "default_config marked (default)")
     header = f"{'shape K->N':13} {'M':>2}  {'provider / config':34} {'µs':>8} {'GB/s':>7} {'%copy':>6} {'vs bnb':>7} " \
              f"{'vs dense':>8}  note"
     table.add(header)
@@ -197,22 +201,25 @@ def main():
             # nf4_gemv over the grid (the default config first, marked)
             dflt = default_config(M, N, K, torch.bfloat16, torch.cuda.get_device_properties(0).multi_processor_count)
             dkey = (dflt["block_n"], dflt["block_k"], dflt["num_warps"], dflt["num_stages"], dflt["split_k"], "shfl",
-                    dflt["fma"])
-            configs = [dkey, dkey[:5] + ("load", dkey[6])]
-            configs += [c + (s, "shfl", False) for c, s in itertools.product(GRID[args.grid], args.splits)]
+                    dflt["fma"], dflt["max_registers"])
+            configs = [dkey, dkey[:5] + ("load",) + dkey[6:]]
+            regs = [None] + args.maxnreg
+            configs += [c + (s, "shfl", False, r) for c, s, r in itertools.product(GRID[args.grid], args.splits, regs)]
             if M == 1:
-                configs += [c + (s, "shfl", True) for c, s in itertools.product(GRID[args.fma_grid], args.splits)]
+                configs += [c + (s, "shfl", True, r)
+                            for c, s, r in itertools.product(GRID[args.fma_grid], args.splits, regs)]
             seen = set()
             for cfg in configs:
                 if cfg in seen:
                     continue
                 seen.add(cfg)
-                bn, bk, nw, ns, sk, lookup, fma = cfg
+                bn, bk, nw, ns, sk, lookup, fma, maxnreg = cfg
                 name = f"nf4_gemv {bn}/{bk}/{nw}/{ns}/{sk}" + ("/load" if lookup == "load" else "") + \
-                    ("/fma" if fma else "")
+                    ("/fma" if fma else "") + (f"/r{maxnreg}" if maxnreg else "")
                 if cfg == dkey:
                     name += " (default)"
-                knobs = dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, split_k=sk, lookup=lookup, fma=fma)
+                knobs = dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, split_k=sk, lookup=lookup, fma=fma,
+                             max_registers=maxnreg)
                 try:
                     y, _ = nf4_gemv(x, states[0], A, B, 2.0, None, **knobs)
                     torch.cuda.synchronize()

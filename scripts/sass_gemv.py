@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--block-k", type=int, default=128)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--m-pad", type=int, default=8)
+    ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--dump", default=None)
     a = ap.parse_args()
     sig = {n: "i32" for n in nf4_gemv_kernel.arg_names}
@@ -41,7 +42,7 @@ def main():
     src = ASTSource(nf4_gemv_kernel, sig, constexprs={(nf4_gemv_kernel.arg_names.index(k),): v
                                                        for k, v in const.items()})
     k = compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=a.warps, num_stages=1,
-                                                                      enable_fp_fusion=False))
+                                                                      enable_fp_fusion=False, maxnreg=a.maxnreg))
     sass = k.asm["sass"]
     if a.dump:
         open(a.dump, "w").write(sass)

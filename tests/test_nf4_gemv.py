@@ -22,7 +22,7 @@ KNOBS = {
     "default": {},
     "fast": dict(block_n=16, block_k=128, split_k=1, num_warps=1, num_stages=1),
     "fast_dot": dict(block_n=16, block_k=128, split_k=2, num_warps=1, num_stages=1, fma=False),
-    "fast_fma": dict(block_n=32, block_k=256, split_k=2, num_warps=2, num_stages=1, fma=True),
+    "fast_fma": dict(block_n=32, block_k=256, split_k=2, num_warps=2, num_stages=1, fma=True, max_registers=128),
     "fast_split": dict(block_n=32, block_k=128, split_k=3, num_warps=2, num_stages=1),
     "fast_wide": dict(block_n=16, block_k=256, split_k=2, num_warps=1, num_stages=2),
     "generic": dict(block_n=16, block_k=64, split_k=1, num_warps=1, num_stages=1),
@@ -222,7 +222,8 @@ def test_nf4_gemv_empty_batch():
 def test_default_config_is_sane():
     for M, N, K in [(1, 4096, 4096), (16, 14336, 4096), (4, 4096, 14336), (1, 8, 64)]:
         cfg = default_config(M, N, K)
-        assert set(cfg) == {"block_n", "block_k", "split_k", "num_warps", "num_stages", "lookup", "fma"}
+        assert set(cfg) == {"block_n", "block_k", "split_k", "num_warps", "num_stages", "lookup", "fma",
+                            "max_registers"}
         assert 1 <= cfg["split_k"] <= 8 and cfg["block_k"] >= 128
     assert default_config(1, 4096, 4096)["split_k"] > 1  # 64 row blocks alone cannot fill 132 SMs
     assert default_config(1, 8, 64)["split_k"] == 1  # never more slices than K steps allow
@@ -249,6 +250,7 @@ def _bad_inputs():
     (dict(bias=torch.randn(7, device=DEVICE).to(F16)), {}, ValueError, "bias"),
     (dict(scaling="2"), {}, TypeError, "scaling"),
     ({}, dict(fma=1), ValueError, "fma"),
+    ({}, dict(max_registers=8), ValueError, "max_registers"),
     ({}, dict(block_n=24), ValueError, "block_n"),
     ({}, dict(block_k=16), ValueError, "block_k"),
     ({}, dict(split_k=0), ValueError, "split_k"),

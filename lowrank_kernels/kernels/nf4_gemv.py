@@ -452,7 +452,7 @@ def default_input_precision(dtype: torch.dtype) -> str:
 
 
 def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, num_sms: int = 132) -> dict:
-    """Launch configuration ``dict(block_n, block_k, split_k, num_warps, num_stages, lookup, fma)`` for
+    """Launch configuration ``dict(block_n, block_k, split_k, num_warps, num_stages, lookup, fma, max_registers)`` for
     ``y [M, N]``.
 
     From the H100 sweeps in ``bench/results/gemv-h100.txt`` (M = 1, 4, 16; the fastest config over the three
@@ -475,7 +475,7 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, 
         block_k = 128
     split_k = max(1, min(split, triton.cdiv(K, block_k) // 2))
     return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=warps, num_stages=1, lookup="shfl",
-                fma=M == 1)
+                fma=M == 1, max_registers=None)
 
 
 def _check_pow2(name, v, lo, hi):
@@ -492,7 +492,7 @@ def _check_float(name, t, shape):
 
 
 def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_k=None, split_k=None,
-             num_warps=None, num_stages=None, lookup=None, fma=None, input_precision=None):
+             num_warps=None, num_stages=None, lookup=None, fma=None, max_registers=None, input_precision=None):
     """``(y [M, N], S [M, r])``: ``S = x @ A.T``, ``y = x @ deq(W).T + (scaling * S) @ B.T + bias`` in
     ``x.dtype`` (decode-sized ``M``; see the module doc). Two launches, nothing else.
 
@@ -508,8 +508,8 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
     ``K % blocksize != 0`` the default is 64), ``split_k`` (K slices, summed in a fixed order by the second
     launch: deterministic), ``num_warps``, ``num_stages``, ``lookup`` (``"shfl"``: warp-shuffle code lookup,
     ``"load"``: global-memory gather; the interpreter always uses ``"load"``), ``fma`` (``M == 1`` on the fast
-    path: CUDA-core FMAs, the scale applied per packed word); ``input_precision`` of fp32 dots (``"ieee"``,
-    ``"tf32"``, ``"tf32x3"``).
+    path: CUDA-core FMAs, the scale applied per packed word), ``max_registers`` (per thread, ptxas ``maxnreg``;
+    ``None``: the compiler's choice); ``input_precision`` of fp32 dots (``"ieee"``, ``"tf32"``, ``"tf32x3"``).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x: expected a 2-D [M, K] tensor, got {getattr(x, 'shape', type(x).__name__)}")
@@ -543,7 +543,7 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
     if K % nf4["blocksize"] != 0:
         cfg["block_k"] = GENERIC_BLOCK_K  # generic path: larger tiles spill (its per-element scale selection)
     overrides = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
-                     num_stages=num_stages, lookup=lookup, fma=fma)
+                     num_stages=num_stages, lookup=lookup, fma=fma, max_registers=max_registers)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     _check_pow2("block_n", cfg["block_n"], 16, 1024)
     _check_pow2("block_k", cfg["block_k"], 32, 4096)
@@ -554,6 +554,9 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
         raise ValueError(f"nf4_gemv: lookup must be one of {LOOKUPS}, got {cfg['lookup']!r}")
     if not isinstance(cfg["fma"], bool):
         raise ValueError(f"nf4_gemv: fma must be a bool, got {cfg['fma']!r}")
+    regs = cfg["max_registers"]
+    if regs is not None and (not isinstance(regs, int) or isinstance(regs, bool) or not 24 <= regs <= 255):
+        raise ValueError(f"nf4_gemv: max_registers must be None or an int in [24, 255], got {regs!r}")
     precision = input_precision or default_input_precision(dtype)
 
     y = x.new_empty((M, N))
@@ -590,6 +593,7 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
         FMA=use_fma, M_PAD=1 if use_fma else max(8, triton.next_power_of_2(M)), BLOCK_N=cfg["block_n"],
         BLOCK_K=block_k, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
+        **({} if regs is None or interpret else dict(maxnreg=regs)),
     )
     has_bias = bias is not None
     nf4_gemv_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_N),)](
