@@ -7,8 +7,9 @@ own dtype; the NF4 weight never gets one. Arithmetic happens in ``x``'s dtype (b
 ``torch.autocast``, the autocast dtype) with fp32 accumulation: ``lora_A``, ``lora_B`` and ``bias`` are cast to
 it, as peft does with fp32 adapters on bf16 activations.
 
-On CUDA, an NF4 forward with at most ``dispatch.GEMV_MAX_M`` rows runs the NF4 GEMV kernel (the 4-bit weight read
-once, LoRA and bias in the same kernel); larger ones dequantize with our bit-exact kernel and run cuBLAS.
+On CUDA, an NF4 forward with at most ``dispatch.GEMV_MAX_M`` rows and no dropout runs the NF4 GEMV kernels (the
+4-bit weight read once; ``S``, the LoRA term, the bias and the adapters' rounding inside; two launches in all);
+other ones dequantize with our bit-exact kernel and run cuBLAS.
 ``backend="triton"`` selects the tiled fused Triton GEMMs above that size (forward and dX: the NF4 weight is
 dequantized in registers, never materialized, the LoRA term in the same accumulator); they are correct but not
 yet faster (``dispatch.FUSED_BY_DEFAULT``). On CPU the torch path runs.
