@@ -48,6 +48,10 @@ GRID = {
             (32, 256, 2, 1), (256, 256, 8, 1)],
     "regs": [(64, 256, 4, 1), (128, 256, 8, 1), (128, 128, 4, 1)],
     "fma-regs": [(128, 256, 8, 1), (64, 256, 4, 1), (128, 128, 4, 1), (256, 256, 8, 1), (64, 512, 4, 1)],
+    # more programs per SM: 4-8 packed words per thread per step (72-111 registers on sm_90 instead of 168-180)
+    "occ": [(64, 256, 4, 1), (64, 128, 4, 1), (32, 128, 2, 1), (16, 128, 1, 1), (64, 128, 8, 1)],
+    "fma-occ": [(128, 256, 8, 1), (32, 128, 2, 1), (16, 128, 1, 1), (16, 256, 2, 1), (8, 256, 1, 1),
+                (64, 128, 4, 1), (32, 256, 4, 1), (64, 256, 8, 1), (128, 128, 8, 1)],
     "fma-deep": [(128, 256, 8, 1), (128, 256, 8, 2), (128, 256, 8, 3), (128, 512, 8, 1), (64, 512, 4, 1),
                  (256, 256, 8, 2), (64, 256, 4, 2), (32, 512, 2, 1)],
 }
@@ -73,6 +77,23 @@ def time_us(fns):
     else:
         ms, mark = triton.testing.do_bench(run, warmup=5, rep=40, return_mode="median"), "*"
     return ms * 1e3 / len(fns), mark
+
+
+def kernel_times(fn, calls=50):
+    """``{kernel name: device µs per call}`` of ``fn`` from the profiler (no graph: launch gaps excluded)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        us = e.self_cuda_time_total if us is None else us
+        if us > 0:
+            out[e.key[:40]] = us / calls
+    return out
 
 
 def copy_bandwidth():
@@ -114,6 +135,8 @@ def main():
     ap.add_argument("--fma-grid", choices=[g for g in GRID if g.startswith("fma")], default="fma",
                     help="configs of the CUDA-core variant, run at M = 1")
     ap.add_argument("--splits", type=int, nargs="+", default=SPLITS)
+    ap.add_argument("--kernels", action="store_true",
+                    help="also print the profiler's device time per kernel of the default qlora_linear call")
     ap.add_argument("--maxnreg", type=int, nargs="*", default=[],
                     help="also run every grid config with these max_registers (ptxas maxnreg) values")
     args = ap.parse_args()
@@ -197,6 +220,11 @@ def main():
             with torch.no_grad():
                 t, mk = time_us([lambda w=w: qlora_linear(x, w, A, B, 2.0) for w in ours])
             row("qlora_linear (full call)", t, mk, note=f"err {err:.1e}")
+            if args.kernels:
+                with torch.no_grad():
+                    parts = kernel_times(lambda w=ours[0]: qlora_linear(x, w, A, B, 2.0))
+                table.add(f"# {shape} M={M} qlora_linear kernels (profiler, µs/call): " +
+                          ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
 
             # nf4_gemv over the grid (the default config first, marked)
             dflt = default_config(M, N, K, torch.bfloat16, torch.cuda.get_device_properties(0).multi_processor_count)

@@ -46,6 +46,7 @@ def main():
     sass = k.asm["sass"]
     if a.dump:
         open(a.dump, "w").write(sass)
+        open(a.dump + ".ttgir", "w").write(k.asm["ttgir"])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()

@@ -66,9 +66,14 @@ not the bf16-rounded dequantized weight times ``x`` but the unrounded one (close
 On the H100 the decode layer (LoRA included) went from 13.6 / 32.8 / 35.3 us (the previous tensor-core default,
 ``S`` computed by separate launches and not counted) to 11.3 / 27.9 / 28.9 us on 4096->4096 / 4096->14336 /
 14336->4096 (``bench/results/gemv-h100.txt``): 0.92-1.01x the time of bitsandbytes' ``matmul_4bit`` without
-LoRA. The loop is no longer issue-bound (~4.6 instructions per element would allow ~4x that speed): at 168
-registers an SM holds one 8-warp program, each program streams only 2 K steps, and the load latency of its
-first step is exposed.
+LoRA. That is ~1.1 TB/s, about a third of copy bandwidth, and neither memory- nor issue-bound: Nsight Compute
+(``bench/results/ncu-gemv-h100.txt``, 4096->14336) shows DRAM at 34 % of peak and issue slots 36 % busy, with
+3.8 warps resident per scheduler and 0.84 eligible. Warps wait on the scale gather ``code2[q]`` (the FMUL that
+consumes it holds 15 % of the stall samples), on the shared-memory round trip that splits the x tile (STS / LDS
+and their barriers, ~19 %) and on shuffle results. Two remedies were measured and not kept: smaller tiles for
+more warps per SM (72-111 registers; ``gemv-occ-h100.txt``: no faster), and loading x straight into the word
+tile's layout with the scales gathered a step ahead and ``S`` fused into the main loop (no x round trip, but
+more registers; ``gemv-x8-variant-h100.txt``: 30-40 % slower).
 
 Indices: flat element indices ``n*K + k`` are int32 (``N*K`` is checked against ``MAX_ELEMENTS``); offsets into
 x, y, the LoRA factors and the workspace are int64.
