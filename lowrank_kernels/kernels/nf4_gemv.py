@@ -247,13 +247,12 @@ def _split8(x, SHAPE0: tl.constexpr, SHAPE1: tl.constexpr):
 
 
 @triton.jit
-def _dot_step(acc, w, q, s2, x, code2_ptr, offset, code_ptr, dtype: tl.constexpr, NESTED: tl.constexpr,
-              SHFL: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _dot_step(acc, w, am, x, code_ptr, dtype: tl.constexpr, SHFL: tl.constexpr, M_PAD: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Tensor-core step: ``acc [BLOCK_N, M_PAD] += deq(W tile) @ x_tile.T``, the tile dequantized bit-exactly to
-    ``dtype`` in registers as 8 ``[BLOCK_N, BLOCK_K // 8]`` tiles (tile ``e``: elements ``k0 + 8c + e``)."""
+    ``dtype`` in registers as 8 ``[BLOCK_N, BLOCK_K // 8]`` tiles (tile ``e``: elements ``k0 + 8c + e``; ``am``:
+    the fp32 scales, ``[BLOCK_N, SPT, 1]``)."""
     C: tl.constexpr = BLOCK_K // 8
-    am = _absmax(q, s2, code2_ptr, offset, NESTED)[:, :, None]
     c0, c1, c2, c3, c4, c5, c6, c7 = _lookup(w, code_ptr, SHFL)
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, M_PAD, C)
     acc = _dot(_deq(c0, am, dtype, BLOCK_N, C), tl.trans(x0), acc, DOT_FP32, INPUT_PRECISION)
@@ -268,12 +267,10 @@ def _dot_step(acc, w, q, s2, x, code2_ptr, offset, code_ptr, dtype: tl.constexpr
 
 
 @triton.jit
-def _fma_step(acc, w, q, s2, x, code2_ptr, offset, code_ptr, NESTED: tl.constexpr, SHFL: tl.constexpr,
-              BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
+def _fma_step(acc, w, am, x, code_ptr, SHFL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
     """CUDA-core step for one row of x: ``acc [BLOCK_N, SPT, WPS] += am * sum_e code[nibble_e] * x_e`` (fp32,
-    explicit FMAs), the scale applied once per word instead of once per element."""
+    explicit FMAs; ``am [BLOCK_N, SPT, 1]``), the scale applied once per word instead of once per element."""
     SUBK: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
-    am = _absmax(q, s2, code2_ptr, offset, NESTED)[:, :, None]
     c0, c1, c2, c3, c4, c5, c6, c7 = _lookup(w, code_ptr, SHFL)
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x.to(tl.float32), BLOCK_K // SUBK, SUBK // 8)
     t = c0 * x0[None, :, :]
@@ -290,16 +287,19 @@ def _fma_step(acc, w, q, s2, x, code2_ptr, offset, code_ptr, NESTED: tl.constexp
 @triton.jit
 def _lora_s_partial(x_rows, stride_xk, m_ok, offs_m64, a_ptr, stride_ar, stride_ak, ws_s_ptr, pid_n, pid_k,
                     M, K, R, RANKS, k_start, k_end, dtype: tl.constexpr, M_PAD: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    S_BLOCK_K: tl.constexpr):
     """``ws_s[pid_k, m, r] = sum over this K slice of x[m, k] * round(A[r, k])`` (fp32) for the ranks
-    ``r = pid_n * RANKS + j`` of this program (``A`` read in its own dtype, rounded to ``dtype``)."""
+    ``r = pid_n * RANKS + j`` of this program (``A`` read in its own dtype, rounded to ``dtype``). It runs after
+    the weight tile, in a few programs only; at ``M = 1`` ``S_BLOCK_K`` is wide (whole K slices) so that it costs
+    one dependent load round trip instead of one per K step, which made those programs the kernel's stragglers
+    (11 % of the 14336->4096 layer). Wider chunks at ``M = 16`` measured slower."""
     for j in range(RANKS):
         rank = pid_n * RANKS + j
         if rank < R:
             s = tl.zeros((M_PAD,), dtype=tl.float32)
             a_row = a_ptr + rank.to(tl.int64) * stride_ar
-            for k0 in range(k_start, k_end, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
+            for k0 in range(k_start, k_end, S_BLOCK_K):
+                offs_k = k0 + tl.arange(0, S_BLOCK_K)
                 k_ok = offs_k < k_end
                 xt = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
                              other=0.0)
@@ -355,17 +355,20 @@ def nf4_gemv_kernel(
         # register double buffer: step k0 + BLOCK_K is loaded while step k0 is computed
         w_n, q_n, s2_n, x_n = _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk, m_ok,
                                          k_start, k_end, K, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, EVEN_K)
+        # the scales of a step are gathered (code2[q]) at the end of the step before, once its q has arrived:
+        # the gather's latency overlaps a whole step instead of stalling the first use
+        am_n = _absmax(q_n, s2_n, code2_ptr, offset, NESTED)[:, :, None]
         for k0 in range(k_start, k_end, BLOCK_K):
-            w_c, q_c, s2_c, x_c = w_n, q_n, s2_n, x_n
+            w_c, am_c, x_c = w_n, am_n, x_n
             w_n, q_n, s2_n, x_n = _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk, m_ok,
                                              k0 + BLOCK_K, k_end, K, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
                                              EVEN_K)
             if FMA:
-                acc3 = _fma_step(acc3, w_c, q_c, s2_c, x_c, code2_ptr, offset, code_ptr, NESTED, SHFL, BLOCK_K,
-                                 BLOCKSIZE)
+                acc3 = _fma_step(acc3, w_c, am_c, x_c, code_ptr, SHFL, BLOCK_K, BLOCKSIZE)
             else:
-                acc = _dot_step(acc, w_c, q_c, s2_c, x_c, code2_ptr, offset, code_ptr, dtype, NESTED, SHFL, M_PAD,
-                                BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION)
+                acc = _dot_step(acc, w_c, am_c, x_c, code_ptr, dtype, SHFL, M_PAD, BLOCK_N, BLOCK_K, DOT_FP32,
+                                INPUT_PRECISION)
+            am_n = _absmax(q_n, s2_n, code2_ptr, offset, NESTED)[:, :, None]
         if FMA:
             acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None]  # [BLOCK_N, 1]
     else:
@@ -385,7 +388,7 @@ def nf4_gemv_kernel(
     ws = ws_ptr + pid_k.to(tl.int64) * M * N + offs_m64[None, :] * N + offs_n.to(tl.int64)[:, None]
     tl.store(ws, acc, mask=n_ok[:, None] & m_ok[None, :])
     _lora_s_partial(x_rows, stride_xk, m_ok, offs_m64, a_ptr, stride_ar, stride_ak, ws_s_ptr, pid_n, pid_k,
-                    M, K, R, RANKS, k_start, k_end, dtype, M_PAD, BLOCK_K)
+                    M, K, R, RANKS, k_start, k_end, dtype, M_PAD, 4096 if M_PAD == 1 else BLOCK_K)
 
 
 @triton.jit
