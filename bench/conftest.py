@@ -12,7 +12,8 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-MODES = ("forward", "backward", "fwd+bwd")  # of the layer benchmarks (test_forward.py, test_backward.py)
+MODES = ("forward", "backward", "fwd+bwd", "fwd+bwd-graph")  # of the layer benchmarks (test_forward.py,
+# test_backward.py)
 
 
 def pytest_addoption(parser):

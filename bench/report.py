@@ -2,9 +2,9 @@
 
     python -m bench.report RESULTS.json [MORE.json ...] [--out REPORT.md] [--plots DIR]
 
-Sections by mode (forward, backward, fwd+bwd of the QLoRA layer), then the other benchmark families (dequant,
-training step). One table per benchmark group (M included) and shape: median time per call, and the columns the
-results hold data for: speedup over bitsandbytes / peft+bnb / peft, time × dense bf16, time × the plain LoRA
+Sections by mode (forward, backward, fwd+bwd, fwd+bwd-graph of the QLoRA layer), then the other benchmark families
+(dequant, training step). One table per benchmark group (M included) and shape: median time per call, and the
+columns the results hold data for: speedup over bitsandbytes / peft+bnb / peft, time × dense bf16, time × the plain LoRA
 (``lora_r*``, the AdaLoRA layer's target), TFLOP/s (``flops``), tokens/s (``tokens``), GB/s and % of the
 device-copy bandwidth measured in the same run (``bytes``), peak MiB allocated beyond the inputs and weights
 (``peak_extra_bytes``), peak MiB in all (``peak_bytes``), base weight MiB (``weight_bytes``). Missing providers or
@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 
 BASELINES = ("bitsandbytes", "peft+bnb", "peft")
-MODES = ("forward", "backward", "fwd+bwd")  # the layer modes of bench/conftest.py
+MODES = ("forward", "backward", "fwd+bwd", "fwd+bwd-graph")  # the layer modes of bench/conftest.py
 MIB = 2**20
 
 

@@ -4,8 +4,10 @@ modes (the math: shared DESIGN.md §4, python_ref/lora.py):
   backward  the forward runs once, untimed; timed is ``torch.autograd.grad(y, inputs, dy, retain_graph=True)``
             on that saved graph: dX, dA, dB from dY (dense: dX only)
   fwd+bwd   timed is the forward, then the same backward on its fresh graph
-On CUDA both are timed eagerly (a backward is not always capturable in a CUDA graph); at M >= 256 the launch
-overhead is small against the GEMMs.
+  fwd+bwd-graph  the same step captured in a CUDA graph and replayed (CUDA only; skipped for a provider whose
+            step cannot be captured): device time without Python / launch overhead
+``backward`` and ``fwd+bwd`` are timed eagerly on CUDA (each span between CUDA events includes the GPU waiting
+for the host), so where the host takes longer than the GPU to issue a step, they measure the host.
 
 providers: lowrank_kernels (``qlora_linear`` under autograd), peft+bnb (``bnb.matmul_4bit`` + the LoRA branch,
 torch autograd, as peft trains), unfused (our dequant + cuBLAS, dequantizing again in a hand-written
@@ -21,7 +23,7 @@ import pytest
 import torch
 
 import python_ref
-from bench.conftest import HAS_CUDA, peak_memory
+from bench.conftest import HAS_CUDA, cuda_graph_of, peak_memory
 from bench.layer import DEVICE, DTYPE, RANK, layers, peft_lora
 from lowrank_kernels import qlora_linear
 
@@ -91,8 +93,10 @@ def training_flops(mode, M, shape):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("mode", ["backward", "fwd+bwd"])
+@pytest.mark.parametrize("mode", ["backward", "fwd+bwd", "fwd+bwd-graph"])
 def test_qlora_training(run, shape, M, mode, provider):
+    if mode == "fwd+bwd-graph" and not HAS_CUDA:
+        pytest.skip("CUDA-graph timing needs a GPU")
     if provider == "peft+bnb" and not HAS_CUDA:
         pytest.skip("bitsandbytes' matmul_4bit is benchmarked on CUDA only")
     if provider == "python_ref" and HAS_CUDA:
@@ -115,6 +119,13 @@ def test_qlora_training(run, shape, M, mode, provider):
             step = next(cycle)
             return step.backward(step.forward())
 
-        peak, baseline = peak_memory(lambda: steps[0].backward(steps[0].forward()))
-        info.update(peak_extra_bytes=peak and peak - baseline, weight_bytes=steps[0].weight_bytes)
-    run(fn, provider, eager=True, **info)
+        if mode == "fwd+bwd":
+            peak, baseline = peak_memory(lambda: steps[0].backward(steps[0].forward()))
+            info.update(peak_extra_bytes=peak and peak - baseline, weight_bytes=steps[0].weight_bytes)
+        else:
+            try:
+                cuda_graph_of(fn, calls=1)
+            except Exception as e:  # e.g. a host sync inside the provider's step
+                torch.cuda.synchronize()
+                pytest.skip(f"{provider}: the forward + backward step cannot be captured ({type(e).__name__}: {e})")
+    run(fn, provider, eager=mode != "fwd+bwd-graph", **info)
