@@ -34,14 +34,14 @@ def nf4_dequantize(w, dtype, backend=None):
 
 
 # The tiled fused Triton GEMM is opt-in (backend="triton") until it beats dequantize + cuBLAS: on the H100 it is
-# 26-39x dense bf16 at M >= 256, where dequantize + cuBLAS is 1.13-2.63x (bench/results/bench-h100-forward.json).
+# 25-40x dense bf16 at M >= 256, where dequantize + cuBLAS is 1.19-2.60x (bench/results/bench-h100-forward.json).
 # Above GEMV_MAX_M the default on CUDA is therefore the unfused path.
 FUSED_BY_DEFAULT = False
 
 
 # Decode and small batches (M <= GEMV_MAX_M, NF4 weight, no LoRA dropout): the NF4 GEMV kernels on either Triton
-# path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.74-0.75x the time
-# of dense bf16 at M = 1, 1.04-1.06x at M = 16 and 1.47-1.77x at M = 64, where dequantize + cuBLAS takes 2.5-3x
+# path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.69-0.77x the time
+# of dense bf16 at M = 1, 1.01-1.05x at M = 16 and 1.45-1.74x at M = 64, where dequantize + cuBLAS takes 2.4-2.8x
 # (bench/results/bench-h100-forward.json, gemv-h100.txt).
 GEMV_MAX_M = 64
 

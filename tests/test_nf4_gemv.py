@@ -187,14 +187,15 @@ def test_nf4_gemv_split_k_is_deterministic_and_matches_single_slice():
 
 
 def test_nf4_gemv_fma_matches_tensor_core_path():
-    """M = 1: the CUDA-core FMA variant and the tensor-core variant agree (fp32, exact products)."""
+    """M = 1: the CUDA-core FMA variant and the tensor-core variant agree (fp32, exact products; ``S`` is summed
+    in different chunks by the two, so it may differ in the last bits)."""
     N, K, r = 50, 1024, 8
     w = make_weight(N, K, 64, True)
     x, A, B, b = make_inputs(1, N, K, r, F32, True)
     knobs = dict(block_n=16, block_k=256, split_k=2, num_warps=2, input_precision="ieee")
     y_fma, s_fma = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, fma=True, **knobs)
     y_dot, s_dot = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, fma=False, **knobs)
-    assert torch.equal(s_fma, s_dot)
+    assert rel_err(s_fma, s_dot.double()) <= 1e-6
     assert rel_err(y_fma, y_dot.double()) <= 1e-5
 
 

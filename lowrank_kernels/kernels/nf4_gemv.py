@@ -69,11 +69,13 @@ On the H100 the decode layer (LoRA included) went from 13.6 / 32.8 / 35.3 us (th
 LoRA. That is ~1.1 TB/s, about a third of copy bandwidth, and neither memory- nor issue-bound: Nsight Compute
 (``bench/results/ncu-gemv-h100.txt``, 4096->14336) shows DRAM at 34 % of peak and issue slots 36 % busy, with
 3.8 warps resident per scheduler and 0.84 eligible. Warps wait on the scale gather ``code2[q]`` (the FMUL that
-consumes it holds 15 % of the stall samples), on the shared-memory round trip that splits the x tile (STS / LDS
-and their barriers, ~19 %) and on shuffle results. Two remedies were measured and not kept: smaller tiles for
-more warps per SM (72-111 registers; ``gemv-occ-h100.txt``: no faster), and loading x straight into the word
-tile's layout with the scales gathered a step ahead and ``S`` fused into the main loop (no x round trip, but
-more registers; ``gemv-x8-variant-h100.txt``: 30-40 % slower).
+consumes it held 15 % of the stall samples), on the shared-memory round trip that splits the x tile (STS / LDS
+and their barriers, ~19 %) and on shuffle results. Gathering each step's scales at the end of the step before
+(all paths) and reading the ``M = 1`` share of ``S`` in one wide chunk (see ``_lora_s_partial``) brought the
+layer to 11.8 / 28.5 / 26.1 us, bit-identical (``gemv-ab-h100.txt``). Measured and not kept: smaller tiles for
+more warps per SM (72-111 registers; ``gemv-occ-h100.txt``: no faster), and loading x as 8 strided tensors
+straight into the word tile's layout (no x round trip, but 8 more loads per step; 33-40 % slower alone, and
+``gemv-x8-variant-h100.txt`` with ``S`` fused into the main loop as well).
 
 Indices: flat element indices ``n*K + k`` are int32 (``N*K`` is checked against ``MAX_ELEMENTS``); offsets into
 x, y, the LoRA factors and the workspace are int64.
