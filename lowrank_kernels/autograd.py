@@ -34,8 +34,7 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, lora_A, lora_B, bias, weight, scaling, dropout, seed, backend, config):
         keep = dropout_keep(x.shape, dropout, seed, x.device) if dropout > 0 else None
         keep_scale = 1.0 / (1.0 - dropout)
-        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        b = None if bias is None else bias.to(x.dtype)
+        A, B, b = dispatch.cast(lora_A, x.dtype), dispatch.cast(lora_B, x.dtype), dispatch.cast(bias, x.dtype)
         y, S = dispatch.lora_linear_forward(x, weight, A, B, scaling, b, keep, keep_scale, backend, config)
         dense = isinstance(weight, torch.Tensor)
         need_x_saved = ctx.needs_input_grad[1] or (dense and ctx.needs_input_grad[4])
@@ -54,11 +53,8 @@ class LoraLinearFunction(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:5])
         keep = dropout_keep(x_shape, dropout, seed, grad_y.device) if dropout > 0 else None
         dx, dA, dB, db, dw = dispatch.lora_linear_backward(
-            grad_y.to(A.dtype), x, weight, A, B, scaling, S, keep, keep_scale, needs, backend, config)
+            dispatch.cast(grad_y, A.dtype), x, weight, A, B, scaling, S, keep, keep_scale, needs, backend, config)
         a_dtype, b_dtype, bias_dtype = ctx.dtypes
-        return (dx, _cast(dA, a_dtype), _cast(dB, b_dtype), _cast(db, bias_dtype),
-                _cast(dw, None if dense_w is None else dense_w.dtype), None, None, None, None, None)
-
-
-def _cast(t, dtype):
-    return None if t is None else t.to(dtype)
+        cast = dispatch.cast
+        return (dx, cast(dA, a_dtype), cast(dB, b_dtype), cast(db, bias_dtype),
+                cast(dw, None if dense_w is None else dense_w.dtype), None, None, None, None, None)

@@ -11,6 +11,24 @@ import python_ref
 BACKENDS = ("torch", "triton")
 
 
+def cast(t, dtype):
+    """``t`` in ``dtype`` (``None`` stays ``None``; no call into torch when it already is: this is the hot path)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+_UNUSED = {}
+
+
+def _unused_input(ref):
+    """A cached 0-dim tensor of ``ref``'s dtype and device: the ``input`` of an ``addmm`` with ``beta=0``, which
+    torch ignores (it is never read); saves an allocation per call."""
+    key = (ref.device, ref.dtype)
+    t = _UNUSED.get(key)
+    if t is None:
+        t = _UNUSED[key] = ref.new_zeros(())
+    return t
+
+
 def choose_backend(device, backend=None) -> str:
     if backend is None:
         return "triton" if device.type == "cuda" else "torch"
@@ -65,7 +83,7 @@ def _weight_arg(weight) -> dict:
 def dense_weight(weight, dtype, backend=None):
     """``W [N, K]`` in ``dtype``: an ``NF4Weight`` dequantized (bit-exact kernel on CUDA), a dense one cast."""
     if isinstance(weight, torch.Tensor):
-        return weight.to(dtype)
+        return cast(weight, dtype)
     return nf4_dequantize(weight, dtype, backend).view(weight.shape)
 
 
@@ -84,7 +102,7 @@ def _project(a, p, alpha, keep, keep_scale, triton_):
 
         return lowrank_project(a, p, alpha=alpha, keep=keep, keep_scale=keep_scale)
     a = a if keep is None else _apply_keep(a, keep, keep_scale)
-    return a @ p.t() if alpha == 1.0 else torch.addmm(a.new_empty(()), a, p.t(), beta=0, alpha=alpha)
+    return a @ p.t() if alpha == 1.0 else torch.addmm(_unused_input(a), a, p.t(), beta=0, alpha=alpha)
 
 
 def _reduce(l, a, alpha, keep, keep_scale, triton_):
@@ -94,7 +112,7 @@ def _reduce(l, a, alpha, keep, keep_scale, triton_):
 
         return lowrank_reduce(l, a, alpha=alpha, keep=keep, keep_scale=keep_scale)
     a = a if keep is None else _apply_keep(a, keep, keep_scale)
-    return l.t() @ a if alpha == 1.0 else torch.addmm(a.new_empty(()), l.t(), a, beta=0, alpha=alpha)
+    return l.t() @ a if alpha == 1.0 else torch.addmm(_unused_input(a), l.t(), a, beta=0, alpha=alpha)
 
 
 def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, keep_scale=1.0, backend=None,
@@ -121,8 +139,7 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
             return t if t is None or t.dtype in (torch.bfloat16, torch.float16, torch.float32) else t.to(x.dtype)
 
         return nf4_gemv(x, _nf4_state(weight), operand(lora_A), operand(lora_B), scaling, operand(bias))
-    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    bias = None if bias is None else bias.to(x.dtype)
+    lora_A, lora_B, bias = cast(lora_A, x.dtype), cast(lora_B, x.dtype), cast(bias, x.dtype)
     S = _project(x, lora_A, 1.0, keep, keep_scale, triton_)
     if _fused(x.device, backend):
         from lowrank_kernels.kernels.lora_matmul import lora_matmul
@@ -131,7 +148,7 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
     # The LoRA term (and bias) first, then the big GEMM accumulates into it (beta = 1): cuBLAS reads it in the
     # epilogue of a compute-bound GEMM, where an addmm_ after the GEMM would re-read and re-write all of Y.
     w = dense_weight(weight, x.dtype, backend)
-    y = torch.addmm(x.new_empty(()) if bias is None else bias, S, lora_B.t(), beta=0 if bias is None else 1,
+    y = torch.addmm(_unused_input(x) if bias is None else bias, S, lora_B.t(), beta=0 if bias is None else 1,
                     alpha=scaling)
     return y.addmm_(x, w.t()), S
 

@@ -68,7 +68,7 @@ def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
     autocast = torch.is_autocast_enabled(x.device.type)
     if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
-    x2 = x.reshape(-1, K).to(dtype)
+    x2 = dispatch.cast(x if x.dim() == 2 else x.reshape(-1, K), dtype)
     s, p = float(scaling), float(dropout)
     tracked = [x2, lora_A, lora_B] + ([bias] if bias is not None else []) + \
         ([weight] if isinstance(weight, torch.Tensor) else [])
@@ -82,7 +82,7 @@ def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
             keep = dropout_keep(x2.shape, p, seed, x.device) if p > 0 else None
             y, _ = dispatch.lora_linear_forward(x2, weight, lora_A, lora_B, s, bias, keep, 1.0 / (1.0 - p),
                                                 backend, config)
-    return y.reshape(*x.shape[:-1], N)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 
 def _check_tensor(t, name, dims=None):
