@@ -25,7 +25,8 @@ def _unused_input(ref):
     key = (ref.device, ref.dtype)
     t = _UNUSED.get(key)
     if t is None:
-        t = _UNUSED[key] = ref.new_zeros(())
+        with torch.inference_mode(False):  # a normal tensor even when first needed under inference mode
+            t = _UNUSED[key] = torch.zeros((), dtype=ref.dtype, device=ref.device)
     return t
 
 

@@ -182,6 +182,25 @@ def test_no_grad_and_inference_mode_save_nothing():
     assert y.grad_fn is None and torch.allclose(y, qlora_linear(x, w, A, B, 1.0, b))
 
 
+def test_training_after_first_use_under_inference_mode():
+    """The kernels' cached beta=0 operand is first created under inference mode here; training afterwards must
+    neither fail on an inference tensor nor change the gradients."""
+    from lowrank_kernels import dispatch
+
+    w = NF4Weight.quantize(torch.randn(16, 32, device=DEVICE))
+    x, A, B, b = make_inputs(5, 16, 32, 4, F32, True)
+    dispatch._UNUSED.clear()
+    with torch.inference_mode():
+        qlora_linear(x.detach(), w, A.detach(), B.detach(), 0.5, b.detach())
+    y = qlora_linear(x, w, A, B, 0.5, b)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, A, B), dy)
+    ref = python_ref.lora_backward(dy.double(), x.double(), oracle_nf4_weight(w), A.double(),
+                                   B.double(), 0.5, x.double() @ A.double().t())
+    for got, want in zip(grads, ref[:3]):
+        assert rel_err(got, want) <= 1e-5
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_saved_tensors_are_x_S_and_adapters_only(p):
     """No dequantized weight, no dropout mask, no second copy of x is kept for backward."""
