@@ -294,7 +294,8 @@ def _lora_s_partial(x_rows, stride_xk, m_ok, offs_m64, a_ptr, stride_ar, stride_
     ``r = pid_n * RANKS + j`` of this program (``A`` read in its own dtype, rounded to ``dtype``). It runs after
     the weight tile, in a few programs only; at ``M = 1`` ``S_BLOCK_K`` is wide (whole K slices) so that it costs
     one dependent load round trip instead of one per K step, which made those programs the kernel's stragglers
-    (11 % of the 14336->4096 layer). Wider chunks at ``M = 16`` measured slower."""
+    (together with the scale prefetch: 11 % off the 14336->4096 layer, whose slices are 7 steps long; not
+    measured apart). Wider chunks at ``M = 16`` measured slower."""
     for j in range(RANKS):
         rank = pid_n * RANKS + j
         if rank < R:
