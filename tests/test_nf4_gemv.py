@@ -199,6 +199,29 @@ def test_nf4_gemv_fma_matches_tensor_core_path():
     assert rel_err(y_fma, y_dot.double()) <= 1e-5
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="programmatic dependent launch is a GPU launch mode")
+@pytest.mark.parametrize("M", [1, 16])
+def test_nf4_gemv_pdl_launch_matches_plain_launch(M, monkeypatch):
+    """The finish kernel launched early (PDL, waiting on the main kernel) gives bit-identical results to the
+    plainly serialized launch; on Hopper or newer the PDL path must actually be taken."""
+    from lowrank_kernels.kernels import nf4_gemv as mod
+
+    N, K, r = 200, 512, 16
+    w = make_weight(N, K, 64, True)
+    x, A, B, b = make_inputs(M, N, K, r, BF16, True, adapter_dtype=F32)
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LOWRANK_KERNELS_PDL", flag)
+        mod._pdl.cache_clear()
+        out[flag] = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b)
+        if flag == "1" and torch.cuda.get_device_capability()[0] >= 9:
+            assert mod._pdl(x.device), "PDL should be available on this GPU and Triton"
+    mod._pdl.cache_clear()
+    assert torch.equal(out["1"][0], out["0"][0]) and torch.equal(out["1"][1], out["0"][1])
+    y_ref, S_ref = oracle(x, oracle_nf4_weight(w), A, B, b)
+    assert rel_err(out["1"][0], y_ref) <= TOL[BF16]
+
+
 def test_nf4_gemv_strided_operands():
     """x strided in K, lora_l a column slice, lora_r a transposed view: any strides."""
     M, N, K, r = 4, 24, 256, 8

@@ -91,6 +91,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # grid dependency control (programmatic dependent launch, sm_90+); Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: the two launches stay plainly serialized
+    gdc_launch_dependents = gdc_wait = None
+
 from lowrank_kernels.kernels.dot import dot as _dot
 from lowrank_kernels.kernels.nf4_dequant import nf4_tile_even_odd
 from lowrank_kernels.kernels.rounding import round_fp32_to
@@ -327,7 +332,7 @@ def nf4_gemv_kernel(
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     WORDS: tl.constexpr, EVEN_K: tl.constexpr, SHFL: tl.constexpr, FMA: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program ``(pid_n, pid_k)``: the fp32 partial ``x @ deq(W).T`` of its rows and K slice, and (for the first
     programs of each slice) its share of the partial ``S``. ``FMA`` (``M == 1``, ``WORDS``): CUDA-core FMAs."""
@@ -388,6 +393,8 @@ def nf4_gemv_kernel(
             acc = _dot(w_ev, tl.trans(x_ev), acc, DOT_FP32, INPUT_PRECISION)
             acc = _dot(w_od, tl.trans(x_od), acc, DOT_FP32, INPUT_PRECISION)
 
+    if PDL:
+        gdc_launch_dependents()  # the finish kernel may launch now; it waits for this grid before reading
     ws = ws_ptr + pid_k.to(tl.int64) * M * N + offs_m64[None, :] * N + offs_n.to(tl.int64)[:, None]
     tl.store(ws, acc, mask=n_ok[:, None] & m_ok[None, :])
     _lora_s_partial(x_rows, stride_xk, m_ok, offs_m64, a_ptr, stride_ar, stride_ak, ws_s_ptr, pid_n, pid_k,
@@ -399,11 +406,13 @@ def nf4_gemv_finish_kernel(ws_ptr, ws_s_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, M, N
                            stride_bn, stride_br, stride_bias, stride_ym, stride_yn, stride_sm, stride_sr,
                            SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
                            R_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-                           INPUT_PRECISION: tl.constexpr):
+                           INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """For a ``[M, BLOCK_N]`` column tile of ``y``, sums taken in the fixed order 0, 1, ..., SPLIT_K - 1:
     ``S = round(ws_s[0] + ws_s[1] + ...)`` (program 0 stores it), ``y = round(ws[0] + ws[1] + ... +
     round(scaling * S) @ round(B).T + round(bias))``; everything in ``y.dtype`` with fp32 accumulation."""
     dtype: tl.constexpr = y_ptr.dtype.element_ty
+    if PDL:
+        gdc_wait()  # the main kernel's workspaces are complete and visible from here on
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_m = tl.arange(0, M_PAD)
@@ -447,6 +456,26 @@ def _num_sms(device) -> int:
     if device is not None and device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # H100 SXM; only shapes the (interpreted) grid on CPU
+
+
+PDL_MAX_M = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl(device) -> bool:
+    """Programmatic dependent launch of the finish kernel is possible: Hopper or newer, a Triton with grid
+    dependency control, and not switched off with ``LOWRANK_KERNELS_PDL=0`` (read once per device).
+
+    With PDL the finish kernel is launched while the main kernel's last programs store their partial sums (the
+    main kernel signals ``gdc_launch_dependents`` after its K loop) and waits (``gdc_wait``) before it reads
+    them, so its launch latency hides behind the main kernel's tail. Measured on the H100
+    (``bench/results/gemv-pdl-h100.txt``, three on/off pairs): 4096->4096 M = 1 10.9 vs 11.9 us, M = 16
+    16.5 vs 17.0 us; 14336->4096 M = 1 25.7 vs 25.9 us, M = 16 43.7 vs 44.6 us. Slower with a finish grid
+    larger than one wave (4096->14336: +0.4 us at M = 1; not profiled: probably its programs, launched early,
+    land on the few SMs that are free first) and at M = 64 (+1.9 us on 4096->4096), hence the conditions in
+    :func:`nf4_gemv`."""
+    return (device.type == "cuda" and gdc_wait is not None and os.environ.get("LOWRANK_KERNELS_PDL", "1") != "0"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _interpreting() -> bool:
@@ -591,6 +620,9 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
     grid_n = triton.cdiv(N, cfg["block_n"])
     interpret = _interpreting()
     dot_fp32 = interpret and dtype == torch.bfloat16
+    # PDL only where it measured faster (gemv-pdl-h100.txt): M <= PDL_MAX_M and a finish grid of one wave
+    pdl = (not interpret and M <= PDL_MAX_M and triton.cdiv(N, FINISH_BLOCK_N) <= _num_sms(x.device)
+           and _pdl(x.device))
     ws = torch.empty((n_split, M, N), dtype=torch.float32, device=x.device)
     ws_s = torch.empty((n_split, M, R), dtype=torch.float32, device=x.device)
 
@@ -602,7 +634,7 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nf4["nested_blocksize"] if nested else 1,
         WORDS=words, EVEN_K=words and K % block_k == 0, SHFL=words and cfg["lookup"] == "shfl" and not interpret,
         FMA=use_fma, M_PAD=1 if use_fma else max(8, triton.next_power_of_2(M)), BLOCK_N=cfg["block_n"],
-        BLOCK_K=block_k, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        BLOCK_K=block_k, DOT_FP32=dot_fp32, INPUT_PRECISION=precision, PDL=pdl,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
         **({} if regs is None or interpret else dict(maxnreg=regs)),
     )
@@ -613,6 +645,7 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
         S.stride(0), S.stride(1),
         SPLIT_K=n_split, HAS_BIAS=has_bias, M_PAD=max(8, triton.next_power_of_2(M)),
         R_BLOCK=max(16, min(MAX_RANK_CHUNK, triton.next_power_of_2(R))), BLOCK_N=FINISH_BLOCK_N,
-        DOT_FP32=dot_fp32, INPUT_PRECISION=precision, num_warps=4, enable_fp_fusion=False,
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision, PDL=pdl, num_warps=4, enable_fp_fusion=False,
+        **(dict(launch_pdl=True) if pdl else {}),
     )
     return y, S
