@@ -59,8 +59,8 @@ FUSED_BY_DEFAULT = False
 
 
 # Decode and small batches (M <= GEMV_MAX_M, NF4 weight, no LoRA dropout): the NF4 GEMV kernels on either Triton
-# path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.69-0.77x the time
-# of dense bf16 at M = 1, 1.01-1.05x at M = 16 and 1.45-1.74x at M = 64, where dequantize + cuBLAS takes 2.4-2.8x
+# path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.66-0.72x the time
+# of dense bf16 at M = 1, 0.99-1.05x at M = 16 and 1.42-1.72x at M = 64, where dequantize + cuBLAS takes 2.4-2.8x
 # (bench/results/bench-h100-forward.json, gemv-h100.txt).
 GEMV_MAX_M = 64
 
