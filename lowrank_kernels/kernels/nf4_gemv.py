@@ -97,6 +97,7 @@ except ImportError:  # pragma: no cover - older Triton: the two launches stay pl
     gdc_launch_dependents = gdc_wait = None
 
 from lowrank_kernels.kernels.dot import dot as _dot
+from lowrank_kernels.kernels.nf4_code import nf4_word_codes
 from lowrank_kernels.kernels.nf4_dequant import nf4_tile_even_odd
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
@@ -105,39 +106,6 @@ MAX_M = 64  # M_PAD <= 64; the design point is M <= 16
 MAX_RANK_CHUNK = 64  # LoRA ranks per tl.dot
 LOOKUPS = ("shfl", "load")
 
-# NF4 code lookup by warp shuffle. Input $8: a packed word; its elements 0..7 sit in nibbles [4:8), [0:4), [12:16),
-# [8:12), [20:24), [16:20), [28:32), [24:28) (element 2j is the high nibble of byte j). Input $9: the address of the
-# fp32 code table; each lane loads code[lane % 16] (ptxas keeps one such load per loop iteration for all blocks).
-# shfl.sync.idx with c = 0x101f (segment mask 0x10, as CUDA's __shfl_sync(..., width=16) encodes it) reads lane
-# (lane & 16) | (b & 15): the bits of b above the nibble are ignored, so no masking. Outputs $0..$7: code[element
-# 0..7]. All 32 lanes execute it (the kernel has no divergent control flow around it), and the result does not
-# depend on which lane holds which element, so Triton may place it in any layout.
-_SHFL_LOOKUP_ASM = tl.constexpr("""
-{
-.reg .b32 ln, tb, s;
-.reg .b64 ad;
-mov.u32 ln, %laneid;
-and.b32 ln, ln, 15;
-mul.wide.u32 ad, ln, 4;
-add.s64 ad, ad, $9;
-ld.global.nc.b32 tb, [ad];
-shr.u32 s, $8, 4;
-shfl.sync.idx.b32 $0, tb, s, 0x101f, -1;
-shfl.sync.idx.b32 $1, tb, $8, 0x101f, -1;
-shr.u32 s, $8, 12;
-shfl.sync.idx.b32 $2, tb, s, 0x101f, -1;
-shr.u32 s, $8, 8;
-shfl.sync.idx.b32 $3, tb, s, 0x101f, -1;
-shr.u32 s, $8, 20;
-shfl.sync.idx.b32 $4, tb, s, 0x101f, -1;
-shr.u32 s, $8, 16;
-shfl.sync.idx.b32 $5, tb, s, 0x101f, -1;
-shr.u32 s, $8, 28;
-shfl.sync.idx.b32 $6, tb, s, 0x101f, -1;
-shr.u32 s, $8, 24;
-shfl.sync.idx.b32 $7, tb, s, 0x101f, -1;
-}
-""")
 
 
 # ---------------------------------------------------------------------------------------------- fast path
@@ -174,18 +142,6 @@ def _load_words(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, k0, K, live,
 
 
 @triton.jit
-def _nib_load(nibs, byte: tl.constexpr, code_ptr):
-    """``code[nibble]`` for the nibble in byte ``byte`` of each word of ``nibs`` (global-memory gather)."""
-    if byte == 0:
-        nib = nibs & 0xFF
-    elif byte == 3:
-        nib = nibs >> 24
-    else:
-        nib = (nibs >> (8 * byte)) & 0xFF
-    return tl.load(code_ptr + nib)
-
-
-@triton.jit
 def _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk, m_ok, k0, k_end, K,
                BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                EVEN_K: tl.constexpr):
@@ -202,28 +158,6 @@ def _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk, 
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _lookup(w, code_ptr, SHFL: tl.constexpr):
-    """``code[nibble]`` (fp32) for the 8 nibble positions of every packed word of ``w``: 8 tensors shaped like
-    ``w``, element ``e`` of each word in the ``e``-th."""
-    if SHFL:
-        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-            asm=_SHFL_LOOKUP_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,l",
-            args=[w, code_ptr.to(tl.int64)], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-    else:
-        hi = (w >> 4) & 0x0F0F0F0F  # elements 0, 2, 4, 6, one per byte
-        lo = w & 0x0F0F0F0F  # elements 1, 3, 5, 7
-        c0 = _nib_load(hi, 0, code_ptr)
-        c1 = _nib_load(lo, 0, code_ptr)
-        c2 = _nib_load(hi, 1, code_ptr)
-        c3 = _nib_load(lo, 1, code_ptr)
-        c4 = _nib_load(hi, 2, code_ptr)
-        c5 = _nib_load(lo, 2, code_ptr)
-        c6 = _nib_load(hi, 3, code_ptr)
-        c7 = _nib_load(lo, 3, code_ptr)
-    return c0, c1, c2, c3, c4, c5, c6, c7
-
-
 @triton.jit
 def _absmax(q, s2, code2_ptr, offset, NESTED: tl.constexpr):
     """First-level scales (fp32): ``fp32(fp32(code2[q] * absmax2) + offset)`` when nested, else ``q`` itself."""
@@ -242,7 +176,7 @@ def _deq(c, am, dtype: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr):
 @triton.jit
 def _split8(x, SHAPE0: tl.constexpr, SHAPE1: tl.constexpr):
     """The 8 strided parts of ``x`` (``SHAPE0 * SHAPE1 * 8`` elements, last axis fastest): part ``e`` holds the
-    elements ``8c + e``, shaped ``[SHAPE0, SHAPE1]`` (the nibble positions of :func:`_lookup`)."""
+    elements ``8c + e``, shaped ``[SHAPE0, SHAPE1]`` (the nibble positions of ``nf4_word_codes``)."""
     xl0, xl1 = tl.split(tl.reshape(x, (SHAPE0, SHAPE1, 2, 2, 2)))  # e = 4i + 2j + l
     xj00, xj01 = tl.split(xl0)
     xj10, xj11 = tl.split(xl1)
@@ -260,7 +194,7 @@ def _dot_step(acc, w, am, x, code_ptr, dtype: tl.constexpr, SHFL: tl.constexpr, 
     ``dtype`` in registers as 8 ``[BLOCK_N, BLOCK_K // 8]`` tiles (tile ``e``: elements ``k0 + 8c + e``; ``am``:
     the fp32 scales, ``[BLOCK_N, SPT, 1]``)."""
     C: tl.constexpr = BLOCK_K // 8
-    c0, c1, c2, c3, c4, c5, c6, c7 = _lookup(w, code_ptr, SHFL)
+    c0, c1, c2, c3, c4, c5, c6, c7 = nf4_word_codes(w, code_ptr, SHFL)
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, M_PAD, C)
     acc = _dot(_deq(c0, am, dtype, BLOCK_N, C), tl.trans(x0), acc, DOT_FP32, INPUT_PRECISION)
     acc = _dot(_deq(c1, am, dtype, BLOCK_N, C), tl.trans(x1), acc, DOT_FP32, INPUT_PRECISION)
@@ -278,7 +212,7 @@ def _fma_step(acc, w, am, x, code_ptr, SHFL: tl.constexpr, BLOCK_K: tl.constexpr
     """CUDA-core step for one row of x: ``acc [BLOCK_N, SPT, WPS] += am * sum_e code[nibble_e] * x_e`` (fp32,
     explicit FMAs; ``am [BLOCK_N, SPT, 1]``), the scale applied once per word instead of once per element."""
     SUBK: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
-    c0, c1, c2, c3, c4, c5, c6, c7 = _lookup(w, code_ptr, SHFL)
+    c0, c1, c2, c3, c4, c5, c6, c7 = nf4_word_codes(w, code_ptr, SHFL)
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x.to(tl.float32), BLOCK_K // SUBK, SUBK // 8)
     t = c0 * x0[None, :, :]
     t = tl.fma(c1, x1[None, :, :], t)
