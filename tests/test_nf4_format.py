@@ -122,6 +122,49 @@ def test_dequantize_triton_bit_identical_to_reference(case, nested):
         assert torch.equal(ours, ref), (out_dtype, (ours != ref).sum())
 
 
+def _launch(w, out_dtype, kernel, packed=None):
+    from lowrank_kernels.kernels.nf4_dequant import nf4_dequantize
+
+    return nf4_dequantize(w.packed if packed is None else packed, w.absmax, w.code, w.numel(), w.blocksize,
+                          out_dtype, w.absmax2, w.code2, w.offset, w.nested_blocksize, kernel=kernel)
+
+
+# n % 8 == 0 (the word kernel applies) with rows that straddle blocks, partial last blocks, every blocksize
+WORD_CASES = [(3, 40, 32), (5, 24, 64), (1, 8, 32), (9, 56, 128), (2, 1000, 256), (7, 104, 512), (3, 344, 1024),
+              (1, 2056, 2048), (2, 4100, 4096), (16, 64, 64)]
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "single"])
+@pytest.mark.parametrize("case", WORD_CASES, ids=str)
+def test_dequantize_word_and_byte_kernels_bit_identical(case, nested):
+    """Both Triton kernels (interpreter on CPU) against python_ref, forced, every output dtype."""
+    out_f, in_f, bs = case
+    w = NF4Weight.quantize(torch.randn(out_f, in_f) * 0.02, blocksize=bs, double_quant=nested).to(DEVICE)
+    for out_dtype in DTYPES:
+        ref = w.dequantize(out_dtype, backend="torch").view(-1)
+        for kernel in ("words", "bytes"):
+            ours = _launch(w, out_dtype, kernel)
+            assert torch.equal(ours, ref), (kernel, out_dtype, (ours != ref).sum())
+
+
+def test_dequantize_word_kernel_preconditions():
+    w = NF4Weight.quantize(torch.randn(3, 36), blocksize=32).to(DEVICE)  # 108 elements: not whole words
+    with pytest.raises(ValueError, match="n % 8 == 0"):
+        _launch(w, torch.float32, "words")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        _launch(w, torch.float32, "fastest")
+    assert torch.equal(_launch(w, torch.float32, "auto"), w.dequantize(torch.float32, backend="torch").view(-1))
+    # packed bytes that are not 4-byte aligned: "words" refuses, "auto" takes the byte kernel
+    w = NF4Weight.quantize(torch.randn(4, 64), blocksize=64).to(DEVICE)
+    storage = torch.empty(w.packed.numel() + 1, dtype=torch.uint8, device=DEVICE)
+    shifted = storage[1:]
+    shifted.copy_(w.packed.view(-1))
+    with pytest.raises(ValueError, match="4-byte"):
+        _launch(w, torch.float32, "words", packed=shifted)
+    assert torch.equal(_launch(w, torch.float32, "auto", packed=shifted),
+                       w.dequantize(torch.float32, backend="torch").view(-1))
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @needs_bnb
 @pytest.mark.parametrize("shape", [(4096, 4096), (1000, 4099), (333, 4097), (14336, 64), (1, 1)], ids=str)
