@@ -53,14 +53,14 @@ def nf4_dequantize(w, dtype, backend=None):
 
 
 # The tiled fused Triton GEMM is opt-in (backend="triton") until it beats dequantize + cuBLAS: on the H100 it is
-# 25-40x dense bf16 at M >= 256, where dequantize + cuBLAS is 1.19-2.60x (bench/results/bench-h100-forward.json).
+# 26-40x dense bf16 at M >= 256, where dequantize + cuBLAS is 1.14-2.77x (bench/results/bench-h100-forward.json).
 # Above GEMV_MAX_M the default on CUDA is therefore the unfused path.
 FUSED_BY_DEFAULT = False
 
 
 # Decode and small batches (M <= GEMV_MAX_M, NF4 weight, no LoRA dropout): the NF4 GEMV kernels on either Triton
-# path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.66-0.72x the time
-# of dense bf16 at M = 1, 0.99-1.05x at M = 16 and 1.42-1.72x at M = 64, where dequantize + cuBLAS takes 2.4-2.8x
+# path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.64-0.68x the time
+# of dense bf16 at M = 1, 0.99-1.07x at M = 16 and 1.42-1.79x at M = 64, where dequantize + cuBLAS takes 2.4-2.6x
 # (bench/results/bench-h100-forward.json, gemv-h100.txt).
 GEMV_MAX_M = 64
 

@@ -1,0 +1,61 @@
+"""Where a batch-1 training step's time goes: host (Python + launches) vs GPU, for peft+bnb and converted.
+
+    python scripts/profile_train_step.py [--batch 1] [--layers 4]
+
+Prints, per provider: the step's wall time (synchronized), the GPU's kernel time per step (profiler, sum of
+kernel durations), the host time to enqueue a step (no synchronization until the end of the 5 steps), and the
+top host-side ops by self CPU time.
+"""
+import argparse
+import time
+
+import torch
+
+from bench.test_train_step import build
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rows", type=int, default=30)
+    a = ap.parse_args()
+    for provider in ("peft+bnb", "lowrank_kernels"):
+        profile_one(provider, a)
+        torch.cuda.empty_cache()
+
+
+def profile_one(provider, a):
+    net = build("llama3-8b", a.layers, False)
+    if provider == "lowrank_kernels":
+        from lowrank_kernels.peft import convert
+        convert(net)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, net.config.vocab_size, (a.batch, 2048), device="cuda")
+
+    def step():
+        net(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        step()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    kernels = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"== {provider}: wall {(t2 - t0) / 5 * 1e3:.2f} ms/step, host enqueue {(t1 - t0) / 5 * 1e3:.2f} "
+          f"ms/step, GPU kernels {kernels / 2 / 1e3:.2f} ms/step")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
