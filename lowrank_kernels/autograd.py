@@ -52,9 +52,10 @@ class LoraLinearFunction(torch.autograd.Function):
         weight = dense_w if ctx.nf4 is None else ctx.nf4
         needs = tuple(ctx.needs_input_grad[:5])
         keep = dropout_keep(x_shape, dropout, seed, grad_y.device) if dropout > 0 else None
-        dx, dA, dB, db, dw = dispatch.lora_linear_backward(
-            dispatch.cast(grad_y, A.dtype), x, weight, A, B, scaling, S, keep, keep_scale, needs, backend, config)
         a_dtype, b_dtype, bias_dtype = ctx.dtypes
+        dx, dA, dB, db, dw = dispatch.lora_linear_backward(
+            dispatch.cast(grad_y, A.dtype), x, weight, A, B, scaling, S, keep, keep_scale, needs, backend, config,
+            adapter_dtypes=(a_dtype, b_dtype))
         cast = dispatch.cast
         return (dx, cast(dA, a_dtype), cast(dB, b_dtype), cast(db, bias_dtype),
                 cast(dw, None if dense_w is None else dense_w.dtype), None, None, None, None, None)

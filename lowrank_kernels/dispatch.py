@@ -19,14 +19,14 @@ def cast(t, dtype):
 _UNUSED = {}
 
 
-def _unused_input(ref):
-    """A cached 0-dim tensor of ``ref``'s dtype and device: the ``input`` of an ``addmm`` with ``beta=0``, which
-    torch ignores (it is never read); saves an allocation per call."""
-    key = (ref.device, ref.dtype)
+def _unused_input(ref, dtype=None):
+    """A cached 0-dim tensor of ``dtype`` (default ``ref``'s) on ``ref``'s device: the ``input`` of an ``addmm``
+    with ``beta=0``, which torch ignores (it is never read); saves an allocation per call."""
+    key = (ref.device, dtype or ref.dtype)
     t = _UNUSED.get(key)
     if t is None:
         with torch.inference_mode(False):  # a normal tensor even when first needed under inference mode
-            t = _UNUSED[key] = torch.zeros((), dtype=ref.dtype, device=ref.device)
+            t = _UNUSED[key] = torch.zeros((), dtype=key[1], device=ref.device)
     return t
 
 
@@ -39,17 +39,16 @@ def choose_backend(device, backend=None) -> str:
 
 
 def nf4_dequantize(w, dtype, backend=None):
-    """Flat ``[n]`` tensor of ``dtype`` holding the dequantized NF4 weight ``w`` (an ``NF4Weight``)."""
+    """``[*w.shape]`` tensor of ``dtype`` holding the dequantized NF4 weight ``w`` (an ``NF4Weight``)."""
     if choose_backend(w.device, backend) == "triton":
         from lowrank_kernels.kernels.nf4_dequant import nf4_dequantize as launch
 
-        state = _nf4_state(w)
-        del state["shape"]
-        return launch(n=w.numel(), out_dtype=dtype, **state)
+        return launch(w.packed, w.absmax, w.code, w.shape, w.blocksize, dtype, w.absmax2, w.code2, w.offset,
+                      w.nested_blocksize)
     absmax = w.absmax
     if w.nested:
         absmax = python_ref.dequantize_absmax(w.absmax, w.absmax2, w.code2, w.offset, w.nested_blocksize)
-    return python_ref.dequantize_nf4(w.packed, absmax, (w.numel(),), w.blocksize, dtype)
+    return python_ref.dequantize_nf4(w.packed, absmax, w.shape, w.blocksize, dtype)
 
 
 # The tiled fused Triton GEMM is opt-in (backend="triton") until it beats dequantize + cuBLAS: on the H100 it is
@@ -85,7 +84,7 @@ def dense_weight(weight, dtype, backend=None):
     """``W [N, K]`` in ``dtype``: an ``NF4Weight`` dequantized (bit-exact kernel on CUDA), a dense one cast."""
     if isinstance(weight, torch.Tensor):
         return cast(weight, dtype)
-    return nf4_dequantize(weight, dtype, backend).view(weight.shape)
+    return nf4_dequantize(weight, dtype, backend)
 
 
 def _apply_keep(t, keep, keep_scale):
@@ -106,13 +105,19 @@ def _project(a, p, alpha, keep, keep_scale, triton_):
     return a @ p.t() if alpha == 1.0 else torch.addmm(_unused_input(a), a, p.t(), beta=0, alpha=alpha)
 
 
-def _reduce(l, a, alpha, keep, keep_scale, triton_):
-    """``alpha * l.T @ a_d`` ``[r, K]`` (fp32 from the Triton kernel, else ``a.dtype``)."""
+def _reduce(l, a, alpha, keep, keep_scale, triton_, out_dtype=None):
+    """``alpha * l.T @ a_d`` ``[r, K]``: fp32 from the Triton kernel; else ``a.dtype``, except that on CUDA
+    ``out_dtype=torch.float32`` with bf16 / fp16 operands has cuBLAS write its fp32 accumulator directly (one
+    rounding, and no cast afterwards: one host call less per adapter gradient, peft keeping adapters in fp32)."""
     if triton_ and keep is not None:
         from lowrank_kernels.kernels.lowrank_proj import lowrank_reduce
 
         return lowrank_reduce(l, a, alpha=alpha, keep=keep, keep_scale=keep_scale)
     a = a if keep is None else _apply_keep(a, keep, keep_scale)
+    if out_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
+        if alpha == 1.0:
+            return torch.mm(l.t(), a, out_dtype=torch.float32)
+        return torch.addmm(_unused_input(a, torch.float32), l.t(), a, torch.float32, beta=0, alpha=alpha)
     return l.t() @ a if alpha == 1.0 else torch.addmm(_unused_input(a), l.t(), a, beta=0, alpha=alpha)
 
 
@@ -155,12 +160,13 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
 
 
 def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=None, keep_scale=1.0,
-                         needs=(True, True, True, True, False), backend=None, config=None):
+                         needs=(True, True, True, True, False), backend=None, config=None, adapter_dtypes=(None, None)):
     """Gradients ``(dX, dA, dB, db, dW)`` of :func:`lora_linear_forward` (``None`` where ``needs`` is False).
 
     ``needs``: which of x, lora_A, lora_B, bias and a dense weight need a gradient (an NF4 weight never
     does); ``x`` may be ``None`` unless lora_A or the weight needs one, ``S`` unless lora_B does. ``dX`` and
-    ``dW`` are in ``grad_y.dtype``; ``dA``, ``dB`` (and ``db`` on CUDA) may come back in fp32 (sums over M).
+    ``dW`` are in ``grad_y.dtype``; ``dA``, ``dB`` (and ``db`` on CUDA) may come back in fp32 (sums over M),
+    and do where ``adapter_dtypes`` (the dtypes wanted for ``dA``, ``dB``) asks for fp32 on CUDA.
     Formulas (``python_ref.lora``): ``dS = s * dY @ B``, ``dX = dY @ W + (dS @ A) * mask``, ``dA = dS.T @ Xd``,
     ``dB = s * dY.T @ S``, ``db = sum_m dY``, ``dW = dY.T @ x``.
     """
@@ -182,9 +188,9 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=Non
                 dx = _apply_keep(dx, keep, keep_scale)
             dx.addmm_(grad_y, dense_weight(weight, grad_y.dtype, backend))
     if need_A:
-        dA = _reduce(dS, x, 1.0, keep, keep_scale, triton_)
+        dA = _reduce(dS, x, 1.0, keep, keep_scale, triton_, adapter_dtypes[0])
     if need_B:
-        dB = _reduce(S, grad_y, scaling, None, 1.0, triton_).t()
+        dB = _reduce(S, grad_y, scaling, None, 1.0, triton_, adapter_dtypes[1]).t()
     if need_bias:
         db = grad_y.sum(0, dtype=torch.float32) if triton_ else grad_y.sum(0)
     if need_w:

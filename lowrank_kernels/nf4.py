@@ -193,7 +193,7 @@ class NF4Weight:
         dtype = self.dtype if dtype is None else dtype
         if dtype not in DTYPES:
             raise TypeError(f"dtype: expected bfloat16, float16 or float32, got {dtype}")
-        return dispatch.nf4_dequantize(self, dtype, backend).view(self.shape)
+        return dispatch.nf4_dequantize(self, dtype, backend)
 
     def __repr__(self):
         level = f"double-quantized (nested blocksize {self.nested_blocksize})" if self.nested else "single-level"

@@ -41,7 +41,7 @@ def main():
         for kernel, elems, warps in [("bytes", 2048, 2)] + list(itertools.product(["words"], [1024, 2048, 4096, 8192],
                                                                                       [1, 2, 4, 8])):
             def call(w):
-                return nf4_dequantize(w.packed, w.absmax, w.code, w.numel(), w.blocksize, torch.bfloat16,
+                return nf4_dequantize(w.packed, w.absmax, w.code, (w.numel(),), w.blocksize, torch.bfloat16,
                                       w.absmax2, w.code2, w.offset, w.nested_blocksize,
                                       elements_per_program=elems, num_warps=warps, kernel=kernel)
             assert torch.equal(call(ws[0]).view(shape), ref), (shape, kernel, elems, warps)

@@ -125,7 +125,7 @@ def test_dequantize_triton_bit_identical_to_reference(case, nested):
 def _launch(w, out_dtype, kernel, packed=None):
     from lowrank_kernels.kernels.nf4_dequant import nf4_dequantize
 
-    return nf4_dequantize(w.packed if packed is None else packed, w.absmax, w.code, w.numel(), w.blocksize,
+    return nf4_dequantize(w.packed if packed is None else packed, w.absmax, w.code, (w.numel(),), w.blocksize,
                           out_dtype, w.absmax2, w.code2, w.offset, w.nested_blocksize, kernel=kernel)
 
 

@@ -7,6 +7,7 @@ output dtype. Bit-identical to ``python_ref.dequantize_nf4``. ``nf4_dequant_word
 32-bit words and is the default wherever the element count is a multiple of 8; ``nf4_dequant_kernel`` reads bytes
 and takes any count.
 """
+import math
 import os
 
 import triton
@@ -147,23 +148,23 @@ ELEMENTS_PER_PROGRAM = 2048  # best of the sweeps in bench/results/dequant-tune-
 NUM_WARPS = {"words": 4, "bytes": 2}  # dequant-variants-h100.txt
 MAX_ELEMENTS = 2**31 - 2**13  # int32 element indices, with room for the last program's overhang
 KERNELS = ("auto", "words", "bytes")
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX (the shuffle lookup) there
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def nf4_dequantize(packed, absmax, code, n, blocksize, out_dtype, absmax2=None, code2=None, offset=None,
+def nf4_dequantize(packed, absmax, code, shape, blocksize, out_dtype, absmax2=None, code2=None, offset=None,
                    nested_blocksize=256, *, elements_per_program=ELEMENTS_PER_PROGRAM, num_warps=None,
                    kernel="auto"):
-    """Dequantize ``n`` NF4 elements to a flat ``out_dtype`` tensor ``[n]`` (inputs already validated).
+    """Dequantize NF4 elements to a new ``out_dtype`` tensor of ``shape`` (a tuple; ``n = prod(shape)`` elements
+    in row-major order; inputs already validated).
 
     ``absmax`` is fp32 scales, or, with ``absmax2``/``code2``/``offset`` given, the uint8 second-level indices.
     ``kernel``: ``"words"`` (``nf4_dequant_words_kernel``; needs ``n % 8 == 0`` and a contiguous, 4-byte aligned
     ``packed``), ``"bytes"`` (``nf4_dequant_kernel``, any ``n``) or ``"auto"`` (words where it applies).
     ``elements_per_program`` and ``num_warps`` (default per kernel: ``NUM_WARPS``) are tuning knobs
-    (``scripts/tune_dequant.py``).
+    (``scripts/tune_dequant.py``). This runs once or twice per layer per training step, so it does no more host
+    work than it must (each torch call costs several µs of host time).
     """
+    n = math.prod(shape)
     if n > MAX_ELEMENTS:
         raise ValueError(f"nf4_dequantize: n={n} elements exceeds the int32-indexed kernel limit {MAX_ELEMENTS}")
     if kernel not in KERNELS:
@@ -173,16 +174,18 @@ def nf4_dequantize(packed, absmax, code, n, blocksize, out_dtype, absmax2=None, 
         raise ValueError(f"nf4_dequantize: kernel='words' needs n % 8 == 0 (n={n}) and a contiguous, 4-byte "
                          "aligned packed tensor")
     words = words_ok and kernel != "bytes"
-    out = packed.new_empty(n, dtype=out_dtype)
+    out = packed.new_empty(shape, dtype=out_dtype)
     rows = max(1, elements_per_program // blocksize)
-    nblocks = triton.cdiv(n, blocksize)
+    grid = (triton.cdiv(triton.cdiv(n, blocksize), rows),)
     nested = absmax2 is not None
-    args = (packed, absmax, absmax2 if nested else absmax, code2 if nested else code,
-            offset.reshape(1) if nested else code, code, out)
-    meta = dict(BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, ROWS=rows,
-                num_warps=num_warps or NUM_WARPS["words" if words else "bytes"], enable_fp_fusion=False)
+    # offset: the 0-dim fp32 tensor itself (a pointer to its one element)
+    args = (packed, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
+            code, out)
+    warps = num_warps or NUM_WARPS["words" if words else "bytes"]
     if words:
-        nf4_dequant_words_kernel[(triton.cdiv(nblocks, rows),)](*args, n // 8, SHFL=not _interpreting(), **meta)
+        nf4_dequant_words_kernel[grid](*args, n // 8, blocksize, nested, nested_blocksize if nested else 1, rows,
+                                       not _INTERPRET, num_warps=warps, enable_fp_fusion=False)
     else:
-        nf4_dequant_kernel[(triton.cdiv(nblocks, rows),)](*args, n, **meta)
+        nf4_dequant_kernel[grid](*args, n, blocksize, nested, nested_blocksize if nested else 1, rows,
+                                 num_warps=warps, enable_fp_fusion=False)
     return out

@@ -543,7 +543,7 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
     code = nf4["code"]
     packed = nf4["packed"]
     w_args = (packed, nf4["absmax"], nf4["absmax2"] if nested else code, nf4["code2"] if nested else code,
-              nf4["offset"].reshape(1) if nested else code, code)
+              nf4["offset"] if nested else code, code)  # offset: its 0-dim tensor
 
     block_k = cfg["block_k"]
     k_iters = triton.cdiv(K, block_k)

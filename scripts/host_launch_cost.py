@@ -1,0 +1,64 @@
+"""Host time per call of the dequant launch paths and of small aten ops (GPU work kept tiny).
+
+    python scripts/host_launch_cost.py
+"""
+import time
+
+import torch
+import triton
+
+from lowrank_kernels import NF4Weight
+from lowrank_kernels.kernels.nf4_dequant import nf4_dequant_words_kernel, nf4_dequantize
+
+
+def host_us(fn, n=3000):
+    for _ in range(100):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def main():
+    w = NF4Weight.quantize(torch.randn(512, 512, device="cuda", dtype=torch.bfloat16))
+    n = w.numel()
+    out = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+    grid = (triton.cdiv(n // 64, 32),)
+    args = (w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.code, out, n // 8)
+    meta = dict(BLOCKSIZE=64, NESTED=True, NESTED_BLOCKSIZE=256, ROWS=32, SHFL=True)
+    kernel = nf4_dequant_words_kernel[grid](*args, **meta, num_warps=4, enable_fp_fusion=False)
+    ref = w.dequantize(backend="torch").view(-1)
+    assert torch.equal(out, ref)
+    a = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    f = torch.randn(16, 256, device="cuda")
+    rows = [
+        ("NF4Weight.dequantize()", lambda: w.dequantize()),
+        ("kernels.nf4_dequantize (launcher)", lambda: nf4_dequantize(
+            w.packed, w.absmax, w.code, (n,), 64, torch.bfloat16, w.absmax2, w.code2, w.offset, 256)),
+        ("JIT launch kernel[grid](...)", lambda: nf4_dequant_words_kernel[grid](
+            *args, **meta, num_warps=4, enable_fp_fusion=False)),
+        ("torch.mm 256x256 bf16", lambda: torch.mm(a, a)),
+        ("torch.addmm 256x256 bf16, alpha", lambda: torch.addmm(a, a, a, beta=0, alpha=2.0)),
+        ("fp32 -> bf16 .to (16x256)", lambda: f.to(torch.bfloat16)),
+        ("torch.empty 1 MB", lambda: torch.empty(n, device="cuda", dtype=torch.bfloat16)),
+    ]
+    try:
+        runner = kernel[grid]
+        out.zero_()
+        runner(*args, *meta.values())
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref)
+        rows.append(("CompiledKernel[grid](all args)", lambda: runner(*args, *meta.values())))
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"direct launch (all args) failed: {type(e).__name__}: {e}")
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    for name, fn in rows:
+        print(f"{name:40} {host_us(fn):7.1f} us host per call")
+
+
+if __name__ == "__main__":
+    main()
