@@ -31,7 +31,7 @@ import triton
 
 from lowrank_kernels import NF4Weight, qlora_linear
 from lowrank_kernels.dispatch import _nf4_state
-from lowrank_kernels.kernels.nf4_gemv import default_config, nf4_gemv
+from lowrank_kernels.kernels.nf4_gemv import _tma_ok, default_config, nf4_gemv
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features K, out_features N)
 R = 16
@@ -54,6 +54,11 @@ GRID = {
                 (64, 128, 4, 1), (32, 256, 4, 1), (64, 256, 8, 1), (128, 128, 8, 1)],
     "fma-deep": [(128, 256, 8, 1), (128, 256, 8, 2), (128, 256, 8, 3), (128, 512, 8, 1), (64, 512, 4, 1),
                  (256, 256, 8, 2), (64, 256, 4, 2), (32, 512, 2, 1)],
+    # TMA word tiles (--tma-stages): the same configs plain and through a shared-memory ring
+    "tma": [(128, 128, 4, 1), (64, 256, 4, 1), (128, 256, 8, 1)],
+    "fma-tma": [(128, 256, 8, 1), (64, 256, 4, 1), (256, 256, 8, 1)],
+    # the joined tile (--join) at M > 1
+    "join": [(128, 128, 4, 1), (64, 256, 4, 1), (128, 256, 8, 1), (256, 256, 8, 1)],
 }
 SPLITS = [1, 2, 4, 6, 8]
 
@@ -139,6 +144,11 @@ def main():
                     help="also print the profiler's device time per kernel of the default qlora_linear call")
     ap.add_argument("--maxnreg", type=int, nargs="*", default=[],
                     help="also run every grid config with these max_registers (ptxas maxnreg) values")
+    ap.add_argument("--tma-stages", type=int, nargs="*", default=[],
+                    help="also run every grid config with TMA word tiles (tma=True) at these pipeline depths")
+    ap.add_argument("--no-x-tma", action="store_true", help="TMA configs also without x by TMA (x_tma=False)")
+    ap.add_argument("--join", action="store_true",
+                    help="also run every tensor-core config with the joined tile (join=True: one dot per step)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gemv.py needs a CUDA GPU")
@@ -159,8 +169,8 @@ def main():
     table.add(f"# bf16, r={R}, no bias, {COPIES} rotating weight copies, "
               f"{'CUDA-graph replay' if has_cudagraph_bench() else 'do_bench'} medians (* = do_bench); "
               f"device copy {bw / 1e9:.0f} GB/s")
-    table.add("# nf4_gemv config = block_n/block_k/warps/stages/split_k[/lookup][/fma][/r<max registers>]; "
-              "default_config marked (default)")
+    table.add("# nf4_gemv config = block_n/block_k/warps/stages/split_k[/lookup][/fma][/r<max registers>][/tma]"
+              "[/join][/xptr: x not by TMA]; default_config marked (default)")
     header = f"{'shape K->N':13} {'M':>2}  {'provider / config':34} {'µs':>8} {'GB/s':>7} {'%copy':>6} {'vs bnb':>7} " \
              f"{'vs dense':>8}  note"
     table.add(header)
@@ -227,27 +237,33 @@ def main():
                           ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
 
             # nf4_gemv over the grid (the default config first, marked)
-            dflt = default_config(M, N, K, torch.bfloat16, torch.cuda.get_device_properties(0).multi_processor_count)
+            dflt = default_config(M, N, K, torch.bfloat16, torch.cuda.get_device_properties(0).multi_processor_count,
+                                  tma=_tma_ok(states[0]["packed"], K, x.device))
             dkey = (dflt["block_n"], dflt["block_k"], dflt["num_warps"], dflt["num_stages"], dflt["split_k"], "shfl",
-                    dflt["fma"], dflt["max_registers"])
+                    dflt["fma"], dflt["max_registers"], dflt["tma"], dflt["join"], dflt["x_tma"])
             configs = [dkey, dkey[:5] + ("load",) + dkey[6:]]
             regs = [None] + args.maxnreg
-            configs += [c + (s, "shfl", False, r) for c, s, r in itertools.product(GRID[args.grid], args.splits, regs)]
-            if M == 1:
-                configs += [c + (s, "shfl", True, r)
-                            for c, s, r in itertools.product(GRID[args.fma_grid], args.splits, regs)]
+            grids = [(GRID[args.grid], False)] + ([(GRID[args.fma_grid], True)] if M == 1 else [])
+            for grid, fma in grids:
+                joins = [False, True] if args.join and not fma else [False]
+                xt = [True, False] if args.no_x_tma else [True]
+                configs += [c + (s, "shfl", fma, r, False, j, True)
+                            for c, s, r, j in itertools.product(grid, args.splits, regs, joins)]
+                configs += [c[:3] + (ns, s, "shfl", fma, None, True, j, x)
+                            for c, s, ns, j, x in itertools.product(grid, args.splits, args.tma_stages, joins, xt)]
             seen = set()
             for cfg in configs:
                 if cfg in seen:
                     continue
                 seen.add(cfg)
-                bn, bk, nw, ns, sk, lookup, fma, maxnreg = cfg
+                bn, bk, nw, ns, sk, lookup, fma, maxnreg, tma, join, x_tma = cfg
                 name = f"nf4_gemv {bn}/{bk}/{nw}/{ns}/{sk}" + ("/load" if lookup == "load" else "") + \
-                    ("/fma" if fma else "") + (f"/r{maxnreg}" if maxnreg else "")
+                    ("/fma" if fma else "") + (f"/r{maxnreg}" if maxnreg else "") + ("/tma" if tma else "") + \
+                    ("/join" if join else "") + ("/xptr" if tma and not x_tma else "")
                 if cfg == dkey:
                     name += " (default)"
                 knobs = dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, split_k=sk, lookup=lookup, fma=fma,
-                             max_registers=maxnreg)
+                             max_registers=maxnreg, tma=tma, join=join, x_tma=x_tma)
                 try:
                     y, _ = nf4_gemv(x, states[0], A, B, 2.0, None, **knobs)
                     torch.cuda.synchronize()

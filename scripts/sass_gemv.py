@@ -1,6 +1,7 @@
 """Compile the NF4 GEMV kernel for sm_90 offline (no GPU needed) and count the SASS of its main loop.
 
-    python scripts/sass_gemv.py [--fma] [--block-n 128] [--block-k 128] [--warps 4] [--m-pad 8] [--dump FILE]
+    python scripts/sass_gemv.py [--fma] [--join] [--block-n 128] [--block-k 128] [--warps 4] [--m-pad 8]
+        [--dump FILE]
 
 Prints registers, spills and, for the innermost loop (the basic block with the most instructions ending in a
 backward branch), the instruction count per weight element (loop instructions x 32 lanes x warps / elements
@@ -29,14 +30,16 @@ def main():
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--m-pad", type=int, default=8)
     ap.add_argument("--maxnreg", type=int, default=None)
+    ap.add_argument("--join", action="store_true", help="the joined-tile dot (join=True)")
     ap.add_argument("--dump", default=None)
     a = ap.parse_args()
     sig = {n: "i32" for n in nf4_gemv_kernel.arg_names}
     sig.update(x_ptr="*bf16", packed_ptr="*u8", absmax_ptr="*u8", absmax2_ptr="*fp32", code2_ptr="*fp32",
-               offset_ptr="*fp32", code_ptr="*fp32", a_ptr="*fp32", ws_ptr="*fp32", ws_s_ptr="*fp32")
+               offset_ptr="*fp32", code_ptr="*fp32", a_ptr="*fp32", ws_ptr="*fp32", ws_s_ptr="*fp32",
+               x_desc="*bf16")
     const = dict(BLOCKSIZE=64, NESTED=True, NESTED_BLOCKSIZE=256, WORDS=True, EVEN_K=True, SHFL=True, FMA=a.fma,
                  M_PAD=1 if a.fma else a.m_pad, BLOCK_N=a.block_n, BLOCK_K=a.block_k, DOT_FP32=False,
-                 INPUT_PRECISION="tf32")
+                 INPUT_PRECISION="tf32", PDL=False, TMA=False, STAGES=1, JOIN=a.join, X_TMA=False)
     for k, v in const.items():
         sig[k] = "constexpr"
     src = ASTSource(nf4_gemv_kernel, sig, constexprs={(nf4_gemv_kernel.arg_names.index(k),): v

@@ -25,6 +25,12 @@ KNOBS = {
     "fast_fma": dict(block_n=32, block_k=256, split_k=2, num_warps=2, num_stages=1, fma=True, max_registers=128),
     "fast_split": dict(block_n=32, block_k=128, split_k=3, num_warps=2, num_stages=1),
     "fast_wide": dict(block_n=16, block_k=256, split_k=2, num_warps=1, num_stages=2),
+    "tma_fma": dict(block_n=32, block_k=256, split_k=2, num_warps=2, num_stages=3, fma=True, tma=True),
+    "tma_dot": dict(block_n=16, block_k=128, split_k=1, num_warps=1, num_stages=2, fma=False, tma=True),
+    "join": dict(block_n=16, block_k=128, split_k=2, num_warps=1, num_stages=1, fma=False, join=True),
+    "tma_join": dict(block_n=32, block_k=256, split_k=1, num_warps=2, num_stages=2, fma=False, tma=True, join=True),
+    "tma_join_xptr": dict(block_n=16, block_k=128, split_k=2, num_warps=1, num_stages=3, fma=False, tma=True,
+                          join=True, x_tma=False),
     "generic": dict(block_n=16, block_k=64, split_k=1, num_warps=1, num_stages=1),
     "generic_split": dict(block_n=16, block_k=32, split_k=4, num_warps=1, num_stages=1),
 }
@@ -71,6 +77,14 @@ CASES = [
     (3, 18, 256, 16, F16, True, 256, True, "fast"),  # block_k < blocksize: one scale per tile row
     (5, 23, 129, 8, F16, True, 32, True, "generic"),  # odd K: rows start on low nibbles
     (2, 30, 200, 64, F32, True, 64, False, "generic_split"),  # K % blocksize != 0: blocks straddle rows
+    (1, 37, 512, 8, F16, True, 64, True, "tma_fma"),  # TMA word tiles: ragged N (zero-filled rows), FMA
+    (1, 20, 320, 4, F32, False, 32, True, "tma_fma"),  # TMA, masked last step (zero-filled columns)
+    (5, 20, 384, 64, F16, True, 128, True, "tma_dot"),  # TMA, tensor-core path
+    (16, 24, 320, 8, F32, True, 64, True, "tma_dot"),  # TMA, M = 16, K % block_k != 0
+    (3, 37, 640, 16, F16, True, 64, True, "join"),  # one dot per step on the joined tile, 5 K steps over 2 slices
+    (16, 24, 320, 8, F32, False, 32, False, "join"),  # joined tile, masked last step, 4 scale blocks per row
+    (7, 45, 512, 8, F16, True, 128, True, "tma_join"),  # TMA + joined tile, ragged N, x by TMA (zero-filled rows)
+    (9, 30, 384, 8, F32, True, 64, False, "tma_join_xptr"),  # TMA words, x by pointer loads
     (1, 17, 96, 1, F16, False, 32, True, "generic_split"),  # K % 64 == 0 but block_k < 128: generic path
     (16, 25, 161, 16, F32, False, 128, True, "default"),  # default config on the generic path
     (4, 21, 256, 100, F16, True, 64, True, "fast"),  # r = 100: two rank chunks of 64
@@ -83,6 +97,10 @@ CASES = [
     pytest.param((1, 1000, 4096, 64, BF16, True, 64, True, "fast_dot"), marks=needs_cuda),
     pytest.param((16, 4096, 4096, 16, BF16, True, 64, False, "default"), marks=needs_cuda),
     pytest.param((7, 1000, 1000, 8, BF16, False, 128, True, "default"), marks=needs_cuda),
+    pytest.param((1, 4097, 4096, 16, BF16, True, 64, True, "tma_fma"), marks=needs_cuda),
+    pytest.param((16, 4096, 4096, 16, BF16, True, 64, False, "tma_dot"), marks=needs_cuda),
+    pytest.param((64, 4096, 4096, 16, BF16, True, 64, True, "join"), marks=needs_cuda),
+    pytest.param((16, 1000, 4096, 16, BF16, True, 64, True, "tma_join"), marks=needs_cuda),
 ]
 
 
@@ -118,7 +136,8 @@ def test_nf4_gemv_load_lookup_matches_oracle(case):
 
 
 def random_cases(count, seed):
-    """Ragged random shapes (odd K, K % blocksize != 0, N below one tile) with every knob set and NF4 layout."""
+    """Ragged random shapes (odd K, K % blocksize != 0, N below one tile) with every knob set and NF4 layout
+    (but the TMA ones, which refuse such K: their cases are in ``CASES``)."""
     g = torch.Generator().manual_seed(seed)
 
     def pick(options):
@@ -131,7 +150,7 @@ def random_cases(count, seed):
         bs = pick([32, 64, 128])
         K = pick([int(torch.randint(1, 300, (1,), generator=g)), bs * int(torch.randint(1, 6, (1,), generator=g))])
         cases.append((M, N, K, pick([1, 8, 16, 64]), pick([F16, F32]), pick([True, False]), bs,
-                      pick([True, False]), pick(list(KNOBS))))
+                      pick([True, False]), pick([k for k in KNOBS if not KNOBS[k].get("tma")])))
     return cases
 
 
@@ -154,6 +173,7 @@ def _exact_weight(N, K, bs, nested):
 @pytest.mark.parametrize("dtype", [F16, F32, BF16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("N,K,bs,nested,knobs", [
     (70, 256, 64, 256, "fast_split"),  # fast path, 2 scales per tile row, > 256 first-level blocks
+    (70, 256, 64, 256, "join"),  # the joined tile
     (21, 128, 32, 16, "fast"),  # fast path, nested blocksize 16 (not bitsandbytes' 256)
     (30, 96, 32, None, "generic_split"),  # generic path (block_k < 128)
     (19, 37, 32, 16, "generic"),  # odd K: blocks straddle rows, rows start on low nibbles
@@ -184,6 +204,20 @@ def test_nf4_gemv_split_k_is_deterministic_and_matches_single_slice():
     again, s_again = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, split_k=4, input_precision="ieee", **knobs)
     assert torch.equal(a, again) and torch.equal(s_a, s_again)
     assert rel_err(a, one.double()) <= 1e-6 and rel_err(s_a, s_one.double()) <= 1e-6
+
+
+@pytest.mark.parametrize("fma", [True, False], ids=["fma", "dot"])
+def test_nf4_gemv_tma_matches_register_double_buffer(fma):
+    """The TMA word tiles give the register-double-buffered kernel's result (fp32, exact products: equal up to
+    the summation order of the final row reduction)."""
+    N, K, r = 50, 1024, 8
+    w = make_weight(N, K, 64, True)
+    x, A, B, b = make_inputs(1 if fma else 3, N, K, r, F32, True)
+    knobs = dict(block_n=16, block_k=256, split_k=2, num_warps=2, fma=fma, input_precision="ieee")
+    y_tma, s_tma = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, tma=True, num_stages=3, **knobs)
+    y_reg, s_reg = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, tma=False, **knobs)
+    assert torch.equal(s_tma, s_reg)
+    assert rel_err(y_tma, y_reg.double()) <= 1e-6
 
 
 def test_nf4_gemv_fma_matches_tensor_core_path():
@@ -247,12 +281,17 @@ def test_default_config_is_sane():
     for M, N, K in [(1, 4096, 4096), (16, 14336, 4096), (4, 4096, 14336), (1, 8, 64)]:
         cfg = default_config(M, N, K)
         assert set(cfg) == {"block_n", "block_k", "split_k", "num_warps", "num_stages", "lookup", "fma",
-                            "max_registers"}
+                            "max_registers", "tma", "join", "x_tma"}
         assert 1 <= cfg["split_k"] <= 8 and cfg["block_k"] >= 128
     assert default_config(1, 4096, 4096)["split_k"] > 1  # 64 row blocks alone cannot fill 132 SMs
     assert default_config(1, 8, 64)["split_k"] == 1  # never more slices than K steps allow
     assert default_config(4, 4096, 4096, dtype=F32)["block_k"] == 128  # fp32 dot operands: 256 would spill
     assert default_config(1, 4096, 4096)["fma"] and not default_config(2, 4096, 4096)["fma"]
+    for M, N in [(1, 4096), (1, 14336), (4, 4096), (16, 14336), (64, 4096), (64, 14336)]:
+        cfg = default_config(M, N, 4096, tma=True)  # Hopper: TMA ring, joined tile at M > 1
+        assert cfg["tma"] and cfg["num_stages"] > 1 and cfg["join"] == (M > 1) and cfg["fma"] == (M == 1)
+        assert cfg["block_n"] <= 256 and cfg["block_k"] <= 2048
+    assert not default_config(16, 4096, 4096)["tma"]
 
 
 def _bad_inputs():
@@ -274,6 +313,9 @@ def _bad_inputs():
     (dict(bias=torch.randn(7, device=DEVICE).to(F16)), {}, ValueError, "bias"),
     (dict(scaling="2"), {}, TypeError, "scaling"),
     ({}, dict(fma=1), ValueError, "fma"),
+    ({}, dict(tma="yes"), ValueError, "tma"),
+    ({}, dict(join=0), ValueError, "join"),
+    ({}, dict(tma=True, block_k=64), ValueError, "tma=True needs"),  # TMA needs the packed-word path
     ({}, dict(max_registers=8), ValueError, "max_registers"),
     ({}, dict(block_n=24), ValueError, "block_n"),
     ({}, dict(block_k=16), ValueError, "block_k"),

@@ -41,6 +41,21 @@ and counts the loop: with Triton 3.6, 128 x 128 tiles, 4 warps, ~7.4 SASS instru
 shuffle, 1 shift, 1 FMUL, 0.5 bf16x2 pack, the rest x operand staging through shared memory, wgmma, loads),
 against ~4.6 for the ``FMA`` variant below, which is what ``M = 1`` runs.
 
+TMA ring and joined tile (Hopper: the defaults there)
+-----------------------------------------------------
+``TMA``: the word tiles are read through a host-side tensor descriptor of the packed weight as uint32
+``[N, K // 8]`` in a ``tl.range(..., num_stages=STAGES)`` loop, so Triton's pipeliner keeps ``STAGES`` tiles in
+flight in shared memory (filled by the tensor memory accelerator, one instruction per tile) instead of in
+registers; the x tiles come the same way where x's rows are 16-byte aligned (``X_TMA``; measured neutral).
+``JOIN`` (``M > 1``): instead of 8 dots on the strided sub-tiles, the 8 nibble positions are joined back into
+element order (as the dequant kernel stores them) and one ``tl.dot`` per step takes the contiguous x tile.
+On the H100 (``bench/results/gemv-tma-h100.txt``, ``gemv-join-h100.txt``, ``gemv-join-xtma-h100.txt``, one
+sweep each, best config against the register-double-buffered default of the same run): M = 1 11.7 / 28.2 /
+25.5 -> 10.8 / 24.9 / 23.7 µs (4096->4096 / 4096->14336 / 14336->4096), M = 16 16.4 / 44.5 / 43.1 -> 15.3 /
+38.8 / 40.2 µs, M = 64 26.4 / 70.3 / 66.7 -> 21.4 / 50.6 / 57.0 µs. Nsight Compute on the M = 64 kernel
+(``ncu-gemv-tma-h100.txt``): one 8-warp program per SM (255 registers), 0.33 instructions issued per cycle per
+scheduler, DRAM at 14 %: latency-bound at low occupancy, as the register-double-buffered kernel was.
+
 Generic path (any K: odd K, blocks straddling rows, ``BLOCK_K < 128``): a tile row's even- and odd-position
 elements are read as two byte tiles starting at byte ``e0 >> 1`` and ``(e0 >> 1) + (e0 & 1)``
 (``e0 = n*K + k0``), the nibble picked by the row's parity, and the scales of the (at most
@@ -95,6 +110,10 @@ try:  # grid dependency control (programmatic dependent launch, sm_90+); Triton 
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - older Triton: the two launches stay plainly serialized
     gdc_launch_dependents = gdc_wait = None
+try:  # host-side TMA descriptors; Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: no TMA path
+    TensorDescriptor = None
 
 from lowrank_kernels.kernels.dot import dot as _dot
 from lowrank_kernels.kernels.nf4_code import nf4_word_codes
@@ -110,27 +129,18 @@ LOOKUPS = ("shfl", "load")
 
 # ---------------------------------------------------------------------------------------------- fast path
 @triton.jit
-def _load_words(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, k0, K, live,
-                BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-                NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr):
-    """The loads of one K step: packed words ``[BLOCK_N, SPT, WPS]`` (``SPT`` scale blocks per tile row, ``WPS``
-    words per block part) and the raw scales ``[BLOCK_N, SPT]`` (``q`` and ``absmax2`` when nested, else fp32
-    ``absmax`` twice). ``live``: scalar, False for the prefetch past the last step (nothing is read)."""
+def _load_scales(absmax_ptr, absmax2_ptr, row_blk, k0, K, live,
+                 BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                 NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr):
+    """The raw scales ``[BLOCK_N, SPT]`` of one K step (``SPT`` scale blocks per tile row): ``q`` and ``absmax2``
+    when nested, else fp32 ``absmax`` twice. ``live``: scalar, False past the last step (nothing is read)."""
     SUBK: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
     SPT: tl.constexpr = BLOCK_K // SUBK
-    WPS: tl.constexpr = SUBK // 8
     t = tl.arange(0, SPT)
-    kw = k0 // 8 + t[:, None] * WPS + tl.arange(0, WPS)[None, :]  # [SPT, WPS] word column
-    row_word = row_blk * (BLOCKSIZE // 8)  # = n*K/8, a multiple of 4 words: 16-byte aligned rows
-    ptrs = packed_ptr.to(tl.pointer_type(tl.uint32)) + row_word[:, None, None] + kw[None, :, :]
     blk = row_blk[:, None] + (k0 // BLOCKSIZE + t)[None, :]
     # live & ... through tl.full: a uniform mask keeps the vector loads (and the interpreter wants tensor masks)
-    w_ok = tl.full((1, SPT, WPS), 1, tl.int1) & live
     s_ok = tl.full((1, SPT), 1, tl.int1) & live
-    if EVEN_K:
-        w = tl.load(ptrs, mask=w_ok)
-    else:
-        w = tl.load(ptrs, mask=w_ok & (kw < K // 8)[None, :, :], other=0)
+    if not EVEN_K:
         s_ok = s_ok & (k0 + t * SUBK < K)[None, :]
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=s_ok, other=0)
@@ -138,6 +148,29 @@ def _load_words(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, k0, K, live,
     else:
         q = tl.load(absmax_ptr + blk, mask=s_ok, other=0.0)
         s2 = q
+    return q, s2
+
+
+@triton.jit
+def _load_words(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, k0, K, live,
+                BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                NESTED_BLOCKSIZE: tl.constexpr, EVEN_K: tl.constexpr):
+    """The loads of one K step: packed words ``[BLOCK_N, SPT, WPS]`` (``WPS`` words per block part) and the raw
+    scales (``_load_scales``)."""
+    SUBK: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
+    SPT: tl.constexpr = BLOCK_K // SUBK
+    WPS: tl.constexpr = SUBK // 8
+    t = tl.arange(0, SPT)
+    kw = k0 // 8 + t[:, None] * WPS + tl.arange(0, WPS)[None, :]  # [SPT, WPS] word column
+    row_word = row_blk * (BLOCKSIZE // 8)  # = n*K/8, a multiple of 4 words: 16-byte aligned rows
+    ptrs = packed_ptr.to(tl.pointer_type(tl.uint32)) + row_word[:, None, None] + kw[None, :, :]
+    w_ok = tl.full((1, SPT, WPS), 1, tl.int1) & live
+    if EVEN_K:
+        w = tl.load(ptrs, mask=w_ok)
+    else:
+        w = tl.load(ptrs, mask=w_ok & (kw < K // 8)[None, :, :], other=0)
+    q, s2 = _load_scales(absmax_ptr, absmax2_ptr, row_blk, k0, K, live, BLOCK_K, BLOCKSIZE, NESTED,
+                         NESTED_BLOCKSIZE, EVEN_K)
     return w, q, s2
 
 
@@ -208,6 +241,23 @@ def _dot_step(acc, w, am, x, code_ptr, dtype: tl.constexpr, SHFL: tl.constexpr, 
 
 
 @triton.jit
+def _dot_step_joined(acc, w, am, x, code_ptr, dtype: tl.constexpr, SHFL: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Tensor-core step with one dot: the 8 nibble positions of every word are joined back into element order
+    (as ``nf4_dequant_words_kernel`` stores them), so ``acc [BLOCK_N, M_PAD] += deq(W tile) [BLOCK_N, BLOCK_K]
+    @ x_tile.T`` takes the contiguous x tile as it was loaded; Triton moves the joined tile into the operand
+    layout (through shared memory) instead of the x tile being split 8 ways."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = nf4_word_codes(w, code_ptr, SHFL)
+    d0, d1, d2, d3 = round_fp32_to(c0 * am, dtype), round_fp32_to(c1 * am, dtype), round_fp32_to(c2 * am, dtype), \
+        round_fp32_to(c3 * am, dtype)
+    d4, d5, d6, d7 = round_fp32_to(c4 * am, dtype), round_fp32_to(c5 * am, dtype), round_fp32_to(c6 * am, dtype), \
+        round_fp32_to(c7 * am, dtype)
+    # tl.join appends the new axis last: element 4i + 2j + l of each word lands at [..., i, j, l]
+    v = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
+    return _dot(tl.reshape(v, (BLOCK_N, BLOCK_K)), tl.trans(x), acc, DOT_FP32, INPUT_PRECISION)
+
+
+@triton.jit
 def _fma_step(acc, w, am, x, code_ptr, SHFL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
     """CUDA-core step for one row of x: ``acc [BLOCK_N, SPT, WPS] += am * sum_e code[nibble_e] * x_e`` (fp32,
     explicit FMAs; ``am [BLOCK_N, SPT, 1]``), the scale applied once per word instead of once per element."""
@@ -253,13 +303,14 @@ def _lora_s_partial(x_rows, stride_xk, m_ok, offs_m64, a_ptr, stride_ar, stride_
 @triton.jit
 def nf4_gemv_kernel(
     x_ptr,  # [M, K] bf16 / fp16 / fp32 (any strides)
-    packed_ptr,  # uint8 [(N*K + 1) // 2]
+    packed_ptr,  # uint8 [(N*K + 1) // 2]; with TMA a tensor descriptor of it as uint32 [N, K // 8]
     absmax_ptr,  # uint8 [nblocks] when NESTED, else fp32 [nblocks]
     absmax2_ptr, code2_ptr, offset_ptr,  # NESTED only (dummies otherwise)
     code_ptr,  # fp32 [16]
     a_ptr,  # lora_A [R, K], any float dtype and strides
     ws_ptr,  # fp32 [n_split, M, N]: partial x @ deq(W).T per K slice
     ws_s_ptr,  # fp32 [n_split, M, R]: partial S = x @ A.T per K slice
+    x_desc,  # X_TMA: a tensor descriptor of x, [M_PAD, BLOCK_K] tiles (else unused)
     M, N, K, R, RANKS,  # RANKS: ranks of S per program (programs pid_n < cdiv(R, RANKS) compute them)
     stride_xm, stride_xk, stride_ar, stride_ak,
     K_PER_SPLIT,  # multiple of BLOCK_K
@@ -267,9 +318,13 @@ def nf4_gemv_kernel(
     WORDS: tl.constexpr, EVEN_K: tl.constexpr, SHFL: tl.constexpr, FMA: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    TMA: tl.constexpr = False, STAGES: tl.constexpr = 1, JOIN: tl.constexpr = False, X_TMA: tl.constexpr = False,
 ):
     """Program ``(pid_n, pid_k)``: the fp32 partial ``x @ deq(W).T`` of its rows and K slice, and (for the first
-    programs of each slice) its share of the partial ``S``. ``FMA`` (``M == 1``, ``WORDS``): CUDA-core FMAs."""
+    programs of each slice) its share of the partial ``S``. ``FMA`` (``M == 1``, ``WORDS``): CUDA-core FMAs.
+    ``TMA`` (``WORDS``): the word tiles come through a ``STAGES``-deep shared-memory ring filled by the tensor
+    memory accelerator (Triton's pipeliner), instead of the register double buffer. ``JOIN`` (``WORDS``, not
+    ``FMA``): ``_dot_step_joined`` instead of ``_dot_step``. ``X_TMA`` (``TMA``): the x tiles come by TMA too."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -294,23 +349,50 @@ def nf4_gemv_kernel(
             acc3 = tl.zeros((BLOCK_N, BLOCK_K // SUBK, SUBK // 8), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)  # outᵀ tile
-        # register double buffer: step k0 + BLOCK_K is loaded while step k0 is computed
-        w_n, q_n, s2_n, x_n = _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk, m_ok,
-                                         k_start, k_end, K, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, EVEN_K)
-        # the scales of a step are gathered (code2[q]) at the end of the step before, once its q has arrived:
-        # the gather's latency overlaps a whole step instead of stalling the first use
-        am_n = _absmax(q_n, s2_n, code2_ptr, offset, NESTED)[:, :, None]
-        for k0 in range(k_start, k_end, BLOCK_K):
-            w_c, am_c, x_c = w_n, am_n, x_n
-            w_n, q_n, s2_n, x_n = _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk, m_ok,
-                                             k0 + BLOCK_K, k_end, K, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
+        if TMA:
+            SPT: tl.constexpr = BLOCK_K // SUBK
+            row0 = pid_n * BLOCK_N
+            for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+                w = tl.reshape(packed_ptr.load([row0, k0 // 8]), (BLOCK_N, SPT, SUBK // 8))
+                q, s2 = _load_scales(absmax_ptr, absmax2_ptr, row_blk, k0, K, k0 < k_end, BLOCK_K, BLOCKSIZE,
+                                     NESTED, NESTED_BLOCKSIZE, EVEN_K)
+                if X_TMA:
+                    x = x_desc.load([0, k0])
+                else:
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    x_ok = m_ok[:, None] & (offs_k < K)[None, :]
+                    x = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=x_ok, other=0.0)
+                am = _absmax(q, s2, code2_ptr, offset, NESTED)[:, :, None]
+                if FMA:
+                    acc3 = _fma_step(acc3, w, am, x, code_ptr, SHFL, BLOCK_K, BLOCKSIZE)
+                elif JOIN:
+                    acc = _dot_step_joined(acc, w, am, x, code_ptr, dtype, SHFL, BLOCK_N, BLOCK_K, DOT_FP32,
+                                           INPUT_PRECISION)
+                else:
+                    acc = _dot_step(acc, w, am, x, code_ptr, dtype, SHFL, M_PAD, BLOCK_N, BLOCK_K, DOT_FP32,
+                                    INPUT_PRECISION)
+        else:
+            # register double buffer: step k0 + BLOCK_K is loaded while step k0 is computed
+            w_n, q_n, s2_n, x_n = _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk,
+                                             m_ok, k_start, k_end, K, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
                                              EVEN_K)
-            if FMA:
-                acc3 = _fma_step(acc3, w_c, am_c, x_c, code_ptr, SHFL, BLOCK_K, BLOCKSIZE)
-            else:
-                acc = _dot_step(acc, w_c, am_c, x_c, code_ptr, dtype, SHFL, M_PAD, BLOCK_N, BLOCK_K, DOT_FP32,
-                                INPUT_PRECISION)
+            # the scales of a step are gathered (code2[q]) at the end of the step before, once its q has arrived:
+            # the gather's latency overlaps a whole step instead of stalling the first use
             am_n = _absmax(q_n, s2_n, code2_ptr, offset, NESTED)[:, :, None]
+            for k0 in range(k_start, k_end, BLOCK_K):
+                w_c, am_c, x_c = w_n, am_n, x_n
+                w_n, q_n, s2_n, x_n = _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows,
+                                                 stride_xk, m_ok, k0 + BLOCK_K, k_end, K, BLOCK_K, BLOCKSIZE,
+                                                 NESTED, NESTED_BLOCKSIZE, EVEN_K)
+                if FMA:
+                    acc3 = _fma_step(acc3, w_c, am_c, x_c, code_ptr, SHFL, BLOCK_K, BLOCKSIZE)
+                elif JOIN:
+                    acc = _dot_step_joined(acc, w_c, am_c, x_c, code_ptr, dtype, SHFL, BLOCK_N, BLOCK_K, DOT_FP32,
+                                           INPUT_PRECISION)
+                else:
+                    acc = _dot_step(acc, w_c, am_c, x_c, code_ptr, dtype, SHFL, M_PAD, BLOCK_N, BLOCK_K,
+                                    DOT_FP32, INPUT_PRECISION)
+                am_n = _absmax(q_n, s2_n, code2_ptr, offset, NESTED)[:, :, None]
         if FMA:
             acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None]  # [BLOCK_N, 1]
     else:
@@ -412,6 +494,20 @@ def _pdl(device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def _tma_ok(packed, K, device) -> bool:
+    """The word tiles can come by TMA: a Triton with host descriptors, Hopper or newer (or the interpreter), and
+    16-byte aligned packed rows (``K % 32 == 0``, aligned base). The tile box must also be at most 256 x 256 words
+    (``block_n <= 256``, ``block_k <= 2048``)."""
+    if TensorDescriptor is None or K % 32 or packed.data_ptr() % 16 or not packed.is_contiguous():
+        return False
+    return _interpreting() or (device.type == "cuda" and _capability(device) >= 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -425,18 +521,38 @@ def default_input_precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, num_sms: int = 132) -> dict:
-    """Launch configuration ``dict(block_n, block_k, split_k, num_warps, num_stages, lookup, fma, max_registers)`` for
-    ``y [M, N]``.
+def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, num_sms: int = 132,
+                   tma: bool = False) -> dict:
+    """Launch configuration ``dict(block_n, block_k, split_k, num_warps, num_stages, lookup, fma, max_registers,
+    tma, join, x_tma)`` for ``y [M, N]``; ``tma``: the word tiles can come by TMA (see :func:`_tma_ok`).
 
-    From the H100 sweeps in ``bench/results/gemv-h100.txt`` (M = 1, 4, 16; the fastest config over the three
-    Llama-3-8B shapes, bf16) and ``gemv-m32-64-h100.txt`` (M = 32, 64): M = 1: the CUDA-core variant with
-    128 rows x 256 K per program, 8 warps, split-K 8; M <= 8: 64 x 256, 4 warps, split-K 8; M <= 16: 128 x 256,
-    8 warps, split-K 8; above, 128 x 128, 4 warps, with split-K chosen for about 256 programs (8 for N = 4096,
-    2 for N = 14336). fp32 uses ``block_k`` 128 at M > 1 (256 spills). Always 1 stage (the kernel double-buffers
-    in registers) and the shuffle lookup; ``split_k`` is capped at two K steps per slice.
+    With TMA (Hopper), from ``bench/results/gemv-tma-h100.txt``, ``gemv-join-h100.txt`` and
+    ``gemv-join-xtma-h100.txt`` (bf16, the three Llama-3-8B shapes): a 3-stage TMA ring of word tiles, 256 K per
+    step; M = 1: the CUDA-core variant, 256 rows x 8 warps x split-K 2 for N > 8192, else 64 rows x 4 warps x
+    split-K 4; M <= 16: the joined-tile dot, 64 rows x 4 warps x split-K 4; above: the joined-tile dot, 128 rows
+    x 8 warps, split-K 4 (2 when there are more than 64 row blocks).
+
+    Without (other GPUs, unaligned rows), from ``gemv-h100.txt`` (M = 1, 4, 16) and ``gemv-m32-64-h100.txt``
+    (M = 32, 64): M = 1: the CUDA-core variant with 128 rows x 256 K per program, 8 warps, split-K 8; M <= 8:
+    64 x 256, 4 warps, split-K 8; M <= 16: 128 x 256, 8 warps, split-K 8; above, 128 x 128, 4 warps, with
+    split-K chosen for about 256 programs (8 for N = 4096, 2 for N = 14336); 1 stage (the kernel double-buffers
+    in registers).
+
+    fp32 uses ``block_k`` 128 at M > 1 (256 spills). Always the shuffle lookup; ``split_k`` is capped at two K
+    steps per slice.
     """
-    if M == 1:
+    join = False
+    stages = 1
+    if tma:
+        stages, block_k = 3, 256
+        if M == 1:
+            block_n, warps, split = (256, 8, 2) if N > 8192 else (64, 4, 4)
+        elif M <= 16:
+            block_n, warps, split, join = 64, 4, 4, True
+        else:
+            block_n, warps, join = 128, 8, True
+            split = 4 if triton.cdiv(N, block_n) <= 64 else 2
+    elif M == 1:
         block_n, block_k, warps, split = 128, 256, 8, 8
     elif M <= 8:
         block_n, block_k, warps, split = 64, 256, 4, 8
@@ -448,8 +564,8 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, 
     if dtype == torch.float32 and M > 1:
         block_k = 128
     split_k = max(1, min(split, triton.cdiv(K, block_k) // 2))
-    return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=warps, num_stages=1, lookup="shfl",
-                fma=M == 1, max_registers=None)
+    return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=warps, num_stages=stages,
+                lookup="shfl", fma=M == 1, max_registers=None, tma=tma, join=join, x_tma=True)
 
 
 def _check_pow2(name, v, lo, hi):
@@ -466,7 +582,8 @@ def _check_float(name, t, shape):
 
 
 def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_k=None, split_k=None,
-             num_warps=None, num_stages=None, lookup=None, fma=None, max_registers=None, input_precision=None):
+             num_warps=None, num_stages=None, lookup=None, fma=None, max_registers=None, tma=None, join=None,
+             x_tma=None, input_precision=None):
     """``(y [M, N], S [M, r])``: ``S = x @ A.T``, ``y = x @ deq(W).T + (scaling * S) @ B.T + bias`` in
     ``x.dtype`` (decode-sized ``M``; see the module doc). Two launches, nothing else.
 
@@ -483,7 +600,10 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
     launch: deterministic), ``num_warps``, ``num_stages``, ``lookup`` (``"shfl"``: warp-shuffle code lookup,
     ``"load"``: global-memory gather; the interpreter always uses ``"load"``), ``fma`` (``M == 1`` on the fast
     path: CUDA-core FMAs, the scale applied per packed word), ``max_registers`` (per thread, ptxas ``maxnreg``;
-    ``None``: the compiler's choice); ``input_precision`` of fp32 dots (``"ieee"``, ``"tf32"``, ``"tf32x3"``).
+    ``None``: the compiler's choice), ``tma`` (word tiles through a ``num_stages``-deep shared-memory ring filled
+    by TMA; ``True`` raises where that is impossible), ``join`` (``M > 1``: one dot per step on the word tile
+    joined back into element order), ``x_tma`` (with ``tma``: the x tiles by TMA too, where x's rows are 16-byte
+    aligned); ``input_precision`` of fp32 dots (``"ieee"``, ``"tf32"``, ``"tf32x3"``).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x: expected a 2-D [M, K] tensor, got {getattr(x, 'shape', type(x).__name__)}")
@@ -513,11 +633,13 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: on {t.device}, but x is on {x.device}")
 
-    cfg = default_config(M, N, K, dtype, _num_sms(x.device))
+    tma_ok = K % nf4["blocksize"] == 0 and _tma_ok(nf4["packed"], K, x.device)
+    cfg = default_config(M, N, K, dtype, _num_sms(x.device), tma=tma_ok and not _interpreting())
     if K % nf4["blocksize"] != 0:
         cfg["block_k"] = GENERIC_BLOCK_K  # generic path: larger tiles spill (its per-element scale selection)
     overrides = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
-                     num_stages=num_stages, lookup=lookup, fma=fma, max_registers=max_registers)
+                     num_stages=num_stages, lookup=lookup, fma=fma, max_registers=max_registers, tma=tma, join=join,
+                     x_tma=x_tma)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     _check_pow2("block_n", cfg["block_n"], 16, 1024)
     _check_pow2("block_k", cfg["block_k"], 32, 4096)
@@ -526,8 +648,9 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
             raise ValueError(f"nf4_gemv: {key} must be a positive int, got {cfg[key]!r}")
     if cfg["lookup"] not in LOOKUPS:
         raise ValueError(f"nf4_gemv: lookup must be one of {LOOKUPS}, got {cfg['lookup']!r}")
-    if not isinstance(cfg["fma"], bool):
-        raise ValueError(f"nf4_gemv: fma must be a bool, got {cfg['fma']!r}")
+    for key in ("fma", "tma", "join", "x_tma"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"nf4_gemv: {key} must be a bool, got {cfg[key]!r}")
     regs = cfg["max_registers"]
     if regs is not None and (not isinstance(regs, int) or isinstance(regs, bool) or not 24 <= regs <= 255):
         raise ValueError(f"nf4_gemv: max_registers must be None or an int in [24, 255], got {regs!r}")
@@ -551,6 +674,19 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
     n_split = triton.cdiv(k_iters, iters_per_split)  # no empty slices
     words = K % blocksize == 0 and block_k >= 128 and packed.data_ptr() % 4 == 0 and packed.is_contiguous()
     use_fma = cfg["fma"] and words and M == 1
+    use_tma = cfg["tma"] and words and tma_ok and cfg["block_n"] <= 256 and block_k <= 2048
+    if tma and not use_tma:
+        raise ValueError("nf4_gemv: tma=True needs the packed-word path (K % blocksize == 0, block_k >= 128), "
+                         "K % 32 == 0, a contiguous 16-byte aligned packed tensor, block_n <= 256, block_k <= 2048, "
+                         "and a Hopper GPU or the interpreter")
+    if use_tma:  # the packed words as a uint32 [N, K // 8] matrix, read in [block_n, block_k // 8] tiles
+        packed = TensorDescriptor(packed.view(-1).view(torch.uint32).view(N, K // 8), [N, K // 8], [K // 8, 1],
+                                  [cfg["block_n"], block_k // 8])
+        w_args = (packed,) + w_args[1:]
+    m_pad = 1 if use_fma else max(8, triton.next_power_of_2(M))
+    x_tma = (use_tma and cfg["x_tma"] and x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0
+             and x.data_ptr() % 16 == 0 and block_k <= 256)
+    x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [m_pad, block_k]) if x_tma else x
     grid_n = triton.cdiv(N, cfg["block_n"])
     interpret = _interpreting()
     dot_fp32 = interpret and dtype == torch.bfloat16
@@ -561,15 +697,17 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
     ws_s = torch.empty((n_split, M, R), dtype=torch.float32, device=x.device)
 
     nf4_gemv_kernel[(grid_n, n_split)](
-        x, *w_args, lora_A, ws, ws_s,
+        x, *w_args, lora_A, ws, ws_s, x_desc,
         M, N, K, R, triton.cdiv(R, grid_n),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         iters_per_split * block_k,
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nf4["nested_blocksize"] if nested else 1,
         WORDS=words, EVEN_K=words and K % block_k == 0, SHFL=words and cfg["lookup"] == "shfl" and not interpret,
-        FMA=use_fma, M_PAD=1 if use_fma else max(8, triton.next_power_of_2(M)), BLOCK_N=cfg["block_n"],
-        BLOCK_K=block_k, DOT_FP32=dot_fp32, INPUT_PRECISION=precision, PDL=pdl,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
+        FMA=use_fma, M_PAD=m_pad, BLOCK_N=cfg["block_n"],
+        BLOCK_K=block_k, DOT_FP32=dot_fp32, INPUT_PRECISION=precision, PDL=pdl, TMA=use_tma,
+        STAGES=cfg["num_stages"], JOIN=cfg["join"], X_TMA=x_tma, num_warps=cfg["num_warps"],
+        num_stages=1 if use_tma else cfg["num_stages"],
+        enable_fp_fusion=False,
         **({} if regs is None or interpret else dict(maxnreg=regs)),
     )
     has_bias = bias is not None
