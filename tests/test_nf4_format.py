@@ -165,54 +165,6 @@ def test_dequantize_word_kernel_preconditions():
                        w.dequantize(torch.float32, backend="torch").view(-1))
 
 
-# (N, K, blocksize, block): row ranges, column ranges, both, single blocks; 300 x 128 / 32 has 1200 blocks, so
-# second-level blocks (256 first-level ones) straddle the sub-matrix's rows: their index comes from the source
-SUB_CASES = [(37, 192, 64, (0, 37, 0, 192)), (37, 192, 64, (5, 29, 64, 192)), (37, 192, 64, (36, 37, 128, 192)),
-             (300, 128, 32, (7, 300, 32, 96)), (19, 1024, 256, (3, 19, 256, 768)), (11, 64, 64, (2, 9, 0, 64))]
-
-
-@pytest.mark.parametrize("nested", [True, False], ids=["nested", "single"])
-@pytest.mark.parametrize("case", SUB_CASES, ids=str)
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "keep"])
-def test_dequantize_sub_matrix(case, nested, stream):
-    """``block=(n0, n1, k0, k1)`` gives ``W[n0:n1, k0:k1]`` bit for bit, into a new tensor or into ``out``."""
-    from lowrank_kernels.kernels.nf4_dequant import nf4_dequantize
-
-    N, K, bs, block = case
-    w = NF4Weight.quantize(torch.randn(N, K) * 0.02, blocksize=bs, double_quant=nested)
-    w = w.to(DEVICE)
-    n0, n1, k0, k1 = block
-    for out_dtype in DTYPES:
-        ref = w.dequantize(out_dtype, backend="torch")[n0:n1, k0:k1]
-        args = (w.packed, w.absmax, w.code, tuple(w.shape), bs, out_dtype, w.absmax2, w.code2, w.offset,
-                w.nested_blocksize)
-        ours = nf4_dequantize(*args, block=block, stream=stream)
-        assert ours.shape == ref.shape and torch.equal(ours, ref), (out_dtype, (ours != ref).sum())
-        out = torch.full(ref.shape, float("nan"), dtype=out_dtype, device=DEVICE)
-        assert nf4_dequantize(*args, block=block, out=out, stream=stream) is out
-        assert torch.equal(out, ref)
-
-
-def test_dequantize_sub_matrix_errors():
-    from lowrank_kernels.kernels.nf4_dequant import nf4_dequantize
-
-    w = NF4Weight.quantize(torch.randn(8, 128), blocksize=64).to(DEVICE)
-    args = (w.packed, w.absmax, w.code, (8, 128), 64, torch.float32)
-    for block, msg in [((0, 8, 0, 96), "multiples of the blocksize"), ((4, 4, 0, 64), "non-empty sub-range"),
-                       ((0, 9, 0, 64), "non-empty sub-range"), ((0, 8, 0), r"\(n0, n1, k0, k1\)"),
-                       ((0, 8.0, 0, 64), r"\(n0, n1, k0, k1\)")]:
-        with pytest.raises(ValueError, match=msg):
-            nf4_dequantize(*args, block=block)
-    with pytest.raises(ValueError, match="2-D weight shape"):
-        nf4_dequantize(*args[:3], (1024,), *args[4:], block=(0, 1, 0, 64))
-    with pytest.raises(ValueError, match="word kernel"):
-        nf4_dequantize(*args, block=(0, 8, 0, 64), kernel="bytes")
-    for bad in (torch.empty(8, 32, device=DEVICE), torch.empty(8, 64, dtype=torch.float16, device=DEVICE),
-                torch.empty(64, 8, device=DEVICE).t()):
-        with pytest.raises(ValueError, match="out: expected a contiguous"):
-            nf4_dequantize(*args, block=(0, 8, 0, 64), out=bad)
-
-
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @needs_bnb
 @pytest.mark.parametrize("shape", [(4096, 4096), (1000, 4099), (333, 4097), (14336, 64), (1, 1)], ids=str)

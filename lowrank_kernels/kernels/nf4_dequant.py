@@ -10,7 +10,6 @@ and takes any count.
 import math
 import os
 
-import torch
 import triton
 import triton.language as tl
 
@@ -111,61 +110,38 @@ def nf4_dequant_kernel(
 def nf4_dequant_words_kernel(
     packed_ptr,  # uint8 [n // 2], 4-byte aligned (read as uint32 words)
     absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,  # as in nf4_dequant_kernel
-    out_ptr,  # bf16 / fp16 / fp32 [n_words * 8] (contiguous)
-    n_words,  # output elements // 8 (a multiple of 8)
-    out_row_blocks, in_row_blocks, in_first_block,  # SUB only: the sub-matrix's block layout (see below)
+    out_ptr,  # bf16 / fp16 / fp32 [n]
+    n_words,  # n // 8 (n % 8 == 0)
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     ROWS: tl.constexpr,
     SHFL: tl.constexpr,
-    SUB: tl.constexpr,
-    STREAM: tl.constexpr,
 ):
     """Fast path (``n % 8 == 0``): the program's ``ROWS`` blocks as a ``[ROWS, BLOCKSIZE // 8]`` tile of packed
     32-bit words (8 elements each, all in one block, as every blocksize is a multiple of 8), looked up with
     ``nf4_word_codes`` (warp shuffle when ``SHFL``), scaled, rounded, and stored as 8 consecutive outputs per word.
     Same values as ``nf4_dequant_kernel`` with a third of its SASS instructions per element (16-byte loads and
-    stores, no per-element address arithmetic).
-
-    ``SUB``: the output is a block-aligned sub-matrix of ``W [N, K]`` (``K % BLOCKSIZE == 0``): output block ``b``
-    (``out_row_blocks`` per output row) is input block ``in_first_block + (b // out_row_blocks) * in_row_blocks +
-    b % out_row_blocks``; without it, output block ``b`` is input block ``b``.
-
-    ``STREAM``: both streams are marked evict-first in L2 (the packed words are read once; the output is written
-    once and not read soon): on the H100 that took 4096 x 4096 from 16.7-17.3 to 16.1 µs, the time of a plain
-    copy of the same bytes (``bench/results/dequant-variants-h100.txt``). Off for a scratch tile that the next
-    GEMM reads at once (it should stay in L2)."""
+    stores, no per-element address arithmetic). Both streams are marked evict-first in L2 (the packed words are
+    read once; the output is written once): on the H100 that took 4096 x 4096 from 16.7-17.3 to 16.1 µs, the time
+    of a plain copy of the same bytes (``bench/results/dequant-variants-h100.txt``)."""
     WPB: tl.constexpr = BLOCKSIZE // 8
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, WPB)
-    out_word = rows[:, None] * WPB + cols[None, :]
-    ok = out_word < n_words
-    if SUB:
-        src = in_first_block + (rows // out_row_blocks) * in_row_blocks + rows % out_row_blocks
-    else:
-        src = rows
-    am = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, src, rows * WPB < n_words, NESTED,
+    word = rows[:, None] * WPB + tl.arange(0, WPB)[None, :]
+    ok = word < n_words
+    am = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows, rows * WPB < n_words, NESTED,
                          NESTED_BLOCKSIZE)[:, None]
-    words = packed_ptr.to(tl.pointer_type(tl.uint32)) + src[:, None] * WPB + cols[None, :]
-    if STREAM:
-        w = tl.load(words, mask=ok, other=0, eviction_policy="evict_first")
-    else:
-        w = tl.load(words, mask=ok, other=0)
+    w = tl.load(packed_ptr.to(tl.pointer_type(tl.uint32)) + word, mask=ok, other=0, eviction_policy="evict_first")
     c0, c1, c2, c3, c4, c5, c6, c7 = nf4_word_codes(w, code_ptr, SHFL)
     # tl.join appends the new axis last: element 4i + 2j + l of each word lands at [..., i, j, l]
     d0, d1, d2, d3 = round_fp32_to(c0 * am, dtype), round_fp32_to(c1 * am, dtype), round_fp32_to(c2 * am, dtype), \
         round_fp32_to(c3 * am, dtype)
     d4, d5, d6, d7 = round_fp32_to(c4 * am, dtype), round_fp32_to(c5 * am, dtype), round_fp32_to(c6 * am, dtype), \
         round_fp32_to(c7 * am, dtype)
-    v = tl.reshape(tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7))),
-                   (ROWS, BLOCKSIZE))
+    v = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
     elem = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    if STREAM:
-        tl.store(out_ptr + elem, v, mask=elem < n_words * 8, cache_modifier=".cs")
-    else:
-        tl.store(out_ptr + elem, v, mask=elem < n_words * 8)
+    tl.store(out_ptr + elem, tl.reshape(v, (ROWS, BLOCKSIZE)), mask=elem < n_words * 8, cache_modifier=".cs")
 
 
 ELEMENTS_PER_PROGRAM = 2048  # best of the sweeps in bench/results/dequant-tune-h100.txt and
@@ -176,21 +152,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX (the shu
 
 
 def nf4_dequantize(packed, absmax, code, shape, blocksize, out_dtype, absmax2=None, code2=None, offset=None,
-                   nested_blocksize=256, *, block=None, out=None, stream=True,
-                   elements_per_program=ELEMENTS_PER_PROGRAM, num_warps=None, kernel="auto"):
-    """Dequantize NF4 elements to an ``out_dtype`` tensor of ``shape`` (a tuple; ``n = prod(shape)`` elements
-    in row-major order; inputs already validated), or only the sub-matrix ``W[n0:n1, k0:k1]`` of a 2-D
-    ``shape = (N, K)`` when ``block = (n0, n1, k0, k1)`` (needs the word kernel, ``K``, ``k0`` and ``k1``
-    multiples of ``blocksize``: whole quantization blocks).
+                   nested_blocksize=256, *, elements_per_program=ELEMENTS_PER_PROGRAM, num_warps=None,
+                   kernel="auto"):
+    """Dequantize NF4 elements to a new ``out_dtype`` tensor of ``shape`` (a tuple; ``n = prod(shape)`` elements
+    in row-major order; inputs already validated).
 
     ``absmax`` is fp32 scales, or, with ``absmax2``/``code2``/``offset`` given, the uint8 second-level indices.
-    ``out``: a contiguous ``out_dtype`` tensor of the result's shape to write into (default: a new one).
-    ``stream``: mark the loads and stores evict-first in L2 (the word kernel; right for a weight written once and
-    read later; wrong for a scratch tile the next GEMM reads while it is still in L2).
     ``kernel``: ``"words"`` (``nf4_dequant_words_kernel``; needs ``n % 8 == 0`` and a contiguous, 4-byte aligned
     ``packed``), ``"bytes"`` (``nf4_dequant_kernel``, any ``n``) or ``"auto"`` (words where it applies).
     ``elements_per_program`` and ``num_warps`` (default per kernel: ``NUM_WARPS``) are tuning knobs
-    (``scripts/tune_dequant.py``). This runs once or more per layer per training step, so it does no more host
+    (``scripts/tune_dequant.py``). This runs once or twice per layer per training step, so it does no more host
     work than it must (each torch call costs several µs of host time).
     """
     n = math.prod(shape)
@@ -203,23 +174,7 @@ def nf4_dequantize(packed, absmax, code, shape, blocksize, out_dtype, absmax2=No
         raise ValueError(f"nf4_dequantize: kernel='words' needs n % 8 == 0 (n={n}) and a contiguous, 4-byte "
                          "aligned packed tensor")
     words = words_ok and kernel != "bytes"
-    sub = (0, 0, 0)
-    if block is not None:
-        out_shape = _check_block(block, shape, blocksize)
-        if not words:
-            raise ValueError("nf4_dequantize: block= needs the word kernel (a contiguous, 4-byte aligned packed "
-                             f"tensor and kernel 'auto' or 'words', got {kernel!r})")
-        n0, n1, k0, k1 = block
-        sub = ((k1 - k0) // blocksize, shape[1] // blocksize, (n0 * shape[1] + k0) // blocksize)
-        shape, n = out_shape, math.prod(out_shape)
-    if out is None:
-        out = packed.new_empty(shape, dtype=out_dtype)
-    elif (not isinstance(out, torch.Tensor) or out.dtype != out_dtype or tuple(out.shape) != tuple(shape)
-          or not out.is_contiguous() or out.device != packed.device):
-        raise ValueError(f"out: expected a contiguous {out_dtype} tensor of shape {tuple(shape)} on "
-                         f"{packed.device}, got {getattr(out, 'dtype', None)} {tuple(getattr(out, 'shape', ()))}")
-    if n == 0:
-        return out
+    out = packed.new_empty(shape, dtype=out_dtype)
     rows = max(1, elements_per_program // blocksize)
     grid = (triton.cdiv(triton.cdiv(n, blocksize), rows),)
     nested = absmax2 is not None
@@ -228,27 +183,9 @@ def nf4_dequantize(packed, absmax, code, shape, blocksize, out_dtype, absmax2=No
             code, out)
     warps = num_warps or NUM_WARPS["words" if words else "bytes"]
     if words:
-        nf4_dequant_words_kernel[grid](*args, n // 8, *sub, blocksize, nested, nested_blocksize if nested else 1,
-                                       rows, not _INTERPRET, block is not None, bool(stream), num_warps=warps,
-                                       enable_fp_fusion=False)
+        nf4_dequant_words_kernel[grid](*args, n // 8, blocksize, nested, nested_blocksize if nested else 1, rows,
+                                       not _INTERPRET, num_warps=warps, enable_fp_fusion=False)
     else:
         nf4_dequant_kernel[grid](*args, n, blocksize, nested, nested_blocksize if nested else 1, rows,
                                  num_warps=warps, enable_fp_fusion=False)
     return out
-
-
-def _check_block(block, shape, blocksize):
-    """The shape ``(n1 - n0, k1 - k0)`` of the sub-matrix ``block = (n0, n1, k0, k1)`` of ``W [N, K]``, or a
-    ValueError saying what is wrong with it."""
-    if len(shape) != 2:
-        raise ValueError(f"block: needs a 2-D weight shape, got {tuple(shape)}")
-    if (not isinstance(block, (tuple, list)) or len(block) != 4
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in block)):
-        raise ValueError(f"block: expected (n0, n1, k0, k1) ints, got {block!r}")
-    N, K = shape
-    n0, n1, k0, k1 = block
-    if not (0 <= n0 < n1 <= N and 0 <= k0 < k1 <= K):
-        raise ValueError(f"block: {tuple(block)} is not a non-empty sub-range of W {tuple(shape)}")
-    if K % blocksize or k0 % blocksize or k1 % blocksize:
-        raise ValueError(f"block: K={K}, k0={k0} and k1={k1} must be multiples of the blocksize {blocksize}")
-    return (n1 - n0, k1 - k0)
