@@ -13,7 +13,7 @@ from bench.conftest import HAS_CUDA
 from bench.layer import DEVICE, DTYPE, RANK, layers, peft_lora
 from lowrank_kernels import qlora_linear
 
-TOKENS = [1, 16, 64, 256, 4096, 8192] if HAS_CUDA else [1, 64]  # M; --bench-m overrides
+TOKENS = [1, 4, 16, 64, 256, 4096, 8192] if HAS_CUDA else [1, 64]  # M; --bench-m overrides
 PROVIDERS = ["lowrank_kernels", "lowrank_kernels[fused]", "peft+bnb", "unfused", "dense"]
 
 

@@ -249,8 +249,9 @@ def main():
                 xt = [True, False] if args.no_x_tma else [True]
                 configs += [c + (s, "shfl", fma, r, False, j, True)
                             for c, s, r, j in itertools.product(grid, args.splits, regs, joins)]
-                configs += [c[:3] + (ns, s, "shfl", fma, None, True, j, x)
-                            for c, s, ns, j, x in itertools.product(grid, args.splits, args.tma_stages, joins, xt)]
+                configs += [c[:3] + (ns, s, "shfl", fma, r, True, j, x)
+                            for c, s, ns, j, x, r in itertools.product(grid, args.splits, args.tma_stages, joins, xt,
+                                                                       regs)]
             seen = set()
             for cfg in configs:
                 if cfg in seen:

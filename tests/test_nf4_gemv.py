@@ -287,10 +287,11 @@ def test_default_config_is_sane():
     assert default_config(1, 8, 64)["split_k"] == 1  # never more slices than K steps allow
     assert default_config(4, 4096, 4096, dtype=F32)["block_k"] == 128  # fp32 dot operands: 256 would spill
     assert default_config(1, 4096, 4096)["fma"] and not default_config(2, 4096, 4096)["fma"]
-    for M, N in [(1, 4096), (1, 14336), (4, 4096), (16, 14336), (64, 4096), (64, 14336)]:
+    for M, N in [(1, 4096), (1, 14336), (9, 4096), (16, 14336), (64, 4096), (64, 14336)]:
         cfg = default_config(M, N, 4096, tma=True)  # Hopper: TMA ring, joined tile at M > 1
         assert cfg["tma"] and cfg["num_stages"] > 1 and cfg["join"] == (M > 1) and cfg["fma"] == (M == 1)
         assert cfg["block_n"] <= 256 and cfg["block_k"] <= 2048
+    assert default_config(4, 4096, 4096, tma=True) == default_config(4, 4096, 4096)  # 2 <= M <= 8: no TMA
     assert not default_config(16, 4096, 4096)["tma"]
 
 

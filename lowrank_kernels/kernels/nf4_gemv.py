@@ -526,11 +526,12 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, 
     """Launch configuration ``dict(block_n, block_k, split_k, num_warps, num_stages, lookup, fma, max_registers,
     tma, join, x_tma)`` for ``y [M, N]``; ``tma``: the word tiles can come by TMA (see :func:`_tma_ok`).
 
-    With TMA (Hopper), from ``bench/results/gemv-tma-h100.txt``, ``gemv-join-h100.txt`` and
-    ``gemv-join-xtma-h100.txt`` (bf16, the three Llama-3-8B shapes): a 3-stage TMA ring of word tiles, 256 K per
-    step; M = 1: the CUDA-core variant, 256 rows x 8 warps x split-K 2 for N > 8192, else 64 rows x 4 warps x
-    split-K 4; M <= 16: the joined-tile dot, 64 rows x 4 warps x split-K 4; above: the joined-tile dot, 128 rows
-    x 8 warps, split-K 4 (2 when there are more than 64 row blocks).
+    With TMA (Hopper), from ``bench/results/gemv-tma-h100.txt``, ``gemv-join-h100.txt``,
+    ``gemv-join-xtma-h100.txt`` and ``gemv-join-m4-32-h100.txt`` (bf16, the three Llama-3-8B shapes): a 3-stage
+    TMA ring of word tiles, 256 K per step; M = 1: the CUDA-core variant, 256 rows x 8 warps x split-K 2 for
+    N > 8192, else 64 rows x 4 warps x split-K 4; 8 < M <= 16: the joined-tile dot, 64 rows x 4 warps x split-K 4;
+    above: the joined-tile dot, 128 rows x 8 warps, split-K 4 (2 when there are more than 64 row blocks). At
+    2 <= M <= 8 the configuration without TMA below (the joined tile took 1.3-1.45x its time at M = 4).
 
     Without (other GPUs, unaligned rows), from ``gemv-h100.txt`` (M = 1, 4, 16) and ``gemv-m32-64-h100.txt``
     (M = 32, 64): M = 1: the CUDA-core variant with 128 rows x 256 K per program, 8 warps, split-K 8; M <= 8:
@@ -543,6 +544,7 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, 
     """
     join = False
     stages = 1
+    tma = tma and not 2 <= M <= 8  # there the register-double-buffered 8-dot kernel measured fastest
     if tma:
         stages, block_k = 3, 256
         if M == 1:
