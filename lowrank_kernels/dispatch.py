@@ -60,7 +60,7 @@ FUSED_BY_DEFAULT = False
 # Decode and small batches (M <= GEMV_MAX_M, NF4 weight, no LoRA dropout): the NF4 GEMV kernels on either Triton
 # path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.60-0.65x the time
 # of dense bf16 at M = 1, 0.87-0.91x at M = 4, 0.98-1.00x at M = 16 and 1.18-1.53x at M = 64, where dequantize +
-# cuBLAS takes 2.4-2.7x (bench/results/bench-h100-forward.json).
+# cuBLAS takes 2.4-2.8x (bench/results/bench-h100-forward.json).
 GEMV_MAX_M = 64
 
 
