@@ -49,10 +49,11 @@ flight in shared memory (filled by the tensor memory accelerator, one instructio
 registers; the x tiles come the same way where x's rows are 16-byte aligned (``X_TMA``; measured neutral).
 ``JOIN`` (``M > 1``): instead of 8 dots on the strided sub-tiles, the 8 nibble positions are joined back into
 element order (as the dequant kernel stores them) and one ``tl.dot`` per step takes the contiguous x tile.
-On the H100 (``bench/results/gemv-tma-h100.txt``, ``gemv-join-h100.txt``, ``gemv-join-xtma-h100.txt``, one
-sweep each, best config against the register-double-buffered default of the same run): M = 1 11.7 / 28.2 /
-25.5 -> 10.8 / 24.9 / 23.7 µs (4096->4096 / 4096->14336 / 14336->4096), M = 16 16.4 / 44.5 / 43.1 -> 15.3 /
-38.8 / 40.2 µs, M = 64 26.4 / 70.3 / 66.7 -> 21.4 / 50.6 / 57.0 µs. Nsight Compute on the M = 64 kernel
+On the H100 (``bench/results/gemv-tma-m1-h100.txt`` and ``gemv-join-xtma-h100.txt``, best config against the
+register-double-buffered default of the same run; ``gemv-tma-h100.txt`` and ``gemv-join-h100.txt`` agree):
+M = 1 11.7 / 28.2 / 25.5 -> 10.8 / 24.9 / 23.7 µs (4096->4096 / 4096->14336 / 14336->4096), M = 16 16.4 / 44.5 /
+43.1 -> 15.3 / 38.8 / 40.2 µs, M = 64 26.4 / 70.3 / 66.7 -> 21.4 / 50.6 / 57.0 µs; at M = 4 the joined tile
+took 1.3-1.45x the previous kernel's time (``gemv-join-m4-32-h100.txt``). Nsight Compute on the M = 64 kernel
 (``ncu-gemv-tma-h100.txt``): one 8-warp program per SM (255 registers), 0.33 instructions issued per cycle per
 scheduler, DRAM at 14 %: latency-bound at low occupancy, as the register-double-buffered kernel was.
 
