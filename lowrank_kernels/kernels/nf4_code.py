@@ -7,6 +7,8 @@ interpreter, which cannot run inline PTX, and ``SHFL=False`` use a global-memory
 import triton
 import triton.language as tl
 
+from lowrank_kernels.kernels.rounding import round_fp32_to
+
 # NF4 code lookup by warp shuffle. Input $8: a packed word; its elements 0..7 sit in nibbles [4:8), [0:4), [12:16),
 # [8:12), [20:24), [16:20), [28:32), [24:28) (element 2j is the high nibble of byte j). Input $9: the address of the
 # fp32 code table; each lane loads code[lane % 16] (ptxas keeps one such load per loop iteration for all blocks).
@@ -74,3 +76,17 @@ def nf4_word_codes(w, code_ptr, SHFL: tl.constexpr):
         c6 = _nib_load(hi, 3, code_ptr)
         c7 = _nib_load(lo, 3, code_ptr)
     return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def nf4_word_values(w, am, code_ptr, dtype: tl.constexpr, SHFL: tl.constexpr):
+    """The 8 elements of every packed word of ``w`` dequantized, ``round_to_dtype(fp32(code[nibble] * am))``
+    (``am``: fp32 scales broadcastable to ``w``), in element order: shape ``[*w.shape, 2, 2, 2]``, element
+    ``4i + 2j + l`` of a word at ``[..., i, j, l]`` (reshape the last four axes to ``8 * w.shape[-1]``)."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = nf4_word_codes(w, code_ptr, SHFL)
+    d0, d1, d2, d3 = round_fp32_to(c0 * am, dtype), round_fp32_to(c1 * am, dtype), round_fp32_to(c2 * am, dtype), \
+        round_fp32_to(c3 * am, dtype)
+    d4, d5, d6, d7 = round_fp32_to(c4 * am, dtype), round_fp32_to(c5 * am, dtype), round_fp32_to(c6 * am, dtype), \
+        round_fp32_to(c7 * am, dtype)
+    # tl.join appends the new axis last
+    return tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))

@@ -117,7 +117,7 @@ except ImportError:  # pragma: no cover - older Triton: no TMA path
     TensorDescriptor = None
 
 from lowrank_kernels.kernels.dot import dot as _dot
-from lowrank_kernels.kernels.nf4_code import nf4_word_codes
+from lowrank_kernels.kernels.nf4_code import nf4_word_codes, nf4_word_values
 from lowrank_kernels.kernels.nf4_dequant import nf4_tile_even_odd
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
@@ -248,13 +248,7 @@ def _dot_step_joined(acc, w, am, x, code_ptr, dtype: tl.constexpr, SHFL: tl.cons
     (as ``nf4_dequant_words_kernel`` stores them), so ``acc [BLOCK_N, M_PAD] += deq(W tile) [BLOCK_N, BLOCK_K]
     @ x_tile.T`` takes the contiguous x tile as it was loaded; Triton moves the joined tile into the operand
     layout (through shared memory) instead of the x tile being split 8 ways."""
-    c0, c1, c2, c3, c4, c5, c6, c7 = nf4_word_codes(w, code_ptr, SHFL)
-    d0, d1, d2, d3 = round_fp32_to(c0 * am, dtype), round_fp32_to(c1 * am, dtype), round_fp32_to(c2 * am, dtype), \
-        round_fp32_to(c3 * am, dtype)
-    d4, d5, d6, d7 = round_fp32_to(c4 * am, dtype), round_fp32_to(c5 * am, dtype), round_fp32_to(c6 * am, dtype), \
-        round_fp32_to(c7 * am, dtype)
-    # tl.join appends the new axis last: element 4i + 2j + l of each word lands at [..., i, j, l]
-    v = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
+    v = nf4_word_values(w, am, code_ptr, dtype, SHFL)
     return _dot(tl.reshape(v, (BLOCK_N, BLOCK_K)), tl.trans(x), acc, DOT_FP32, INPUT_PRECISION)
 
 
@@ -274,6 +268,21 @@ def _fma_step(acc, w, am, x, code_ptr, SHFL: tl.constexpr, BLOCK_K: tl.constexpr
     t = tl.fma(c6, x6[None, :, :], t)
     t = tl.fma(c7, x7[None, :, :], t)
     return tl.fma(t, am, acc)
+
+
+@triton.jit
+def _step(acc, w, am, x, code_ptr, dtype: tl.constexpr, SHFL: tl.constexpr, FMA: tl.constexpr, JOIN: tl.constexpr,
+          M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+          DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One K step into ``acc``: ``_fma_step`` (``FMA``; ``acc [BLOCK_N, SPT, WPS]``, a sum per packed word),
+    ``_dot_step_joined`` (``JOIN``) or ``_dot_step`` (``acc [BLOCK_N, M_PAD]``)."""
+    if FMA:
+        acc = _fma_step(acc, w, am, x, code_ptr, SHFL, BLOCK_K, BLOCKSIZE)
+    elif JOIN:
+        acc = _dot_step_joined(acc, w, am, x, code_ptr, dtype, SHFL, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION)
+    else:
+        acc = _dot_step(acc, w, am, x, code_ptr, dtype, SHFL, M_PAD, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -347,7 +356,7 @@ def nf4_gemv_kernel(
         if NESTED:
             offset = tl.load(offset_ptr)
         if FMA:
-            acc3 = tl.zeros((BLOCK_N, BLOCK_K // SUBK, SUBK // 8), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, BLOCK_K // SUBK, SUBK // 8), dtype=tl.float32)  # per packed word
         else:
             acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)  # outᵀ tile
         if TMA:
@@ -364,14 +373,8 @@ def nf4_gemv_kernel(
                     x_ok = m_ok[:, None] & (offs_k < K)[None, :]
                     x = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk, mask=x_ok, other=0.0)
                 am = _absmax(q, s2, code2_ptr, offset, NESTED)[:, :, None]
-                if FMA:
-                    acc3 = _fma_step(acc3, w, am, x, code_ptr, SHFL, BLOCK_K, BLOCKSIZE)
-                elif JOIN:
-                    acc = _dot_step_joined(acc, w, am, x, code_ptr, dtype, SHFL, BLOCK_N, BLOCK_K, DOT_FP32,
-                                           INPUT_PRECISION)
-                else:
-                    acc = _dot_step(acc, w, am, x, code_ptr, dtype, SHFL, M_PAD, BLOCK_N, BLOCK_K, DOT_FP32,
-                                    INPUT_PRECISION)
+                acc = _step(acc, w, am, x, code_ptr, dtype, SHFL, FMA, JOIN, M_PAD, BLOCK_N, BLOCK_K, BLOCKSIZE,
+                            DOT_FP32, INPUT_PRECISION)
         else:
             # register double buffer: step k0 + BLOCK_K is loaded while step k0 is computed
             w_n, q_n, s2_n, x_n = _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows, stride_xk,
@@ -385,17 +388,11 @@ def nf4_gemv_kernel(
                 w_n, q_n, s2_n, x_n = _load_step(packed_ptr, absmax_ptr, absmax2_ptr, row_blk, x_rows,
                                                  stride_xk, m_ok, k0 + BLOCK_K, k_end, K, BLOCK_K, BLOCKSIZE,
                                                  NESTED, NESTED_BLOCKSIZE, EVEN_K)
-                if FMA:
-                    acc3 = _fma_step(acc3, w_c, am_c, x_c, code_ptr, SHFL, BLOCK_K, BLOCKSIZE)
-                elif JOIN:
-                    acc = _dot_step_joined(acc, w_c, am_c, x_c, code_ptr, dtype, SHFL, BLOCK_N, BLOCK_K, DOT_FP32,
-                                           INPUT_PRECISION)
-                else:
-                    acc = _dot_step(acc, w_c, am_c, x_c, code_ptr, dtype, SHFL, M_PAD, BLOCK_N, BLOCK_K,
-                                    DOT_FP32, INPUT_PRECISION)
+                acc = _step(acc, w_c, am_c, x_c, code_ptr, dtype, SHFL, FMA, JOIN, M_PAD, BLOCK_N, BLOCK_K,
+                            BLOCKSIZE, DOT_FP32, INPUT_PRECISION)
                 am_n = _absmax(q_n, s2_n, code2_ptr, offset, NESTED)[:, :, None]
         if FMA:
-            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None]  # [BLOCK_N, 1]
+            acc = tl.sum(tl.sum(acc, axis=2), axis=1)[:, None]  # [BLOCK_N, 1]
     else:
         HALF: tl.constexpr = BLOCK_K // 2
         acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
