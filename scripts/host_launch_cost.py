@@ -46,6 +46,19 @@ def main():
         ("fp32 -> bf16 .to (16x256)", lambda: f.to(torch.bfloat16)),
         ("torch.empty 1 MB", lambda: torch.empty(n, device="cuda", dtype=torch.bfloat16)),
     ]
+    # the decode layer call (two launches), with and without the TMA descriptors (built per call)
+    from lowrank_kernels.dispatch import _nf4_state
+    from lowrank_kernels.kernels.nf4_gemv import nf4_gemv
+
+    wd = NF4Weight.quantize(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02)
+    st = _nf4_state(wd)
+    A, B = torch.randn(16, 4096, device="cuda"), torch.randn(4096, 16, device="cuda")
+    for m in (1, 16):
+        xm = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        rows.append((f"nf4_gemv M={m} default (eager)", lambda xm=xm: nf4_gemv(xm, st, A, B, 2.0)))
+        rows.append((f"nf4_gemv M={m} tma=True", lambda xm=xm: nf4_gemv(xm, st, A, B, 2.0, tma=True, num_stages=3)))
+        rows.append((f"nf4_gemv M={m} tma=True, x_tma=False", lambda xm=xm: nf4_gemv(
+            xm, st, A, B, 2.0, tma=True, num_stages=3, x_tma=False)))
     try:
         runner = kernel[grid]
         out.zero_()

@@ -220,6 +220,27 @@ def test_nf4_gemv_tma_matches_register_double_buffer(fma):
     assert rel_err(y_tma, y_reg.double()) <= 1e-6
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("M", [1, 16, 64])
+def test_nf4_gemv_default_under_graph_capture(M):
+    """Warmed up eagerly, then captured in a CUDA graph (the usual order): under capture the default may take other
+    kernels (the TMA ones on Hopper, compiled there on first use); the replay matches the eager call and the oracle."""
+    N, K, r = 1000, 4096, 16
+    w = make_weight(N, K, 64, True, 0.05)
+    x, A, B, b = make_inputs(M, N, K, r, BF16, True)
+    state = _nf4_state(w)
+    eager, s_eager = nf4_gemv(x, state, A, B, SCALING, b)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, S = nf4_gemv(x, state, A, B, SCALING, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    y_ref, S_ref = oracle(x, oracle_nf4_weight(w), A, B, b)
+    assert rel_err(out, y_ref) <= TOL[BF16] and rel_err(S, S_ref) <= TOL[BF16]
+    assert rel_err(out, eager.double()) <= 1e-2 and rel_err(S, s_eager.double()) <= 1e-2
+
+
 def test_nf4_gemv_fma_matches_tensor_core_path():
     """M = 1: the CUDA-core FMA variant and the tensor-core variant agree (fp32, exact products; ``S`` is summed
     in different chunks by the two, so it may differ in the last bits)."""

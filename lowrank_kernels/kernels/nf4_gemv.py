@@ -492,6 +492,15 @@ def _pdl(device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def _default_tma() -> bool:
+    """The TMA kernels are the default only while a CUDA graph is being captured. Their descriptors cost host time
+    on every call: on the H100 (``bench/results/host-launch-cost-h100.txt``) an eager 4096 x 4096 decode call
+    takes the host 156 µs with them against 120 µs without, for 0.4-3 µs less GPU time at M = 1. Eager decode is
+    host-bound, so there the register-double-buffered kernel is the faster call; a captured graph pays the host
+    cost once and keeps the GPU time."""
+    return not _interpreting() and torch.cuda.is_current_stream_capturing()
+
+
 def _tma_ok(packed, K, device) -> bool:
     """The word tiles can come by TMA: a Triton with host descriptors, Hopper or newer (or the interpreter), and
     16-byte aligned packed rows (``K % 32 == 0``, aligned base). The tile box must also be at most 256 x 256 words
@@ -634,7 +643,7 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
             raise ValueError(f"{name}: on {t.device}, but x is on {x.device}")
 
     tma_ok = K % nf4["blocksize"] == 0 and _tma_ok(nf4["packed"], K, x.device)
-    cfg = default_config(M, N, K, dtype, _num_sms(x.device), tma=tma_ok and not _interpreting())
+    cfg = default_config(M, N, K, dtype, _num_sms(x.device), tma=tma_ok and _default_tma())
     if K % nf4["blocksize"] != 0:
         cfg["block_k"] = GENERIC_BLOCK_K  # generic path: larger tiles spill (its per-element scale selection)
     overrides = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
