@@ -41,8 +41,8 @@ and counts the loop: with Triton 3.6, 128 x 128 tiles, 4 warps, ~7.4 SASS instru
 shuffle, 1 shift, 1 FMUL, 0.5 bf16x2 pack, the rest x operand staging through shared memory, wgmma, loads),
 against ~4.6 for the ``FMA`` variant below, which is what ``M = 1`` runs.
 
-TMA ring and joined tile (Hopper: the defaults there)
------------------------------------------------------
+TMA ring and joined tile (Hopper: the defaults there under CUDA-graph capture, see ``_default_tma``)
+---------------------------------------------------------------------------------------------------
 ``TMA``: the word tiles are read through a host-side tensor descriptor of the packed weight as uint32
 ``[N, K // 8]`` in a ``tl.range(..., num_stages=STAGES)`` loop, so Triton's pipeliner keeps ``STAGES`` tiles in
 flight in shared memory (filled by the tensor memory accelerator, one instruction per tile) instead of in
@@ -494,10 +494,11 @@ def _pdl(device) -> bool:
 
 def _default_tma() -> bool:
     """The TMA kernels are the default only while a CUDA graph is being captured. Their descriptors cost host time
-    on every call: on the H100 (``bench/results/host-launch-cost-h100.txt``) an eager 4096 x 4096 decode call
-    takes the host 156 µs with them against 120 µs without, for 0.4-3 µs less GPU time at M = 1. Eager decode is
-    host-bound, so there the register-double-buffered kernel is the faster call; a captured graph pays the host
-    cost once and keeps the GPU time."""
+    on every call: on the H100 (``bench/results/host-launch-cost-h100.txt``, two runs on two hosts) an eager
+    4096 x 4096 decode call takes the host 156 / 302 µs with them against 120 / 217 µs without, for 0.4-3 µs less
+    GPU time at M = 1. Eager decode is host-bound, so there the register-double-buffered kernel is the faster
+    call; a captured graph pays the host cost once and keeps the GPU time. (A kernel first needed under capture
+    is compiled there; ``test_nf4_gemv_default_under_graph_capture`` covers the warm-up-then-capture order.)"""
     return not _interpreting() and torch.cuda.is_current_stream_capturing()
 
 
