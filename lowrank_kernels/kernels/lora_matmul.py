@@ -47,13 +47,13 @@ Triton's interpreter computes ``tl.dot`` on bf16 operands wrongly; with ``TRITON
 are upcast (exactly) to fp32 before the dot (``DOT_FP32``).
 """
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from lowrank_kernels.kernels.dot import dot as _dot
+from lowrank_kernels.kernels.launch import INTERPRET, cdiv, next_pow2
 from lowrank_kernels.kernels.nf4_dequant import nf4_block_scale, nf4_tile_even_odd
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
@@ -217,7 +217,7 @@ def _num_sms(device) -> int:
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
-    return max(floor, triton.next_power_of_2(n))
+    return max(floor, next_pow2(n))
 
 
 def default_input_precision(dtype: torch.dtype) -> str:
@@ -253,9 +253,9 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype, nf4: bool, aligne
 
 
 def _auto_split_k(M, N, K, cfg, device) -> int:
-    tiles = max(1, triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]))
-    k_iters = triton.cdiv(K, cfg["BLOCK_K"])
-    want = triton.cdiv(2 * _num_sms(device), tiles)
+    tiles = max(1, cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]))
+    k_iters = cdiv(K, cfg["BLOCK_K"])
+    want = cdiv(2 * _num_sms(device), tiles)
     return max(1, min(want, k_iters // 2, 16))
 
 
@@ -289,10 +289,6 @@ def _resolve_config(M, N, K, dtype, nf4, aligned, device, config):
     if cfg["SPLIT_K"] is None:
         cfg["SPLIT_K"] = _auto_split_k(M, N, K, cfg, device)
     return cfg
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=False, keep=None, keep_scale=1.0,
@@ -345,9 +341,9 @@ def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=Fal
         return y
 
     block_k, split_k = cfg["BLOCK_K"], cfg["SPLIT_K"]
-    k_iters = triton.cdiv(K, block_k)
-    iters_per_split = triton.cdiv(k_iters, split_k) if k_iters else 1
-    split_k = max(1, triton.cdiv(k_iters, iters_per_split))  # no empty slices
+    k_iters = cdiv(K, block_k)
+    iters_per_split = cdiv(k_iters, split_k) if k_iters else 1
+    split_k = max(1, cdiv(k_iters, iters_per_split))  # no empty slices
     k_per_split = iters_per_split * block_k
 
     has_bias = bias is not None
@@ -355,8 +351,7 @@ def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=Fal
     keep_arg = keep.view(torch.uint8) if keep is not None else a
     keep_strides = (keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)
     ws = torch.empty((split_k, M, N), dtype=torch.float32, device=a.device) if split_k > 1 else y
-    interpret = _interpreting()
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split_k)
     lora_matmul_kernel[grid](
         a, *w_args, lora_l, lora_r, keep_arg, bias_arg, y, ws,
         M, N, K, R, w_cols,
@@ -365,13 +360,13 @@ def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=Fal
         k_per_split, float(keep_scale),
         **nf4_meta, TRANS_W=trans_w, HAS_MASK=keep is not None, HAS_BIAS=has_bias and split_k == 1,
         R_PAD=_pow2_at_least(R, 16), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
-        GROUP_M=cfg["GROUP_M"], SPLIT_K=split_k, DOT_FP32=interpret and dtype == torch.bfloat16,
+        GROUP_M=cfg["GROUP_M"], SPLIT_K=split_k, DOT_FP32=INTERPRET and dtype == torch.bfloat16,
         INPUT_PRECISION=cfg["input_precision"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
     )
     if split_k > 1:
         block = 1024
-        splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
+        splitk_reduce_kernel[(cdiv(M * N, block),)](
             ws, bias_arg, y, M * N, N, SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
         )
     return y

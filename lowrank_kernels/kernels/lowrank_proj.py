@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.kernels.dot import dot
+from lowrank_kernels.kernels.launch import INTERPRET, cdiv, next_pow2
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
 
@@ -105,12 +106,6 @@ def _num_sms(device) -> int:
     return 132  # only shapes the (interpreted) grid on CPU
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _keep_args(keep, a):
     if keep is None:
         return a, (0, 0)
@@ -129,7 +124,7 @@ def _precision(dtype, interpreting) -> str:
 def _rank_pad(R):
     if R > MAX_RANK:
         raise ValueError(f"rank {R} is above the supported maximum {MAX_RANK}")
-    return max(16, triton.next_power_of_2(R))
+    return max(16, next_pow2(R))
 
 
 def lowrank_project(a, p, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=None, *, block_m=None, block_k=None,
@@ -148,11 +143,11 @@ def lowrank_project(a, p, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=None, 
     keep_arg, keep_strides = _keep_args(keep, a)
     block_m = block_m or (32 if M >= 32 * _num_sms(a.device) else 16)
     block_k = block_k or (128 if r_pad <= 32 else 64)
-    project_kernel[(triton.cdiv(M, block_m),)](
+    project_kernel[(cdiv(M, block_m),)](
         a, p, keep_arg, out, M, K, R, float(alpha), float(keep_scale),
         a.stride(0), a.stride(1), p.stride(0), p.stride(1), *keep_strides, out.stride(0), out.stride(1),
         HAS_KEEP=keep is not None, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
-        DOT_FP32=_interpreting() and a.dtype == torch.bfloat16, PRECISION=_precision(a.dtype, _interpreting()),
+        DOT_FP32=INTERPRET and a.dtype == torch.bfloat16, PRECISION=_precision(a.dtype, INTERPRET),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -172,20 +167,20 @@ def lowrank_reduce(l, a, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=torch.f
         return out.zero_()
     keep_arg, keep_strides = _keep_args(keep, a)
     block_k = block_k or (128 if r_pad <= 32 else 64)
-    k_tiles = triton.cdiv(K, block_k)
+    k_tiles = cdiv(K, block_k)
     if split_m is None:
-        split_m = max(1, min(triton.cdiv(2 * _num_sms(a.device), k_tiles), triton.cdiv(M, 4 * block_m), 64))
-    m_per_split = triton.cdiv(triton.cdiv(M, split_m), block_m) * block_m
-    split_m = triton.cdiv(M, m_per_split)  # no empty slices
+        split_m = max(1, min(cdiv(2 * _num_sms(a.device), k_tiles), cdiv(M, 4 * block_m), 64))
+    m_per_split = cdiv(cdiv(M, split_m), block_m) * block_m
+    split_m = cdiv(M, m_per_split)  # no empty slices
     ws = torch.empty((split_m, R, K), dtype=torch.float32, device=a.device)
-    dot_fp32 = _interpreting() and a.dtype == torch.bfloat16
+    dot_fp32 = INTERPRET and a.dtype == torch.bfloat16
     reduce_kernel[(k_tiles, split_m)](
         l, a, keep_arg, ws, M, K, R, float(keep_scale), m_per_split,
         l.stride(0), l.stride(1), a.stride(0), a.stride(1), *keep_strides,
         HAS_KEEP=keep is not None, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=dot_fp32,
-        PRECISION=_precision(a.dtype, _interpreting()), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=_precision(a.dtype, INTERPRET), num_warps=num_warps, num_stages=num_stages,
     )
     block = 1024
-    sum_splits_kernel[(triton.cdiv(R * K, block),)](ws, out, R * K, float(alpha), SPLITS=split_m, BLOCK=block,
+    sum_splits_kernel[(cdiv(R * K, block),)](ws, out, R * K, float(alpha), SPLITS=split_m, BLOCK=block,
                                                     num_warps=4)
     return out

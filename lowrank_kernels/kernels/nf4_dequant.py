@@ -8,11 +8,11 @@ output dtype. Bit-identical to ``python_ref.dequantize_nf4``. ``nf4_dequant_word
 and takes any count.
 """
 import math
-import os
 
 import triton
 import triton.language as tl
 
+from lowrank_kernels.kernels.launch import INTERPRET, cdiv
 from lowrank_kernels.kernels.nf4_code import nf4_word_values
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
@@ -143,7 +143,6 @@ ELEMENTS_PER_PROGRAM = 2048  # best of the sweeps in bench/results/dequant-tune-
 NUM_WARPS = {"words": 4, "bytes": 2}  # dequant-variants-h100.txt
 MAX_ELEMENTS = 2**31 - 2**13  # int32 element indices, with room for the last program's overhang
 KERNELS = ("auto", "words", "bytes")
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX (the shuffle lookup) there
 
 
 def nf4_dequantize(packed, absmax, code, shape, blocksize, out_dtype, absmax2=None, code2=None, offset=None,
@@ -171,7 +170,7 @@ def nf4_dequantize(packed, absmax, code, shape, blocksize, out_dtype, absmax2=No
     words = words_ok and kernel != "bytes"
     out = packed.new_empty(shape, dtype=out_dtype)
     rows = max(1, elements_per_program // blocksize)
-    grid = (triton.cdiv(triton.cdiv(n, blocksize), rows),)
+    grid = (cdiv(cdiv(n, blocksize), rows),)
     nested = absmax2 is not None
     # offset: the 0-dim fp32 tensor itself (a pointer to its one element)
     args = (packed, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
@@ -179,7 +178,7 @@ def nf4_dequantize(packed, absmax, code, shape, blocksize, out_dtype, absmax2=No
     warps = num_warps or NUM_WARPS["words" if words else "bytes"]
     if words:
         nf4_dequant_words_kernel[grid](*args, n // 8, blocksize, nested, nested_blocksize if nested else 1, rows,
-                                       not _INTERPRET, num_warps=warps, enable_fp_fusion=False)
+                                       not INTERPRET, num_warps=warps, enable_fp_fusion=False)
     else:
         nf4_dequant_kernel[grid](*args, n, blocksize, nested, nested_blocksize if nested else 1, rows,
                                  num_warps=warps, enable_fp_fusion=False)

@@ -117,6 +117,7 @@ except ImportError:  # pragma: no cover - older Triton: no TMA path
     TensorDescriptor = None
 
 from lowrank_kernels.kernels.dot import dot as _dot
+from lowrank_kernels.kernels.launch import INTERPRET, cdiv, next_pow2
 from lowrank_kernels.kernels.nf4_code import nf4_word_codes, nf4_word_values
 from lowrank_kernels.kernels.nf4_dequant import nf4_tile_even_odd
 from lowrank_kernels.kernels.rounding import round_fp32_to
@@ -499,7 +500,7 @@ def _default_tma() -> bool:
     GPU time at M = 1. Eager decode is host-bound, so there the register-double-buffered kernel is the faster
     call; a captured graph pays the host cost once and keeps the GPU time. (A kernel first needed under capture
     is compiled there; ``test_nf4_gemv_default_under_graph_capture`` covers the warm-up-then-capture order.)"""
-    return not _interpreting() and torch.cuda.is_current_stream_capturing()
+    return not INTERPRET and torch.cuda.is_current_stream_capturing()
 
 
 def _tma_ok(packed, K, device) -> bool:
@@ -508,16 +509,12 @@ def _tma_ok(packed, K, device) -> bool:
     (``block_n <= 256``, ``block_k <= 2048``)."""
     if TensorDescriptor is None or K % 32 or packed.data_ptr() % 16 or not packed.is_contiguous():
         return False
-    return _interpreting() or (device.type == "cuda" and _capability(device) >= 9)
+    return INTERPRET or (device.type == "cuda" and _capability(device) >= 9)
 
 
 @functools.lru_cache(maxsize=None)
 def _capability(device) -> int:
     return torch.cuda.get_device_capability(device)[0]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def default_input_precision(dtype: torch.dtype) -> str:
@@ -561,7 +558,7 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, 
             block_n, warps, split, join = 64, 4, 4, True
         else:
             block_n, warps, join = 128, 8, True
-            split = 4 if triton.cdiv(N, block_n) <= 64 else 2
+            split = 4 if cdiv(N, block_n) <= 64 else 2
     elif M == 1:
         block_n, block_k, warps, split = 128, 256, 8, 8
     elif M <= 8:
@@ -570,10 +567,10 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, 
         block_n, block_k, warps, split = 128, 256, 8, 8
     else:
         block_n, block_k, warps = 128, 128, 4
-        split = max(1, min(8, 256 // triton.cdiv(N, block_n)))
+        split = max(1, min(8, 256 // cdiv(N, block_n)))
     if dtype == torch.float32 and M > 1:
         block_k = 128
-    split_k = max(1, min(split, triton.cdiv(K, block_k) // 2))
+    split_k = max(1, min(split, cdiv(K, block_k) // 2))
     return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=warps, num_stages=stages,
                 lookup="shfl", fma=M == 1, max_registers=None, tma=tma, join=join, x_tma=True)
 
@@ -679,9 +676,9 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
               nf4["offset"] if nested else code, code)  # offset: its 0-dim tensor
 
     block_k = cfg["block_k"]
-    k_iters = triton.cdiv(K, block_k)
-    iters_per_split = triton.cdiv(k_iters, cfg["split_k"])
-    n_split = triton.cdiv(k_iters, iters_per_split)  # no empty slices
+    k_iters = cdiv(K, block_k)
+    iters_per_split = cdiv(k_iters, cfg["split_k"])
+    n_split = cdiv(k_iters, iters_per_split)  # no empty slices
     words = K % blocksize == 0 and block_k >= 128 and packed.data_ptr() % 4 == 0 and packed.is_contiguous()
     use_fma = cfg["fma"] and words and M == 1
     use_tma = cfg["tma"] and words and tma_ok and cfg["block_n"] <= 256 and block_k <= 2048
@@ -693,40 +690,39 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
         packed = TensorDescriptor(packed.view(-1).view(torch.uint32).view(N, K // 8), [N, K // 8], [K // 8, 1],
                                   [cfg["block_n"], block_k // 8])
         w_args = (packed,) + w_args[1:]
-    m_pad = 1 if use_fma else max(8, triton.next_power_of_2(M))
+    m_pad = 1 if use_fma else max(8, next_pow2(M))
     x_tma = (use_tma and cfg["x_tma"] and x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0
              and x.data_ptr() % 16 == 0 and block_k <= 256)
     x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [m_pad, block_k]) if x_tma else x
-    grid_n = triton.cdiv(N, cfg["block_n"])
-    interpret = _interpreting()
-    dot_fp32 = interpret and dtype == torch.bfloat16
+    grid_n = cdiv(N, cfg["block_n"])
+    dot_fp32 = INTERPRET and dtype == torch.bfloat16
     # PDL only where it measured faster (gemv-pdl-h100.txt): M <= PDL_MAX_M and a finish grid of one wave
-    pdl = (not interpret and M <= PDL_MAX_M and triton.cdiv(N, FINISH_BLOCK_N) <= _num_sms(x.device)
+    pdl = (not INTERPRET and M <= PDL_MAX_M and cdiv(N, FINISH_BLOCK_N) <= _num_sms(x.device)
            and _pdl(x.device))
     ws = torch.empty((n_split, M, N), dtype=torch.float32, device=x.device)
     ws_s = torch.empty((n_split, M, R), dtype=torch.float32, device=x.device)
 
     nf4_gemv_kernel[(grid_n, n_split)](
         x, *w_args, lora_A, ws, ws_s, x_desc,
-        M, N, K, R, triton.cdiv(R, grid_n),
+        M, N, K, R, cdiv(R, grid_n),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         iters_per_split * block_k,
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nf4["nested_blocksize"] if nested else 1,
-        WORDS=words, EVEN_K=words and K % block_k == 0, SHFL=words and cfg["lookup"] == "shfl" and not interpret,
+        WORDS=words, EVEN_K=words and K % block_k == 0, SHFL=words and cfg["lookup"] == "shfl" and not INTERPRET,
         FMA=use_fma, M_PAD=m_pad, BLOCK_N=cfg["block_n"],
         BLOCK_K=block_k, DOT_FP32=dot_fp32, INPUT_PRECISION=precision, PDL=pdl, TMA=use_tma,
         STAGES=cfg["num_stages"], JOIN=cfg["join"], X_TMA=x_tma, num_warps=cfg["num_warps"],
         num_stages=1 if use_tma else cfg["num_stages"],
         enable_fp_fusion=False,
-        **({} if regs is None or interpret else dict(maxnreg=regs)),
+        **({} if regs is None or INTERPRET else dict(maxnreg=regs)),
     )
     has_bias = bias is not None
-    nf4_gemv_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_N),)](
+    nf4_gemv_finish_kernel[(cdiv(N, FINISH_BLOCK_N),)](
         ws, ws_s, lora_B, bias if has_bias else x, y, S, M, N, R, float(scaling),
         lora_B.stride(0), lora_B.stride(1), bias.stride(0) if has_bias else 0, y.stride(0), y.stride(1),
         S.stride(0), S.stride(1),
-        SPLIT_K=n_split, HAS_BIAS=has_bias, M_PAD=max(8, triton.next_power_of_2(M)),
-        R_BLOCK=max(16, min(MAX_RANK_CHUNK, triton.next_power_of_2(R))), BLOCK_N=FINISH_BLOCK_N,
+        SPLIT_K=n_split, HAS_BIAS=has_bias, M_PAD=max(8, next_pow2(M)),
+        R_BLOCK=max(16, min(MAX_RANK_CHUNK, next_pow2(R))), BLOCK_N=FINISH_BLOCK_N,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, PDL=pdl, num_warps=4, enable_fp_fusion=False,
         **(dict(launch_pdl=True) if pdl else {}),
     )
