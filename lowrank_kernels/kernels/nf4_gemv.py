@@ -640,8 +640,11 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: on {t.device}, but x is on {x.device}")
 
-    tma_ok = K % nf4["blocksize"] == 0 and _tma_ok(nf4["packed"], K, x.device)
-    cfg = default_config(M, N, K, dtype, _num_sms(x.device), tma=tma_ok and _default_tma())
+    default_tma = _default_tma()
+    # checked only where TMA may be used (an eager call with default knobs skips it)
+    tma_ok = ((default_tma or tma is True) and K % nf4["blocksize"] == 0
+              and _tma_ok(nf4["packed"], K, x.device))
+    cfg = default_config(M, N, K, dtype, _num_sms(x.device), tma=tma_ok and default_tma)
     if K % nf4["blocksize"] != 0:
         cfg["block_k"] = GENERIC_BLOCK_K  # generic path: larger tiles spill (its per-element scale selection)
     overrides = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
