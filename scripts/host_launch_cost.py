@@ -3,6 +3,7 @@
     python scripts/host_launch_cost.py
 """
 import time
+import traceback
 
 import torch
 import triton
@@ -60,7 +61,7 @@ def main():
         rows.append((f"nf4_gemv M={m} tma=True, x_tma=False", lambda xm=xm: nf4_gemv(
             xm, st, A, B, 2.0, tma=True, num_stages=3, x_tma=False)))
     try:
-        runner = kernel[grid]
+        runner = kernel[(grid[0], 1, 1)]  # the runner indexes all three grid dimensions
         out.zero_()
         runner(*args, *meta.values())
         torch.cuda.synchronize()
@@ -68,6 +69,7 @@ def main():
         rows.append(("CompiledKernel[grid](all args)", lambda: runner(*args, *meta.values())))
     except Exception as e:  # noqa: BLE001 - report and go on
         print(f"direct launch (all args) failed: {type(e).__name__}: {e}")
+        traceback.print_exc()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     for name, fn in rows:
         print(f"{name:40} {host_us(fn):7.1f} us host per call")

@@ -4,7 +4,8 @@
 
 Times ``nf4_gemv`` (the decode layer call: validation, config, allocations, launch arguments) and
 ``nf4_dequantize`` with their Triton launches stubbed out, so it measures only our code and the torch calls it
-makes (on CPU tensors: allocation costs differ from CUDA's). Prints the median of 7 rounds of 3000 calls.
+makes (on CPU tensors: allocation costs differ from CUDA's), and the call key that ``kernels.launch.launch``
+computes for each direct launch (of the arguments those calls pass). Prints the median of 7 rounds of 3000 calls.
 """
 import platform
 import statistics
@@ -17,11 +18,14 @@ import lowrank_kernels.kernels.nf4_dequant as dq
 import lowrank_kernels.kernels.nf4_gemv as gemv
 from lowrank_kernels import NF4Weight
 from lowrank_kernels.dispatch import _nf4_state
+from lowrank_kernels.kernels.launch import _call_key, _layout
 
 
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+CALLS = {}
+
+
+def _no_launch(kernel, grid, args, **options):
+    CALLS[kernel] = (args, options)  # the last call's arguments (only: keeping them all would keep every output)
 
 
 def host_us(fn, rounds=7, calls=3000):
@@ -37,8 +41,7 @@ def host_us(fn, rounds=7, calls=3000):
 
 
 def main():
-    gemv.nf4_gemv_kernel = gemv.nf4_gemv_finish_kernel = _NoLaunch()
-    dq.nf4_dequant_words_kernel = dq.nf4_dequant_kernel = _NoLaunch()
+    gemv.launch = dq.launch = _no_launch
     w = NF4Weight.quantize(torch.randn(256, 256))
     st = _nf4_state(w)
     x = torch.randn(1, 256)
@@ -46,6 +49,11 @@ def main():
     rows = [("nf4_gemv M=1 (two launches stubbed)", lambda: gemv.nf4_gemv(x, st, A, B, 2.0)),
             ("nf4_dequantize (launch stubbed)", lambda: dq.nf4_dequantize(
                 w.packed, w.absmax, w.code, (256, 256), 64, torch.bfloat16, w.absmax2, w.code2, w.offset, 256))]
+    gemv.nf4_gemv(x, st, A, B, 2.0)
+    main_args, main_options = CALLS[gemv.nf4_gemv_kernel]
+    layout = _layout(gemv.nf4_gemv_kernel, main_args)
+    rows.append(("launch key of the nf4_gemv main kernel",
+                 lambda: _call_key(layout, main_args, tuple(main_options.items()))))
     print(f"{platform.processor() or platform.machine()}  torch {torch.__version__}  triton {triton.__version__}")
     for name, fn in rows:
         med, best = host_us(fn)

@@ -12,7 +12,7 @@ import math
 import triton
 import triton.language as tl
 
-from lowrank_kernels.kernels.launch import INTERPRET, cdiv
+from lowrank_kernels.kernels.launch import INTERPRET, cdiv, launch
 from lowrank_kernels.kernels.nf4_code import nf4_word_values
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
@@ -177,9 +177,9 @@ def nf4_dequantize(packed, absmax, code, shape, blocksize, out_dtype, absmax2=No
             code, out)
     warps = num_warps or NUM_WARPS["words" if words else "bytes"]
     if words:
-        nf4_dequant_words_kernel[grid](*args, n // 8, blocksize, nested, nested_blocksize if nested else 1, rows,
-                                       not INTERPRET, num_warps=warps, enable_fp_fusion=False)
+        launch(nf4_dequant_words_kernel, grid, args + (n // 8, blocksize, nested, nested_blocksize if nested else 1,
+                                                       rows, not INTERPRET), num_warps=warps, enable_fp_fusion=False)
     else:
-        nf4_dequant_kernel[grid](*args, n, blocksize, nested, nested_blocksize if nested else 1, rows,
-                                 num_warps=warps, enable_fp_fusion=False)
+        launch(nf4_dequant_kernel, grid, args + (n, blocksize, nested, nested_blocksize if nested else 1, rows),
+               num_warps=warps, enable_fp_fusion=False)
     return out

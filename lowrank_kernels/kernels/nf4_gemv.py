@@ -117,7 +117,7 @@ except ImportError:  # pragma: no cover - older Triton: no TMA path
     TensorDescriptor = None
 
 from lowrank_kernels.kernels.dot import dot as _dot
-from lowrank_kernels.kernels.launch import INTERPRET, cdiv, next_pow2
+from lowrank_kernels.kernels.launch import INTERPRET, cdiv, launch, next_pow2
 from lowrank_kernels.kernels.nf4_code import nf4_word_codes, nf4_word_values
 from lowrank_kernels.kernels.nf4_dequant import nf4_tile_even_odd
 from lowrank_kernels.kernels.rounding import round_fp32_to
@@ -575,6 +575,25 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, 
                 lookup="shfl", fma=M == 1, max_registers=None, tma=tma, join=join, x_tma=True)
 
 
+_default_config = functools.lru_cache(maxsize=1024)(default_config)
+
+
+def _check_config(cfg):
+    _check_pow2("block_n", cfg["block_n"], 16, 1024)
+    _check_pow2("block_k", cfg["block_k"], 32, 4096)
+    for key in ("split_k", "num_warps", "num_stages"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise ValueError(f"nf4_gemv: {key} must be a positive int, got {cfg[key]!r}")
+    if cfg["lookup"] not in LOOKUPS:
+        raise ValueError(f"nf4_gemv: lookup must be one of {LOOKUPS}, got {cfg['lookup']!r}")
+    for key in ("fma", "tma", "join", "x_tma"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"nf4_gemv: {key} must be a bool, got {cfg[key]!r}")
+    regs = cfg["max_registers"]
+    if regs is not None and (not isinstance(regs, int) or isinstance(regs, bool) or not 24 <= regs <= 255):
+        raise ValueError(f"nf4_gemv: max_registers must be None or an int in [24, 255], got {regs!r}")
+
+
 def _check_pow2(name, v, lo, hi):
     if not isinstance(v, int) or isinstance(v, bool) or v < lo or v > hi or v & (v - 1):
         raise ValueError(f"nf4_gemv: {name} must be a power of two in [{lo}, {hi}], got {v!r}")
@@ -644,26 +663,17 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
     # checked only where TMA may be used (an eager call with default knobs skips it)
     tma_ok = ((default_tma or tma is True) and K % nf4["blocksize"] == 0
               and _tma_ok(nf4["packed"], K, x.device))
-    cfg = default_config(M, N, K, dtype, _num_sms(x.device), tma=tma_ok and default_tma)
-    if K % nf4["blocksize"] != 0:
-        cfg["block_k"] = GENERIC_BLOCK_K  # generic path: larger tiles spill (its per-element scale selection)
-    overrides = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
-                     num_stages=num_stages, lookup=lookup, fma=fma, max_registers=max_registers, tma=tma, join=join,
-                     x_tma=x_tma)
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
-    _check_pow2("block_n", cfg["block_n"], 16, 1024)
-    _check_pow2("block_k", cfg["block_k"], 32, 4096)
-    for key in ("split_k", "num_warps", "num_stages"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-            raise ValueError(f"nf4_gemv: {key} must be a positive int, got {cfg[key]!r}")
-    if cfg["lookup"] not in LOOKUPS:
-        raise ValueError(f"nf4_gemv: lookup must be one of {LOOKUPS}, got {cfg['lookup']!r}")
-    for key in ("fma", "tma", "join", "x_tma"):
-        if not isinstance(cfg[key], bool):
-            raise ValueError(f"nf4_gemv: {key} must be a bool, got {cfg[key]!r}")
+    cfg = _default_config(M, N, K, dtype, _num_sms(x.device), tma_ok and default_tma)  # shared: not mutated
+    if K % nf4["blocksize"] != 0:  # generic path: larger tiles spill (its per-element scale selection)
+        cfg = dict(cfg, block_k=GENERIC_BLOCK_K)
+    overrides = {k: v for k, v in (("block_n", block_n), ("block_k", block_k), ("split_k", split_k),
+                                   ("num_warps", num_warps), ("num_stages", num_stages), ("lookup", lookup),
+                                   ("fma", fma), ("max_registers", max_registers), ("tma", tma), ("join", join),
+                                   ("x_tma", x_tma)) if v is not None}
+    if overrides:  # the defaults are valid by construction; only what the caller passes needs checking
+        cfg = dict(cfg, **overrides)
+        _check_config(cfg)
     regs = cfg["max_registers"]
-    if regs is not None and (not isinstance(regs, int) or isinstance(regs, bool) or not 24 <= regs <= 255):
-        raise ValueError(f"nf4_gemv: max_registers must be None or an int in [24, 255], got {regs!r}")
     precision = input_precision or default_input_precision(dtype)
 
     y = x.new_empty((M, N))
@@ -705,28 +715,24 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
     ws = torch.empty((n_split, M, N), dtype=torch.float32, device=x.device)
     ws_s = torch.empty((n_split, M, R), dtype=torch.float32, device=x.device)
 
-    nf4_gemv_kernel[(grid_n, n_split)](
-        x, *w_args, lora_A, ws, ws_s, x_desc,
-        M, N, K, R, cdiv(R, grid_n),
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-        iters_per_split * block_k,
-        BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nf4["nested_blocksize"] if nested else 1,
-        WORDS=words, EVEN_K=words and K % block_k == 0, SHFL=words and cfg["lookup"] == "shfl" and not INTERPRET,
-        FMA=use_fma, M_PAD=m_pad, BLOCK_N=cfg["block_n"],
-        BLOCK_K=block_k, DOT_FP32=dot_fp32, INPUT_PRECISION=precision, PDL=pdl, TMA=use_tma,
-        STAGES=cfg["num_stages"], JOIN=cfg["join"], X_TMA=x_tma, num_warps=cfg["num_warps"],
-        num_stages=1 if use_tma else cfg["num_stages"],
-        enable_fp_fusion=False,
-        **({} if regs is None or INTERPRET else dict(maxnreg=regs)),
-    )
+    args = (x, *w_args, lora_A, ws, ws_s, x_desc, M, N, K, R, cdiv(R, grid_n),
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), iters_per_split * block_k,
+            blocksize, nested, nf4["nested_blocksize"] if nested else 1,  # BLOCKSIZE, NESTED, NESTED_BLOCKSIZE
+            words, words and K % block_k == 0, words and cfg["lookup"] == "shfl" and not INTERPRET,  # .., SHFL
+            use_fma, m_pad, cfg["block_n"], block_k, dot_fp32, precision, pdl,  # FMA, .., PDL
+            use_tma, cfg["num_stages"], cfg["join"], x_tma)  # TMA, STAGES, JOIN, X_TMA
+    options = dict(num_warps=cfg["num_warps"], num_stages=1 if use_tma else cfg["num_stages"],
+                   enable_fp_fusion=False, **({} if regs is None or INTERPRET else dict(maxnreg=regs)))
+    if use_tma:  # tensor descriptors: through Triton's JIT (only while a graph is captured, by default)
+        nf4_gemv_kernel[(grid_n, n_split)](*args, **options)
+    else:
+        launch(nf4_gemv_kernel, (grid_n, n_split), args, **options)
     has_bias = bias is not None
-    nf4_gemv_finish_kernel[(cdiv(N, FINISH_BLOCK_N),)](
-        ws, ws_s, lora_B, bias if has_bias else x, y, S, M, N, R, float(scaling),
-        lora_B.stride(0), lora_B.stride(1), bias.stride(0) if has_bias else 0, y.stride(0), y.stride(1),
-        S.stride(0), S.stride(1),
-        SPLIT_K=n_split, HAS_BIAS=has_bias, M_PAD=max(8, next_pow2(M)),
-        R_BLOCK=max(16, min(MAX_RANK_CHUNK, next_pow2(R))), BLOCK_N=FINISH_BLOCK_N,
-        DOT_FP32=dot_fp32, INPUT_PRECISION=precision, PDL=pdl, num_warps=4, enable_fp_fusion=False,
-        **(dict(launch_pdl=True) if pdl else {}),
-    )
+    launch(nf4_gemv_finish_kernel, (cdiv(N, FINISH_BLOCK_N),),
+           (ws, ws_s, lora_B, bias if has_bias else x, y, S, M, N, R, float(scaling),
+            lora_B.stride(0), lora_B.stride(1), bias.stride(0) if has_bias else 0, y.stride(0), y.stride(1),
+            S.stride(0), S.stride(1),
+            n_split, has_bias, max(8, next_pow2(M)), max(16, min(MAX_RANK_CHUNK, next_pow2(R))), FINISH_BLOCK_N,
+            dot_fp32, precision, pdl),  # SPLIT_K, HAS_BIAS, M_PAD, R_BLOCK, BLOCK_N, DOT_FP32, .., PDL
+           num_warps=4, enable_fp_fusion=False, **(dict(launch_pdl=True) if pdl else {}))
     return y, S
