@@ -4,9 +4,9 @@
     backward  dS = s * dY @ B,  dX = dY @ W + (dS @ A) * keep / (1 - p),  dA = dS.T @ Xd,  dB = s * dY.T @ S
 
 Saved for backward: ``x`` (only when ``lora_A`` or a dense weight needs a gradient) and ``S [M, r]`` (only
-when ``lora_B`` does), plus the tiny adapter tensors. Never the dequantized weight, never a dropout mask: the
-mask is regenerated in backward from a seed. ``W`` (dense or NF4) gets no gradient unless it is a dense tensor
-that requires one.
+when ``lora_B`` does), plus the adapters as the forward used them (tiny rounded copies, or the tensors). Never
+the dequantized weight, never a dropout mask: the mask is regenerated in backward from a seed. ``W`` (dense or
+NF4) gets no gradient unless it is a dense tensor that requires one.
 """
 import torch
 
@@ -34,14 +34,14 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, lora_A, lora_B, bias, weight, scaling, dropout, seed, backend, config):
         keep = dropout_keep(x.shape, dropout, seed, x.device) if dropout > 0 else None
         keep_scale = 1.0 / (1.0 - dropout)
-        A, B, b = dispatch.cast(lora_A, x.dtype), dispatch.cast(lora_B, x.dtype), dispatch.cast(bias, x.dtype)
-        y, S = dispatch.lora_linear_forward(x, weight, A, B, scaling, b, keep, keep_scale, backend, config)
+        y, S, A, B = dispatch.lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias, keep, keep_scale,
+                                                  backend, config)
         dense = isinstance(weight, torch.Tensor)
         need_x_saved = ctx.needs_input_grad[1] or (dense and ctx.needs_input_grad[4])
-        ctx.save_for_backward(x if need_x_saved else None, A, B,  # the casts: tiny, and not redone in backward
+        ctx.save_for_backward(x if need_x_saved else None, A, B,  # as the forward used them (copies not redone)
                               S if ctx.needs_input_grad[2] else None, weight if dense else None)
         ctx.nf4 = None if dense else weight
-        ctx.dtypes = (lora_A.dtype, lora_B.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (lora_A.dtype, lora_B.dtype, None if bias is None else bias.dtype, x.dtype)
         ctx.args = (scaling, dropout, seed, keep_scale, backend, config, x.shape)
         return y
 
@@ -52,9 +52,9 @@ class LoraLinearFunction(torch.autograd.Function):
         weight = dense_w if ctx.nf4 is None else ctx.nf4
         needs = tuple(ctx.needs_input_grad[:5])
         keep = dropout_keep(x_shape, dropout, seed, grad_y.device) if dropout > 0 else None
-        a_dtype, b_dtype, bias_dtype = ctx.dtypes
+        a_dtype, b_dtype, bias_dtype, x_dtype = ctx.dtypes
         dx, dA, dB, db, dw = dispatch.lora_linear_backward(
-            dispatch.cast(grad_y, A.dtype), x, weight, A, B, scaling, S, keep, keep_scale, needs, backend, config,
+            dispatch.cast(grad_y, x_dtype), x, weight, A, B, scaling, S, keep, keep_scale, needs, backend, config,
             adapter_dtypes=(a_dtype, b_dtype))
         cast = dispatch.cast
         return (dx, cast(dA, a_dtype), cast(dB, b_dtype), cast(db, bias_dtype),

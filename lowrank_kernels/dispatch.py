@@ -5,6 +5,7 @@ Callers pass format objects and plain tensors; this module unpacks them for the 
 ``TRITON_INTERPRET=1`` set before Triton is imported, as the tests do).
 """
 import torch
+import torch.nn.functional as F
 
 import python_ref
 
@@ -94,36 +95,66 @@ def _apply_keep(t, keep, keep_scale):
 
 # The skinny LoRA products (S, dS, dA, dB): with dropout, our Triton kernels apply the mask on the fly (no
 # ``Xd`` in memory); without, cuBLAS is as fast on the GPU (bench/results/sweep-large-m-h100.txt) and costs one
-# launch where a Triton launch costs several times the host time.
-def _project(a, p, alpha, keep, keep_scale, triton_):
-    """``alpha * a_d @ p.T`` ``[M, r]``, ``a_d = a`` through the dropout mask."""
-    if triton_ and keep is not None:
+# launch where a Triton launch costs several times the host time. Each is written as the fewest torch calls (a
+# ``.t()`` view is one more call, a few µs of host time: a training step makes these calls for every layer).
+def _mm(a, b, alpha=1.0):
+    """``alpha * a @ b`` in ``a.dtype``, one torch call."""
+    return torch.mm(a, b) if alpha == 1.0 else torch.addmm(_unused_input(a), a, b, beta=0, alpha=alpha)
+
+
+def _mm_fp32(a, b, alpha=1.0):
+    """``alpha * a @ b`` in fp32 with bf16 / fp16 operands on CUDA: cuBLAS writes its fp32 accumulator directly
+    (one rounding, no cast afterwards: peft keeps adapters, and wants their gradients, in fp32)."""
+    if alpha == 1.0:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.addmm(_unused_input(a, torch.float32), a, b, torch.float32, beta=0, alpha=alpha)
+
+
+def _project(a, p, keep, keep_scale, triton_):
+    """``S = a_d @ p.T`` ``[M, r]``, ``a_d = a`` through the dropout mask; ``p [r, K]``."""
+    if keep is None:
+        return F.linear(a, p)
+    if triton_:
         from lowrank_kernels.kernels.lowrank_proj import lowrank_project
 
-        return lowrank_project(a, p, alpha=alpha, keep=keep, keep_scale=keep_scale)
-    a = a if keep is None else _apply_keep(a, keep, keep_scale)
-    return a @ p.t() if alpha == 1.0 else torch.addmm(_unused_input(a), a, p.t(), beta=0, alpha=alpha)
+        return lowrank_project(a, p, keep=keep, keep_scale=keep_scale)
+    return F.linear(_apply_keep(a, keep, keep_scale), p)
 
 
-def _reduce(l, a, alpha, keep, keep_scale, triton_, out_dtype=None):
-    """``alpha * l.T @ a_d`` ``[r, K]``: fp32 from the Triton kernel; else ``a.dtype``, except that on CUDA
-    ``out_dtype=torch.float32`` with bf16 / fp16 operands has cuBLAS write its fp32 accumulator directly (one
-    rounding, and no cast afterwards: one host call less per adapter gradient, peft keeping adapters in fp32)."""
+def _reduce(l, a, keep, keep_scale, triton_, out_dtype=None):
+    """``l.T @ a_d`` ``[r, K]`` (``dA``): fp32 from the Triton kernel (dropout) and, with 16-bit operands on CUDA,
+    where ``out_dtype`` is fp32; else ``a.dtype``."""
     if triton_ and keep is not None:
         from lowrank_kernels.kernels.lowrank_proj import lowrank_reduce
 
-        return lowrank_reduce(l, a, alpha=alpha, keep=keep, keep_scale=keep_scale)
+        return lowrank_reduce(l, a, keep=keep, keep_scale=keep_scale)
     a = a if keep is None else _apply_keep(a, keep, keep_scale)
-    if out_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
-        if alpha == 1.0:
-            return torch.mm(l.t(), a, out_dtype=torch.float32)
-        return torch.addmm(_unused_input(a, torch.float32), l.t(), a, torch.float32, beta=0, alpha=alpha)
-    return l.t() @ a if alpha == 1.0 else torch.addmm(_unused_input(a), l.t(), a, beta=0, alpha=alpha)
+    if _fp32_out(out_dtype, a):
+        return _mm_fp32(l.t(), a)
+    return torch.mm(l.t(), a)
+
+
+def _fp32_out(out_dtype, a) -> bool:
+    return out_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda
+
+
+# The LoRA branch in one launch (kernels.lowrank_proj: S and the LoRA term, adapters read in their own dtype)
+# where it is at least as fast on the GPU as cuBLAS's two products, or where there is a dropout mask to apply
+# (which the torch calls do in extra passes). On the H100 (bench/results/branch-large-m-h100.txt) it takes 0.86-0.91x
+# their time at M = 8192 and 1.15-1.45x at M = 2048 (fewer programs than SMs x 2); below BRANCH_MIN_M rows the
+# torch calls run (two casts, two products: more host time, less GPU time).
+BRANCH_MIN_M = 4096
+
+
+def _one_launch_branch(M, keep) -> bool:
+    return keep is not None or M >= BRANCH_MIN_M
 
 
 def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, keep_scale=1.0, backend=None,
                         config=None):
-    """``(Y [M, N], S [M, r])``: ``Y = x @ W.T + scaling * S @ lora_B.T + bias``, ``S = Xd @ lora_A.T``.
+    """``(Y [M, N], S [M, r], A, B)``: ``Y = x @ W.T + scaling * S @ lora_B.T + bias``, ``S = Xd @ lora_A.T``;
+    ``A``, ``B``: ``lora_A``, ``lora_B`` as the products used them (copies rounded to ``x.dtype`` where the path
+    made them; else the tensors given), for :func:`lora_linear_backward` to take.
 
     ``x [M, K]``; ``weight`` an ``NF4Weight`` or a dense ``[N, K]`` tensor; ``lora_A``, ``lora_B`` and ``bias``
     in any float dtype, rounded to ``x.dtype`` (inputs validated by the caller). Dropout on the LoRA branch:
@@ -133,8 +164,9 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
 
     Decode (NF4, at most ``GEMV_MAX_M`` rows, no dropout): the NF4 GEMV kernels, two launches in all (the
     adapters are read and rounded in the kernels). The fused Triton path runs one GEMM (NF4 tiles dequantized in
-    registers, LoRA in the accumulator); the default dequantizes with our bit-exact kernel into a temporary and
-    runs cuBLAS.
+    registers, LoRA in the accumulator). The default on CUDA: one launch for ``S`` and the LoRA term (adapters
+    read in their own dtype), our bit-exact dequantize kernel into a temporary, and cuBLAS accumulating
+    ``x @ W.T`` into the LoRA term; on CPU, the same in torch calls.
     """
     triton_ = choose_backend(x.device, backend) == "triton"
     if (triton_ and x.shape[0] <= GEMV_MAX_M and not isinstance(weight, torch.Tensor) and config is None
@@ -144,19 +176,28 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
         def operand(t):  # the kernels read bf16 / fp16 / fp32 adapters as they are
             return t if t is None or t.dtype in (torch.bfloat16, torch.float16, torch.float32) else t.to(x.dtype)
 
-        return nf4_gemv(x, _nf4_state(weight), operand(lora_A), operand(lora_B), scaling, operand(bias))
+        A, B = operand(lora_A), operand(lora_B)
+        return (*nf4_gemv(x, _nf4_state(weight), A, B, scaling, operand(bias)), A, B)
+    fused = _fused(x.device, backend)
+    if triton_ and not fused and _one_launch_branch(x.shape[0], keep):
+        # The LoRA term (and bias) first, in one launch that also writes S; then the big GEMM accumulates into it
+        # (beta = 1): cuBLAS reads it in the epilogue of a compute-bound GEMM, where an addmm_ after the GEMM would
+        # re-read and re-write all of Y.
+        from lowrank_kernels.kernels.lowrank_proj import lowrank_project
+
+        y, S = lowrank_project(x, lora_A, keep=keep, keep_scale=keep_scale, expand=lora_B, alpha_y=scaling,
+                               bias=bias)
+        return y.addmm_(x, dense_weight(weight, x.dtype, backend).t()), S, lora_A, lora_B
     lora_A, lora_B, bias = cast(lora_A, x.dtype), cast(lora_B, x.dtype), cast(bias, x.dtype)
-    S = _project(x, lora_A, 1.0, keep, keep_scale, triton_)
-    if _fused(x.device, backend):
+    S = _project(x, lora_A, keep, keep_scale, triton_)
+    if fused:
         from lowrank_kernels.kernels.lora_matmul import lora_matmul
 
-        return lora_matmul(x, S * scaling, lora_B.t(), bias, **_weight_arg(weight), config=config), S
-    # The LoRA term (and bias) first, then the big GEMM accumulates into it (beta = 1): cuBLAS reads it in the
-    # epilogue of a compute-bound GEMM, where an addmm_ after the GEMM would re-read and re-write all of Y.
-    w = dense_weight(weight, x.dtype, backend)
+        return lora_matmul(x, S * scaling, lora_B.t(), bias, **_weight_arg(weight), config=config), S, lora_A, lora_B
+    w = dense_weight(weight, x.dtype, backend)  # torch calls, in the order of the one-launch path
     y = torch.addmm(_unused_input(x) if bias is None else bias, S, lora_B.t(), beta=0 if bias is None else 1,
                     alpha=scaling)
-    return y.addmm_(x, w.t()), S
+    return y.addmm_(x, w.t()), S, lora_A, lora_B
 
 
 def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=None, keep_scale=1.0,
@@ -173,24 +214,32 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=Non
     need_x, need_A, need_B, need_bias, need_w = needs
     dx = dA = dB = db = dw = None
     triton_ = choose_backend(grad_y.device, backend) == "triton"
+    fused = _fused(grad_y.device, backend)
     dS = None
-    if need_x or need_A:
-        dS = _project(grad_y, lora_B.t(), scaling, None, 1.0, triton_)
-    if need_x:
-        if _fused(grad_y.device, backend):
+    if need_x and triton_ and not fused and _one_launch_branch(grad_y.shape[0], keep):
+        # dS and the LoRA term of dX in one launch, then the big GEMM accumulates into it
+        from lowrank_kernels.kernels.lowrank_proj import lowrank_project
+
+        dx, dS = lowrank_project(grad_y, lora_B.t(), alpha=scaling, expand=lora_A.t(), keep=keep,
+                                 keep_scale=keep_scale, keep_y=True)
+        dx.addmm_(grad_y, dense_weight(weight, grad_y.dtype, backend))
+    elif need_x or need_A:
+        lora_A, lora_B = cast(lora_A, grad_y.dtype), cast(lora_B, grad_y.dtype)
+        dS = _mm(grad_y, lora_B, scaling)
+        if need_x and fused:
             from lowrank_kernels.kernels.lora_matmul import lora_matmul
 
             dx = lora_matmul(grad_y, dS, lora_A, trans_w=True, keep=keep, keep_scale=keep_scale,
                              **_weight_arg(weight), config=config)
-        else:
+        elif need_x:
             dx = dS @ lora_A  # as in the forward: the LoRA term first, the big GEMM accumulates into it
             if keep is not None:
                 dx = _apply_keep(dx, keep, keep_scale)
             dx.addmm_(grad_y, dense_weight(weight, grad_y.dtype, backend))
     if need_A:
-        dA = _reduce(dS, x, 1.0, keep, keep_scale, triton_, adapter_dtypes[0])
-    if need_B:
-        dB = _reduce(S, grad_y, scaling, None, 1.0, triton_, adapter_dtypes[1]).t()
+        dA = _reduce(dS, x, keep, keep_scale, triton_, adapter_dtypes[0])
+    if need_B:  # [N, r] directly (the layout of lora_B: autograd then takes it as the .grad without a copy)
+        dB = (_mm_fp32 if _fp32_out(adapter_dtypes[1], grad_y) else _mm)(grad_y.t(), S, scaling)
     if need_bias:
         db = grad_y.sum(0, dtype=torch.float32) if triton_ else grad_y.sum(0)
     if need_w:

@@ -6,6 +6,7 @@ For each Llama-3-8B shape (bf16, r = 16) times, with triton.testing.do_bench med
   * our Triton LoRA GEMM on a dense (scratch) W, forward and dX, over a few tile configs;
   * the fused NF4 Triton GEMM (dequantization in the main loop), over a few tile configs;
   * the default qlora forward+backward and dense forward+backward(dX).
+``--part branch`` sweeps the one-launch LoRA branch (forward and dX) against cuBLAS's two products.
 ``--part breakdown`` instead times each pass of the QLoRA forward+backward (cuBLAS vs our Triton kernels for the
 skinny LoRA products, the addmm passes over Y and dX). Prints one table; ``--out FILE`` also writes it.
 Run: ``python scripts/sweep_large_m.py [--part gemm|breakdown] --out sweep.txt``.
@@ -90,6 +91,23 @@ def skinny(row, x, dy, A, B, S, dS, Wd, nf4):
         kw = dict(zip(("block_m", "block_k", "num_warps", "num_stages"), c))
         row(f"dA triton {c}", lambda kw=kw: lowrank_reduce(dS, x, **kw))
         row(f"dB triton {c}", lambda kw=kw: lowrank_reduce(S, dy, **kw))
+
+
+def branch(row, x, dy, A, B, S, dS, Wd, nf4):
+    """The LoRA branch in one launch (``lowrank_project(..., expand=)``: S and the LoRA term, fp32 adapters) over
+    launch configurations (block_m, block_k, block_n, warps, stages), against cuBLAS's two products."""
+    from lowrank_kernels.kernels.lowrank_proj import lowrank_project
+
+    A32, B32 = A.float(), B.float()
+    row("fwd branch cublas (S; s*S@B.T)", lambda: torch.addmm(S, x @ A.t(), B.t(), beta=0, alpha=2.0))
+    row("dX branch cublas (dS; dS@A)", lambda: (torch.addmm(dS, dy, B, beta=0, alpha=2.0)) @ A)
+    for c in [None, (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (32, 128, 256, 8, 3), (64, 128, 128, 4, 3),
+              (64, 128, 256, 8, 3), (16, 256, 256, 4, 3), (32, 64, 128, 4, 4), (128, 64, 128, 8, 3)]:
+        kw = {} if c is None else dict(zip(("block_m", "block_k", "block_n", "num_warps", "num_stages"), c))
+        row(f"fwd branch triton {c or 'default'}", lambda kw=kw: lowrank_project(x, A32, expand=B32, alpha_y=2.0,
+                                                                                  **kw))
+        row(f"dX branch triton {c or 'default'}", lambda kw=kw: lowrank_project(dy, B32.t(), alpha=2.0,
+                                                                                 expand=A32.t(), **kw))
 
 
 def train(row, x, dy, A, B, S, dS, Wd, nf4, rounds=5):
@@ -188,7 +206,8 @@ def host(row, x, dy, A, B, S, dS, Wd, nf4, calls=200):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--M", type=int, default=8192)
-    ap.add_argument("--part", choices=["gemm", "breakdown", "skinny", "train", "profile", "host"], default="gemm")
+    ap.add_argument("--part", choices=["gemm", "breakdown", "skinny", "branch", "train", "profile", "host"],
+                    default="gemm")
     ap.add_argument("--out")
     args = ap.parse_args()
     M = args.M
@@ -226,7 +245,8 @@ def main():
         row("cublas dY@W", lambda: dy @ Wd)
         row("nf4 dequantize (bf16)", lambda: nf4.dequantize(torch.bfloat16))
         if args.part != "gemm":
-            parts = {"breakdown": breakdown, "skinny": skinny, "train": train, "profile": profile, "host": host}
+            parts = {"breakdown": breakdown, "skinny": skinny, "branch": branch, "train": train, "profile": profile,
+                     "host": host}
             parts[args.part](row, x, dy, A, B, S, dS, Wd, nf4)
             report(lines, rows, K, N, base, flops)
             continue

@@ -92,6 +92,52 @@ def test_lora_grads_match_oracle(case, backend):
     check(lora_linear, W, W.double(), M, N, K, r, dtype, bias, p, backend, config, leading=(2,))
 
 
+@pytest.fixture(params=["one-launch branch", "torch-call branch"])
+def default_cuda_path(request, monkeypatch):
+    """``backend=None`` takes the CUDA default path (our Triton dequantize kernel, the big GEMM by torch) on CPU
+    too, through the interpreter (on a GPU it is that path already), with the LoRA branch in one launch at every
+    M, or in torch calls unless there is dropout (``dispatch.BRANCH_MIN_M`` picks by M)."""
+    from lowrank_kernels import dispatch
+
+    if not HAS_CUDA:
+        choose = dispatch.choose_backend
+        monkeypatch.setattr(dispatch, "choose_backend",
+                            lambda device, backend=None: "triton" if backend is None else choose(device, backend))
+    monkeypatch.setattr(dispatch, "BRANCH_MIN_M", 0 if request.param == "one-launch branch" else 10**9)
+
+
+# (M, N, K, r, x dtype, blocksize, bias, dropout): M > 64, or dropout, so that the GEMV path does not take them
+DEFAULT_CASES = [(70, 40, 96, 8, F32, 64, True, 0.0), (77, 33, 100, 1, F16, 32, False, 0.2),
+                 (65, 45, 64, 64, F16, 64, True, 0.0), (9, 24, 40, 16, F16, 32, True, 0.25)]
+if HAS_CUDA:
+    DEFAULT_CASES += [(300, 520, 1088, 16, BF16, 64, True, 0.1), (129, 70, 200, 8, BF16, 64, False, 0.0)]
+
+
+@pytest.mark.parametrize("case", DEFAULT_CASES, ids=str)
+def test_default_cuda_path_matches_oracle(case, default_cuda_path):
+    """Forward and all gradients of the default CUDA path against the fp64 oracle, NF4 and dense weights, fp32
+    adapters (read in their own dtype by the LoRA-branch kernel)."""
+    M, N, K, r, dtype, bs, bias, p = case
+    w = NF4Weight.quantize(torch.randn(N, K, device=DEVICE), blocksize=bs)
+    W = torch.randn(N, K, device=DEVICE)
+    for fn, weight, W64 in ((qlora_linear, w, oracle_nf4_weight(w)), (lora_linear, W, W.double())):
+        x, A, B, b = make_inputs(M, N, K, r, dtype, bias)
+        torch.manual_seed(SEED)
+        y = fn(x, weight, A, B, 1.5, b, dropout=p)
+        keep = drawn_keep(x.shape, p, x.device) if p > 0 else None
+        mask = None if keep is None else keep.double() / (1.0 - p)
+        ref, _ = python_ref.lora_forward(x.detach().double(), W64, A.detach().double(), B.detach().double(), 1.5,
+                                         None if b is None else b.detach().double(), mask)
+        assert y.dtype == dtype and rel_err(y, ref) <= TOL[dtype], (fn.__name__, rel_err(y, ref))
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        refs = oracle_grads(x, W64, A, B, 1.5, b, dy, keep, p)
+        for name, g in dict(x=x.grad, A=A.grad, B=B.grad, b=None if b is None else b.grad).items():
+            if refs[name] is not None:
+                assert g.dtype == (dtype if name == "x" else F32), name
+                assert rel_err(g, refs[name]) <= TOL[dtype], (fn.__name__, name, rel_err(g, refs[name]))
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="bf16 gradients are checked on the GPU (the interpreter's bf16 dot is wrong)")
 @pytest.mark.parametrize("backend", [None, "triton"])
 @pytest.mark.parametrize("p", [0.0, 0.1])

@@ -28,6 +28,29 @@ def test_project(M, K, r, dtype, dropout):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,r", [(1, 40, 30, 1), (37, 200, 70, 8), (70, 129, 300, 16), (5, 64, 33, 64)])
+@pytest.mark.parametrize("mask", [None, "a", "y"])
+def test_project_expand(M, K, N, r, dtype, mask):
+    """S and the LoRA term in one launch, adapters and bias in fp32 (rounded to ``a.dtype`` as read), the mask on
+    the input (forward dropout) or on the output (the dX term)."""
+    a = torch.randn(M, K, device=DEVICE).to(dtype)
+    p = torch.randn(K, r, device=DEVICE).t()  # fp32, transposed
+    e = torch.randn(N, r, device=DEVICE)
+    bias = torch.randn(N, device=DEVICE) if mask != "y" else None
+    keep = None if mask is None else torch.rand(*((M, N) if mask == "y" else (M, K)), device=DEVICE) > 0.3
+    y, S = lowrank_project(a, p, alpha=0.5, keep=keep, keep_scale=1 / 0.7, expand=e, alpha_y=1.5, bias=bias,
+                           keep_y=mask == "y")
+    S_ref = 0.5 * dropped(a, keep if mask == "a" else None, 1 / 0.7).double() @ p.to(dtype).double().t()
+    assert S.dtype == dtype and S.shape == (M, r) and rel_err(S, S_ref) <= TOL[dtype]
+    y_ref = 1.5 * S.double() @ e.to(dtype).double().t()
+    if bias is not None:
+        y_ref = y_ref + bias.to(dtype).double()
+    if mask == "y":
+        y_ref = y_ref * keep.double() / 0.7
+    assert y.dtype == dtype and y.shape == (M, N) and rel_err(y, y_ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,K,r,split", [(300, 50, 16, None), (300, 50, 16, 3), (33, 130, 1, None),
                                          (129, 64, 64, 2), (1, 20, 8, None)])
 @pytest.mark.parametrize("dropout", [False, True])
@@ -47,5 +70,10 @@ def test_empty_and_bad_input():
     with pytest.raises(ValueError, match="keep"):
         lowrank_project(torch.randn(4, 8, device=DEVICE), torch.randn(2, 8, device=DEVICE),
                         keep=torch.ones(4, 7, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="keep"):  # the mask on y has y's shape
+        lowrank_project(torch.randn(4, 8, device=DEVICE), torch.randn(2, 8, device=DEVICE),
+                        keep=torch.ones(4, 8, dtype=torch.bool, device=DEVICE), expand=torch.randn(5, 2,
+                                                                                                   device=DEVICE),
+                        keep_y=True)
     with pytest.raises(ValueError, match="rank"):
         lowrank_project(torch.randn(4, 8, device=DEVICE), torch.randn(300, 8, device=DEVICE))

@@ -1,7 +1,12 @@
 """Triton kernels: the skinny products of a LoRA layer, one pass over the big operand each.
 
     project   out [M, r] = alpha * a_d [M, K] @ P.T          P [r, K]  (S = Xd @ A.T,  dS = s * dY @ B)
+      + expand  y [M, N] = alpha_y * out @ E.T (+ bias)        E [N, r]  (s * S @ B.T + b,  dS @ A)
     reduce    out [r, K] = alpha * L.T [r, M] @ a_d [M, K]   L [M, r]  (dA = dS.T @ Xd,  dB.T = s * S.T @ dY)
+
+``project`` with ``expand`` is the whole LoRA branch of a layer's forward (or of its dX) in one launch, reading
+the adapters in their own dtype (peft keeps them in fp32) and rounding them to ``a``'s as they are read: what
+the torch path does in five torch calls (two casts, two products, a transpose), each several µs of host time.
 
 ``a_d`` is ``a`` after the LoRA dropout when a ``keep`` mask is given: ``a_d = round(a * keep_scale) * keep``
 (``keep`` bool, same shape as ``a``), so neither the mask nor ``Xd`` is ever materialized. ``r`` is tiny (the
@@ -21,7 +26,7 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.kernels.dot import dot
-from lowrank_kernels.kernels.launch import INTERPRET, cdiv, next_pow2
+from lowrank_kernels.kernels.launch import INTERPRET, cdiv, launch, next_pow2
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
 
@@ -34,10 +39,16 @@ def _dropout(a, keep_ptr, offs_m, offs_k, stride_km, stride_kk, ok, keep_scale, 
 
 
 @triton.jit
-def project_kernel(a_ptr, p_ptr, keep_ptr, out_ptr, M, K, R, alpha, keep_scale,
+def project_kernel(a_ptr, p_ptr, keep_ptr, out_ptr, e_ptr, bias_ptr, y_ptr, M, K, R, N, alpha, keep_scale, alpha_y,
                    stride_am, stride_ak, stride_pr, stride_pk, stride_km, stride_kk, stride_om, stride_or,
-                   HAS_KEEP: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   stride_en, stride_er, stride_ym, stride_yn,
+                   HAS_KEEP: tl.constexpr, EXPAND: tl.constexpr, KEEP_Y: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows ``BLOCK_M * pid ..``: ``out = round(alpha * a_d @ round(P).T)`` over K; with ``EXPAND``, then
+    ``y = round(alpha_y * out @ round(E).T + round(bias))`` over N, through the mask ``keep`` [M, N] when
+    ``KEEP_Y`` (``round(round(y) * keep_scale) * keep``); ``HAS_KEEP``: the mask [M, K] applies to ``a``."""
+    dtype: tl.constexpr = a_ptr.dtype.element_ty
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_r = tl.arange(0, R_PAD)
     m_ok = offs_m < M
@@ -51,10 +62,27 @@ def project_kernel(a_ptr, p_ptr, keep_ptr, out_ptr, M, K, R, alpha, keep_scale,
         a = _dropout(a, keep_ptr, offs_m, offs_k, stride_km, stride_kk, ok, keep_scale, HAS_KEEP)
         p = tl.load(p_ptr + offs_r[None, :] * stride_pr + offs_k[:, None] * stride_pk,
                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, R_PAD] = P.T tile
-        acc = dot(a, p, acc, DOT_FP32, PRECISION)
+        acc = dot(a, round_fp32_to(p.to(tl.float32), dtype), acc, DOT_FP32, PRECISION)
     out = round_fp32_to(acc * alpha, out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or, out,
              mask=m_ok[:, None] & r_ok[None, :])
+    if EXPAND:
+        s = out.to(dtype)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            e = tl.load(e_ptr + offs_n[None, :] * stride_en + offs_r[:, None] * stride_er,
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [R_PAD, BLOCK_N] = E.T tile
+            y = dot(s, round_fp32_to(e.to(tl.float32), dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                    DOT_FP32, PRECISION) * alpha_y
+            if HAS_BIAS:
+                b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+                y += round_fp32_to(b, dtype).to(tl.float32)[None, :]
+            ok = m_ok[:, None] & n_ok[None, :]
+            y = round_fp32_to(y, dtype)
+            if KEEP_Y:
+                y = _dropout(y, keep_ptr, offs_m, offs_n, stride_km, stride_kk, ok, keep_scale, True)
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y, mask=ok)
 
 
 @triton.jit
@@ -127,30 +155,45 @@ def _rank_pad(R):
     return max(16, next_pow2(R))
 
 
-def lowrank_project(a, p, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=None, *, block_m=None, block_k=None,
-                    num_warps=4, num_stages=4):
-    """``alpha * a_d @ p.T``: ``a [M, K]``, ``p [r, K]`` (same dtype, any strides) -> ``[M, r]`` in
-    ``out_dtype`` (default ``a.dtype``); ``a_d`` is ``a`` through the dropout mask ``keep`` (see module).
-    ``block_m``, ``block_k``, ``num_warps``, ``num_stages``: tuning knobs (``scripts/sweep_large_m.py``)."""
+def lowrank_project(a, p, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=None, *, expand=None, alpha_y=1.0,
+                    bias=None, keep_y=False, block_m=None, block_k=None, block_n=None, num_warps=4, num_stages=4):
+    """``alpha * a_d @ p.T``: ``a [M, K]`` (bf16 / fp16 / fp32), ``p [r, K]`` (any float dtype, rounded to
+    ``a.dtype`` as it is read; any strides) -> ``[M, r]`` in ``out_dtype`` (default ``a.dtype``); ``a_d`` is
+    ``a`` through the dropout mask ``keep`` (see module).
+
+    ``expand=E [N, r]`` (any float dtype and strides): returns ``(y [M, N], out)`` with
+    ``y = alpha_y * out @ E.T + bias`` (``bias [N]`` or ``None``) in ``a.dtype``, ``out`` then in ``a.dtype``; with
+    ``keep_y`` the mask ``keep`` (shape ``[M, N]``) applies to ``y`` instead of ``a``.
+    ``block_m``, ``block_k``, ``block_n``, ``num_warps``, ``num_stages``: tuning knobs
+    (``scripts/sweep_large_m.py``)."""
     M, K = a.shape
     R = p.shape[0]
     r_pad = _rank_pad(R)
+    if expand is not None:
+        out_dtype = a.dtype
     out = torch.empty((M, R), dtype=out_dtype or a.dtype, device=a.device)
+    N = 0 if expand is None else expand.shape[0]
+    y = out if expand is None else torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if keep_y and expand is None:
+        raise ValueError("keep_y: needs expand")
+    keep_y = keep_y and keep is not None
+    keep_arg, keep_strides = _keep_args(keep, y if keep_y else a)
     if M == 0:
-        return out
-    if K == 0:
-        return out.zero_()
-    keep_arg, keep_strides = _keep_args(keep, a)
+        return out if expand is None else (y, out)
     block_m = block_m or (32 if M >= 32 * _num_sms(a.device) else 16)
     block_k = block_k or (128 if r_pad <= 32 else 64)
-    project_kernel[(cdiv(M, block_m),)](
-        a, p, keep_arg, out, M, K, R, float(alpha), float(keep_scale),
-        a.stride(0), a.stride(1), p.stride(0), p.stride(1), *keep_strides, out.stride(0), out.stride(1),
-        HAS_KEEP=keep is not None, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
-        DOT_FP32=INTERPRET and a.dtype == torch.bfloat16, PRECISION=_precision(a.dtype, INTERPRET),
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    return out
+    block_n = block_n or (128 if r_pad <= 32 else 64)
+    has_bias = bias is not None
+    e = p if expand is None else expand
+    launch(project_kernel, (cdiv(M, block_m),),
+           (a, p, keep_arg, out, e, bias if has_bias else a, y, M, K, R, N, float(alpha), float(keep_scale),
+            float(alpha_y), a.stride(0), a.stride(1), p.stride(0), p.stride(1), *keep_strides, out.stride(0),
+            out.stride(1), e.stride(0), e.stride(1), y.stride(0), y.stride(1),
+            keep is not None and not keep_y, expand is not None, keep_y, has_bias,  # HAS_KEEP, .., HAS_BIAS
+            r_pad, block_m, block_k, block_n,  # R_PAD, BLOCK_M, BLOCK_K, BLOCK_N
+            INTERPRET and a.dtype == torch.bfloat16, _precision(a.dtype, INTERPRET)),  # DOT_FP32, PRECISION
+           num_warps=num_warps, num_stages=num_stages)
+    return out if expand is None else (y, out)
 
 
 def lowrank_reduce(l, a, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=torch.float32, split_m=None, *,
@@ -174,13 +217,12 @@ def lowrank_reduce(l, a, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=torch.f
     split_m = cdiv(M, m_per_split)  # no empty slices
     ws = torch.empty((split_m, R, K), dtype=torch.float32, device=a.device)
     dot_fp32 = INTERPRET and a.dtype == torch.bfloat16
-    reduce_kernel[(k_tiles, split_m)](
-        l, a, keep_arg, ws, M, K, R, float(keep_scale), m_per_split,
-        l.stride(0), l.stride(1), a.stride(0), a.stride(1), *keep_strides,
-        HAS_KEEP=keep is not None, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, DOT_FP32=dot_fp32,
-        PRECISION=_precision(a.dtype, INTERPRET), num_warps=num_warps, num_stages=num_stages,
-    )
+    launch(reduce_kernel, (k_tiles, split_m),
+           (l, a, keep_arg, ws, M, K, R, float(keep_scale), m_per_split,
+            l.stride(0), l.stride(1), a.stride(0), a.stride(1), *keep_strides,
+            keep is not None, r_pad, block_m, block_k, dot_fp32,  # HAS_KEEP, R_PAD, BLOCK_M, BLOCK_K, DOT_FP32
+            _precision(a.dtype, INTERPRET)),  # PRECISION
+           num_warps=num_warps, num_stages=num_stages)
     block = 1024
-    sum_splits_kernel[(cdiv(R * K, block),)](ws, out, R * K, float(alpha), SPLITS=split_m, BLOCK=block,
-                                                    num_warps=4)
+    launch(sum_splits_kernel, (cdiv(R * K, block),), (ws, out, R * K, float(alpha), split_m, block), num_warps=4)
     return out
