@@ -53,14 +53,15 @@ def nf4_dequantize(w, dtype, backend=None):
 
 
 # The tiled fused Triton GEMM is opt-in (backend="triton") until it beats dequantize + cuBLAS: on the H100 it is
-# 26-39x dense bf16 at M >= 256, where dequantize + cuBLAS is 1.10-2.64x (bench/results/bench-h100-forward.json).
+# 25-40x dense bf16 at M >= 256, where the default (dequantize + cuBLAS) is 1.07-2.49x
+# (bench/results/bench-h100-forward.json).
 # Above GEMV_MAX_M the default on CUDA is therefore the unfused path.
 FUSED_BY_DEFAULT = False
 
 
 # Decode and small batches (M <= GEMV_MAX_M, NF4 weight, no LoRA dropout): the NF4 GEMV kernels on either Triton
-# path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.60-0.65x the time
-# of dense bf16 at M = 1, 0.87-0.91x at M = 4, 0.98-1.00x at M = 16 and 1.18-1.53x at M = 64, where dequantize +
+# path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.58-0.65x the time
+# of dense bf16 at M = 1, 0.87-0.91x at M = 4, 0.98-0.99x at M = 16 and 1.19-1.54x at M = 64, where dequantize +
 # cuBLAS takes 2.4-2.8x (bench/results/bench-h100-forward.json).
 GEMV_MAX_M = 64
 
@@ -140,8 +141,8 @@ def _fp32_out(out_dtype, a) -> bool:
 
 # The LoRA branch in one launch (kernels.lowrank_proj: S and the LoRA term, adapters read in their own dtype)
 # where it is at least as fast on the GPU as cuBLAS's two products, or where there is a dropout mask to apply
-# (which the torch calls do in extra passes). On the H100 (bench/results/branch-large-m-h100.txt) it takes 0.86-0.91x
-# their time at M = 8192 and 1.15-1.45x at M = 2048 (fewer programs than SMs x 2); below BRANCH_MIN_M rows the
+# (which the torch calls do in extra passes). On the H100 (bench/results/branch-large-m-h100.txt) it takes 0.86-0.94x
+# their time at M = 8192 and 1.15-1.44x at M = 2048 (fewer programs than SMs x 2); below BRANCH_MIN_M rows the
 # torch calls run (two casts, two products: more host time, less GPU time).
 BRANCH_MIN_M = 4096
 
