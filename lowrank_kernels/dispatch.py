@@ -141,10 +141,11 @@ def _fp32_out(out_dtype, a) -> bool:
 
 # The LoRA branch in one launch (kernels.lowrank_proj: S and the LoRA term, adapters read in their own dtype)
 # where it is at least as fast on the GPU as cuBLAS's two products, or where there is a dropout mask to apply
-# (which the torch calls do in extra passes). On the H100 (bench/results/branch-large-m-h100.txt) it takes 0.86-0.94x
-# their time at M = 8192 and 1.15-1.44x at M = 2048 (fewer programs than SMs x 2); below BRANCH_MIN_M rows the
-# torch calls run (two casts, two products: more host time, less GPU time).
-BRANCH_MIN_M = 4096
+# (which the torch calls do in extra passes). On the H100 (bench/results/branch-large-m-h100.txt) it takes
+# 0.86-0.94x their time at M = 8192 (forward and dX), at M = 4096 0.92-1.03x in the forward but up to 1.44x in dX,
+# and 1.15-1.44x at M = 2048 (a program per 16 rows: long reductions on few SMs); below BRANCH_MIN_M rows the torch
+# calls run (two casts, two products: more host time, less GPU time).
+BRANCH_MIN_M = 8192
 
 
 def _one_launch_branch(M, keep) -> bool:
