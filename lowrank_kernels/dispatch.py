@@ -53,15 +53,15 @@ def nf4_dequantize(w, dtype, backend=None):
 
 
 # The tiled fused Triton GEMM is opt-in (backend="triton") until it beats dequantize + cuBLAS: on the H100 it is
-# 25-40x dense bf16 at M >= 256, where the default (dequantize + cuBLAS) is 1.07-2.49x
+# 26-42x dense bf16 at M >= 256, where the default (dequantize + cuBLAS) is 1.10-2.66x
 # (bench/results/bench-h100-forward.json).
 # Above GEMV_MAX_M the default on CUDA is therefore the unfused path.
 FUSED_BY_DEFAULT = False
 
 
 # Decode and small batches (M <= GEMV_MAX_M, NF4 weight, no LoRA dropout): the NF4 GEMV kernels on either Triton
-# path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.58-0.65x the time
-# of dense bf16 at M = 1, 0.87-0.91x at M = 4, 0.98-0.99x at M = 16 and 1.19-1.54x at M = 64, where dequantize +
+# path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.60-0.66x the time
+# of dense bf16 at M = 1, 0.88-0.92x at M = 4, 0.98-1.00x at M = 16 and 1.22-1.53x at M = 64, where dequantize +
 # cuBLAS takes 2.4-2.8x (bench/results/bench-h100-forward.json).
 GEMV_MAX_M = 64
 
