@@ -15,17 +15,11 @@ from lowrank_kernels import dispatch, qlora_linear
 from lowrank_kernels.autograd import LoraLinearFunction
 from lowrank_kernels.nf4 import NF4Weight
 
+from host_timing import host_us as _host_us
 
-def host_us(fn, iters=300, warmup=20):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / iters * 1e6
+
+def host_us(fn):
+    return _host_us(fn)[0]
 
 
 class Identity(torch.autograd.Function):

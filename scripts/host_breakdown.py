@@ -18,18 +18,7 @@ import time
 
 import torch
 
-
-def host_us(fn, iters, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return (t1 - t0) / iters * 1e6, (t2 - t0) / iters * 1e6
+from host_timing import host_us
 
 
 def step_fn(net, ids):
@@ -121,7 +110,7 @@ def main():
     ids = torch.randint(0, 32000, (1, a.tokens), device="cuda")
     res = {}
     for name, net in models(a.layers):
-        enq, wall = host_us(step_fn(net, ids), a.iters)
+        enq, wall = host_us(step_fn(net, ids), a.iters, warmup=5)
         res[name] = enq
         print(f"{name:18} step: host {enq:9.1f} us, wall {wall:9.1f} us")
         if name != "frozen bf16":  # an eager decode call of one projection (q_proj, 4096 x 4096), no grad

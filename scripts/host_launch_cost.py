@@ -2,7 +2,6 @@
 
     python scripts/host_launch_cost.py
 """
-import time
 import traceback
 
 import torch
@@ -11,17 +10,7 @@ import triton
 from lowrank_kernels import NF4Weight
 from lowrank_kernels.kernels.nf4_dequant import nf4_dequant_words_kernel, nf4_dequantize
 
-
-def host_us(fn, n=3000):
-    for _ in range(100):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
+from host_timing import host_us
 
 
 def main():
@@ -72,7 +61,7 @@ def main():
         traceback.print_exc()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     for name, fn in rows:
-        print(f"{name:40} {host_us(fn):7.1f} us host per call")
+        print(f"{name:40} {host_us(fn, 3000, warmup=100)[0]:7.1f} us host per call")
 
 
 if __name__ == "__main__":
