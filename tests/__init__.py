@@ -1,0 +1,1 @@
+"""Correctness tests (run from the repository root: ``pytest tests``)."""
