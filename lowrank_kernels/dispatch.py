@@ -94,9 +94,8 @@ def _apply_keep(t, keep, keep_scale):
     return (t * keep_scale) * keep
 
 
-# The skinny LoRA products (S, dS, dA, dB): with dropout, our Triton kernels apply the mask on the fly (no
-# ``Xd`` in memory); without, cuBLAS is as fast on the GPU (bench/results/sweep-large-m-h100.txt) and costs one
-# launch where a Triton launch costs several times the host time. Each is written as the fewest torch calls (a
+# The skinny LoRA products (S, dS, dA, dB) outside the one-launch branch below: cuBLAS, or with dropout our Triton
+# kernels, which apply the mask on the fly (no ``Xd`` in memory). Each is written as the fewest torch calls (a
 # ``.t()`` view is one more call, a few µs of host time: a training step makes these calls for every layer).
 def _mm(a, b, alpha=1.0):
     """``alpha * a @ b`` in ``a.dtype``, one torch call."""
