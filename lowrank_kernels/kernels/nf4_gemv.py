@@ -116,6 +116,7 @@ try:  # host-side TMA descriptors; Triton >= 3.4
 except ImportError:  # pragma: no cover - older Triton: no TMA path
     TensorDescriptor = None
 
+from lowrank_kernels.kernels import nf4_gemv_cuda
 from lowrank_kernels.kernels.dot import dot as _dot
 from lowrank_kernels.kernels.launch import INTERPRET, cdiv, launch, next_pow2
 from lowrank_kernels.kernels.nf4_code import nf4_word_codes, nf4_word_values
@@ -474,6 +475,12 @@ def _num_sms(device) -> int:
 
 
 PDL_MAX_M = 16
+# The CUDA C++ tensor-core kernel (csrc/nf4_mma_gemv.cu) replaces the first launch by default at 2 <= M <= 8 on
+# weights of at least CUDA_MIN_ELEMENTS, where it measured 1.13-1.46x faster than the Triton kernels on the H100
+# (bench/results/gemv-mma-h100.txt: 4096->14336 and 14336->4096). At 4096 x 4096 it measured at parity (M = 4) or
+# slower (M = 8), and at M = 1 and M = 16 slower; there and on smaller weights it is opt-in (cuda=True).
+CUDA_MIN_M, CUDA_MAX_M = 2, 8
+CUDA_MIN_ELEMENTS = 2**25
 
 
 @functools.lru_cache(maxsize=None)
@@ -578,6 +585,60 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, 
 _default_config = functools.lru_cache(maxsize=1024)(default_config)
 
 
+def _triton_partials(x, nf4, lora_A, cfg, tma, tma_ok, dot_fp32, precision):
+    """The first launch on Triton: ``(n_split, ws [n_split, M, N], ws_s [n_split, M, r], pdl)``."""
+    M, K = x.shape
+    N = nf4["shape"][0]
+    R = lora_A.shape[0]
+    regs = cfg["max_registers"]
+    blocksize = nf4["blocksize"]
+    nested = nf4.get("absmax2") is not None
+    code = nf4["code"]
+    packed = nf4["packed"]
+    w_args = (packed, nf4["absmax"], nf4["absmax2"] if nested else code, nf4["code2"] if nested else code,
+              nf4["offset"] if nested else code, code)  # offset: its 0-dim tensor
+
+    block_k = cfg["block_k"]
+    k_iters = cdiv(K, block_k)
+    iters_per_split = cdiv(k_iters, cfg["split_k"])
+    n_split = cdiv(k_iters, iters_per_split)  # no empty slices
+    words = K % blocksize == 0 and block_k >= 128 and packed.data_ptr() % 4 == 0 and packed.is_contiguous()
+    use_fma = cfg["fma"] and words and M == 1
+    use_tma = cfg["tma"] and words and tma_ok and cfg["block_n"] <= 256 and block_k <= 2048
+    if tma and not use_tma:
+        raise ValueError("nf4_gemv: tma=True needs the packed-word path (K % blocksize == 0, block_k >= 128), "
+                         "K % 32 == 0, a contiguous 16-byte aligned packed tensor, block_n <= 256, block_k <= 2048, "
+                         "and a Hopper GPU or the interpreter")
+    if use_tma:  # the packed words as a uint32 [N, K // 8] matrix, read in [block_n, block_k // 8] tiles
+        packed = TensorDescriptor(packed.view(-1).view(torch.uint32).view(N, K // 8), [N, K // 8], [K // 8, 1],
+                                  [cfg["block_n"], block_k // 8])
+        w_args = (packed,) + w_args[1:]
+    m_pad = 1 if use_fma else max(8, next_pow2(M))
+    x_tma = (use_tma and cfg["x_tma"] and x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0
+             and x.data_ptr() % 16 == 0 and block_k <= 256)
+    x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [m_pad, block_k]) if x_tma else x
+    grid_n = cdiv(N, cfg["block_n"])
+    # PDL only where it measured faster (gemv-pdl-h100.txt): M <= PDL_MAX_M and a finish grid of one wave
+    pdl = (not INTERPRET and M <= PDL_MAX_M and cdiv(N, FINISH_BLOCK_N) <= _num_sms(x.device)
+           and _pdl(x.device))
+    ws = torch.empty((n_split, M, N), dtype=torch.float32, device=x.device)
+    ws_s = torch.empty((n_split, M, R), dtype=torch.float32, device=x.device)
+
+    args = (x, *w_args, lora_A, ws, ws_s, x_desc, M, N, K, R, cdiv(R, grid_n),
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), iters_per_split * block_k,
+            blocksize, nested, nf4["nested_blocksize"] if nested else 1,  # BLOCKSIZE, NESTED, NESTED_BLOCKSIZE
+            words, words and K % block_k == 0, words and cfg["lookup"] == "shfl" and not INTERPRET,  # .., SHFL
+            use_fma, m_pad, cfg["block_n"], block_k, dot_fp32, precision, pdl,  # FMA, .., PDL
+            use_tma, cfg["num_stages"], cfg["join"], x_tma)  # TMA, STAGES, JOIN, X_TMA
+    options = dict(num_warps=cfg["num_warps"], num_stages=1 if use_tma else cfg["num_stages"],
+                   enable_fp_fusion=False, **({} if regs is None or INTERPRET else dict(maxnreg=regs)))
+    if use_tma:  # tensor descriptors: through Triton's JIT (only while a graph is captured, by default)
+        nf4_gemv_kernel[(grid_n, n_split)](*args, **options)
+    else:
+        launch(nf4_gemv_kernel, (grid_n, n_split), args, **options)
+    return n_split, ws, ws_s, pdl
+
+
 def _check_config(cfg):
     _check_pow2("block_n", cfg["block_n"], 16, 1024)
     _check_pow2("block_k", cfg["block_k"], 32, 4096)
@@ -609,7 +670,7 @@ def _check_float(name, t, shape):
 
 def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_k=None, split_k=None,
              num_warps=None, num_stages=None, lookup=None, fma=None, max_registers=None, tma=None, join=None,
-             x_tma=None, input_precision=None):
+             x_tma=None, input_precision=None, cuda=None, cuda_warps=None):
     """``(y [M, N], S [M, r])``: ``S = x @ A.T``, ``y = x @ deq(W).T + (scaling * S) @ B.T + bias`` in
     ``x.dtype`` (decode-sized ``M``; see the module doc). Two launches, nothing else.
 
@@ -630,6 +691,11 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
     by TMA; ``True`` raises where that is impossible), ``join`` (``M > 1``: one dot per step on the word tile
     joined back into element order), ``x_tma`` (with ``tma``: the x tiles by TMA too, where x's rows are 16-byte
     aligned); ``input_precision`` of fp32 dots (``"ieee"``, ``"tf32"``, ``"tf32x3"``).
+
+    ``cuda``: the first launch is the CUDA C++ tensor-core kernel of ``csrc/nf4_mma_gemv.cu``
+    (:mod:`~lowrank_kernels.kernels.nf4_gemv_cuda`). ``None``: where it is supported, ``CUDA_MIN_M <= M <=
+    CUDA_MAX_M`` and ``N * K >= CUDA_MIN_ELEMENTS``; ``True`` raises where it is not supported. It runs with
+    ``cuda_warps`` warps per block (1, 2, 4 or 8) and ``split_k`` K slices; the Triton knobs above do not apply.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x: expected a 2-D [M, K] tensor, got {getattr(x, 'shape', type(x).__name__)}")
@@ -673,7 +739,6 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
     if overrides:  # the defaults are valid by construction; only what the caller passes needs checking
         cfg = dict(cfg, **overrides)
         _check_config(cfg)
-    regs = cfg["max_registers"]
     precision = input_precision or default_input_precision(dtype)
 
     y = x.new_empty((M, N))
@@ -681,52 +746,36 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
         return y, x @ lora_A.to(dtype).t()
     S = x.new_empty((M, R))
 
-    blocksize = nf4["blocksize"]
-    nested = nf4.get("absmax2") is not None
-    code = nf4["code"]
-    packed = nf4["packed"]
-    w_args = (packed, nf4["absmax"], nf4["absmax2"] if nested else code, nf4["code2"] if nested else code,
-              nf4["offset"] if nested else code, code)  # offset: its 0-dim tensor
-
-    block_k = cfg["block_k"]
-    k_iters = cdiv(K, block_k)
-    iters_per_split = cdiv(k_iters, cfg["split_k"])
-    n_split = cdiv(k_iters, iters_per_split)  # no empty slices
-    words = K % blocksize == 0 and block_k >= 128 and packed.data_ptr() % 4 == 0 and packed.is_contiguous()
-    use_fma = cfg["fma"] and words and M == 1
-    use_tma = cfg["tma"] and words and tma_ok and cfg["block_n"] <= 256 and block_k <= 2048
-    if tma and not use_tma:
-        raise ValueError("nf4_gemv: tma=True needs the packed-word path (K % blocksize == 0, block_k >= 128), "
-                         "K % 32 == 0, a contiguous 16-byte aligned packed tensor, block_n <= 256, block_k <= 2048, "
-                         "and a Hopper GPU or the interpreter")
-    if use_tma:  # the packed words as a uint32 [N, K // 8] matrix, read in [block_n, block_k // 8] tiles
-        packed = TensorDescriptor(packed.view(-1).view(torch.uint32).view(N, K // 8), [N, K // 8], [K // 8, 1],
-                                  [cfg["block_n"], block_k // 8])
-        w_args = (packed,) + w_args[1:]
-    m_pad = 1 if use_fma else max(8, next_pow2(M))
-    x_tma = (use_tma and cfg["x_tma"] and x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0
-             and x.data_ptr() % 16 == 0 and block_k <= 256)
-    x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [m_pad, block_k]) if x_tma else x
-    grid_n = cdiv(N, cfg["block_n"])
-    dot_fp32 = INTERPRET and dtype == torch.bfloat16
-    # PDL only where it measured faster (gemv-pdl-h100.txt): M <= PDL_MAX_M and a finish grid of one wave
-    pdl = (not INTERPRET and M <= PDL_MAX_M and cdiv(N, FINISH_BLOCK_N) <= _num_sms(x.device)
-           and _pdl(x.device))
-    ws = torch.empty((n_split, M, N), dtype=torch.float32, device=x.device)
-    ws_s = torch.empty((n_split, M, R), dtype=torch.float32, device=x.device)
-
-    args = (x, *w_args, lora_A, ws, ws_s, x_desc, M, N, K, R, cdiv(R, grid_n),
-            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), iters_per_split * block_k,
-            blocksize, nested, nf4["nested_blocksize"] if nested else 1,  # BLOCKSIZE, NESTED, NESTED_BLOCKSIZE
-            words, words and K % block_k == 0, words and cfg["lookup"] == "shfl" and not INTERPRET,  # .., SHFL
-            use_fma, m_pad, cfg["block_n"], block_k, dot_fp32, precision, pdl,  # FMA, .., PDL
-            use_tma, cfg["num_stages"], cfg["join"], x_tma)  # TMA, STAGES, JOIN, X_TMA
-    options = dict(num_warps=cfg["num_warps"], num_stages=1 if use_tma else cfg["num_stages"],
-                   enable_fp_fusion=False, **({} if regs is None or INTERPRET else dict(maxnreg=regs)))
-    if use_tma:  # tensor descriptors: through Triton's JIT (only while a graph is captured, by default)
-        nf4_gemv_kernel[(grid_n, n_split)](*args, **options)
+    if cuda is None:  # the CUDA kernel where it measured faster, unless Triton knobs were passed
+        use_cuda = (CUDA_MIN_M <= M <= CUDA_MAX_M and N * K >= CUDA_MIN_ELEMENTS and not INTERPRET and x.is_cuda
+                    and cuda_warps is None
+                    and not (overrides.keys() - {"split_k"}) and input_precision is None
+                    and nf4_gemv_cuda.supported(x, nf4))
+    elif cuda is True:
+        if cuda_warps is not None and cuda_warps not in nf4_gemv_cuda.WARPS:
+            raise ValueError(f"nf4_gemv: cuda_warps must be one of {nf4_gemv_cuda.WARPS}, got {cuda_warps!r}")
+        if not (x.is_cuda and nf4_gemv_cuda.supported(x, nf4)):
+            raise ValueError("nf4_gemv: cuda=True needs a CUDA GPU of compute capability >= 8 with nvcc, bf16 / fp16 "
+                             "x with M <= 16, K % 256 == 0, unit stride along K and 16-byte aligned rows, "
+                             "blocksize >= 64, and contiguous aligned packed weight and scales")
+        use_cuda = True
+    elif cuda is False:
+        use_cuda = False
     else:
-        launch(nf4_gemv_kernel, (grid_n, n_split), args, **options)
+        raise TypeError(f"nf4_gemv: cuda must be None, True or False, got {cuda!r}")
+    dot_fp32 = INTERPRET and dtype == torch.bfloat16
+    if use_cuda:
+        warps, n_split = nf4_gemv_cuda.default_launch(M, N, K, _num_sms(x.device))
+        warps = cuda_warps or warps
+        n_split = split_k or n_split
+        k_per_split = cdiv(cdiv(K, nf4_gemv_cuda.GROUP_K), n_split) * nf4_gemv_cuda.GROUP_K
+        n_split = cdiv(K, k_per_split)
+        ws = torch.empty((n_split, M, N), dtype=torch.float32, device=x.device)
+        ws_s = torch.empty((n_split, M, R), dtype=torch.float32, device=x.device)
+        nf4_gemv_cuda.partials(x, nf4, lora_A, ws, ws_s, k_per_split, n_split, warps)
+        pdl = M <= PDL_MAX_M and cdiv(N, FINISH_BLOCK_N) <= _num_sms(x.device) and _pdl(x.device)
+    else:
+        n_split, ws, ws_s, pdl = _triton_partials(x, nf4, lora_A, cfg, tma, tma_ok, dot_fp32, precision)
     has_bias = bias is not None
     launch(nf4_gemv_finish_kernel, (cdiv(N, FINISH_BLOCK_N),),
            (ws, ws_s, lora_B, bias if has_bias else x, y, S, M, N, R, float(scaling),
