@@ -24,8 +24,9 @@
 // row segment of rows g and g + 8: one 8-byte load per row and step. mma i of a step takes its bytes 2i and
 // 2i + 1, i.e. the actual elements 16t + 4i ... 16t + 4i + 3; the matching x elements come from the same
 // positions (the dot product is invariant to permuting k consistently in both operands). The weight loads of the
-// next 256-element group are in flight while the current group is computed (a register double buffer; the first
-// two go out before the table is built).
+// next two 256-element groups (one with two n-tiles) are in flight while a group is computed: a ring of group
+// buffers in registers, each refilled as soon as it has been computed; the first loads go out before the table is
+// built.
 // Blocks past the row blocks (blockIdx.x >= row_blocks) compute the partial S instead, one rank per warp.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -200,10 +201,14 @@ __global__ void __launch_bounds__(kMaxThreads, 2) nf4_mma_gemv_kernel(
   const int n0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16 + g;
   const int64_t row[2] = {min(n0, N - 1), min(n0 + 8, N - 1)};  // clamped: loads stay in bounds
 
-  // the first two groups' loads go out before the table is built
-  Group<NESTED> cur, nxt;
-  load_group<NESTED>(cur, f, row, K, k_begin, t);
-  if (k_begin + kGroupK < k_end) load_group<NESTED>(nxt, f, row, K, k_begin + kGroupK, t);
+  // a ring of RING groups in registers (3 for one n-tile, 2 for two: what fits 128 registers without spills): the
+  // first RING groups' loads go out before the table is built, and each buffer is refilled with the group RING
+  // ahead as soon as it has been computed (no register copies)
+  constexpr int RING = NT == 1 ? 3 : 2;
+  Group<NESTED> buf[RING];
+#pragma unroll
+  for (int u = 0; u < RING; ++u)
+    if (k_begin + u * kGroupK < k_end) load_group<NESTED>(buf[u], f, row, K, k_begin + u * kGroupK, t);
   for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
     const int b = i >> 5;
     lut[(b << 6) | (i & 31)] = (uint32_t)bits_of<T>(__ldg(f.code + (b >> 4)))
@@ -236,7 +241,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) nf4_mma_gemv_kernel(
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
-  for (int k0 = k_begin; k0 < k_end; k0 += kGroupK) {
+  // acc += the products of the group in cur (elements k0 ... k0 + 255 of the slice: x at xg)
+  auto compute = [&](const Group<NESTED>& cur, const uint4* const (&xg)[NT]) {
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       float am[2];
@@ -254,8 +260,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) nf4_mma_gemv_kernel(
       uint4 xv[NT][2];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        xv[j][0] = __ldg(xp[j] + 8 * s);
-        xv[j][1] = __ldg(xp[j] + 8 * s + 1);
+        xv[j][0] = __ldg(xg[j] + 8 * s);
+        xv[j][1] = __ldg(xg[j] + 8 * s + 1);
       }
       float c[NT][4];
 #pragma unroll
@@ -285,10 +291,20 @@ __global__ void __launch_bounds__(kMaxThreads, 2) nf4_mma_gemv_kernel(
         acc[j][3] = fmaf(c[j][3], am[1], acc[j][3]);
       }
     }
+  };
+
+  for (int k0 = k_begin; k0 < k_end; k0 += RING * kGroupK) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) xp[j] += kGroupK / 8;
-    cur = nxt;  // in flight since the previous group; the one after it goes out now
-    if (k0 + 2 * kGroupK < k_end) load_group<NESTED>(nxt, f, row, K, k0 + 2 * kGroupK, t);
+    for (int u = 0; u < RING; ++u) {
+      const int kg = k0 + u * kGroupK;
+      if (kg < k_end) {
+        const uint4* xg[NT];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) xg[j] = xp[j] + (kg - k_begin) / 8;
+        compute(buf[u], xg);
+        if (kg + RING * kGroupK < k_end) load_group<NESTED>(buf[u], f, row, K, kg + RING * kGroupK, t);
+      }
+    }
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");

@@ -4,7 +4,7 @@ with double quant) at one Llama-3-8B shape, so that ``ncu`` can profile the NF4 
     ncu --clock-control none --set full -k regex:nf4_gemv_kernel -s 2 -c 1 \\
         python3 scripts/ncu_gemv.py --k 4096 --n 14336 --m 1 [--config block_n=64,split_k=16]
 
-``--config`` passes launch knobs to ``nf4_gemv`` (ints, or ``fma``/``tma``/``join``/``x_tma`` ``=0/1``,
+``--config`` passes launch knobs to ``nf4_gemv`` (ints, or ``fma``/``tma``/``join``/``x_tma``/``cuda`` ``=0/1``,
 ``lookup=shfl|load``).
 """
 import argparse
@@ -16,7 +16,7 @@ from lowrank_kernels.dispatch import _nf4_state
 from lowrank_kernels.kernels.nf4_gemv import nf4_gemv
 
 
-BOOL_KNOBS = ("fma", "tma", "join", "x_tma")
+BOOL_KNOBS = ("fma", "tma", "join", "x_tma", "cuda")
 
 
 def parse_config(text):
