@@ -209,10 +209,14 @@ __global__ void __launch_bounds__(kMaxThreads, 2) nf4_mma_gemv_kernel(
 #pragma unroll
   for (int u = 0; u < RING; ++u)
     if (k_begin + u * kGroupK < k_end) load_group<NESTED>(buf[u], f, row, K, k_begin + u * kGroupK, t);
+  // one load of the code per thread (lane l holds code[l % 16]); the table entries take it by shuffle (b is the
+  // same across a warp), so building the table waits on a single load instead of one per entry
+  const float code_l = __ldg(f.code + (threadIdx.x & 15));
+#pragma unroll 4
   for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
     const int b = i >> 5;
-    lut[(b << 6) | (i & 31)] = (uint32_t)bits_of<T>(__ldg(f.code + (b >> 4)))
-                             | ((uint32_t)bits_of<T>(__ldg(f.code + (b & 15))) << 16);
+    lut[(b << 6) | (i & 31)] = (uint32_t)bits_of<T>(__shfl_sync(kFull, code_l, b >> 4))
+                             | ((uint32_t)bits_of<T>(__shfl_sync(kFull, code_l, b & 15)) << 16);
   }
   if (NESTED) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code2_s[i] = __ldg(f.code2 + i);

@@ -476,9 +476,9 @@ def _num_sms(device) -> int:
 
 PDL_MAX_M = 16
 # The CUDA C++ tensor-core kernel (csrc/nf4_mma_gemv.cu) replaces the first launch by default at 2 <= M <= 8 on
-# weights of at least CUDA_MIN_ELEMENTS, where it measured 1.15-1.47x faster than the Triton kernels on the H100
-# (bench/results/gemv-mma-h100.txt: 4096->14336 and 14336->4096). At 4096 x 4096 it measured 1.08x faster at M = 2,
-# at parity at M = 4 and 0.91x at M = 8, and at M = 1 and 16 it is mostly slower; there and on smaller weights it
+# weights of at least CUDA_MIN_ELEMENTS, where it measured 1.17-1.48x faster than the Triton kernels on the H100
+# (bench/results/gemv-mma-h100.txt: 4096->14336 and 14336->4096). At 4096 x 4096 it measured 1.07x faster at M = 2,
+# at parity at M = 4 and 0.92x at M = 8, and at M = 1 and 16 it is mostly slower; there and on smaller weights it
 # is opt-in (cuda=True).
 CUDA_MIN_M, CUDA_MAX_M = 2, 8
 CUDA_MIN_ELEMENTS = 2**25
