@@ -334,12 +334,15 @@ cudaError_t launch(const void* x, int64_t stride_xm, int M, const NF4& f, const 
   const int row_blocks = (N + rows_per_block - 1) / rows_per_block;
   const int s_blocks = (R + warps - 1) / warps;
   const dim3 grid(row_blocks + s_blocks, n_split);
-  static bool configured = false;  // the table is dynamic shared memory, above the 48 KB default
-  if (!configured) {
+  // the table is dynamic shared memory above the 48 KB default, allowed per kernel and device (bit d: device d)
+  static unsigned long long configured = 0;
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device >= 64 || !(configured >> device & 1ull)) {
     const cudaError_t err = cudaFuncSetAttribute(nf4_mma_gemv_kernel<T, NT, NESTED>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, kLutBytes);
     if (err != cudaSuccess) return err;
-    configured = true;
+    if (device < 64) configured |= 1ull << device;
   }
   nf4_mma_gemv_kernel<T, NT, NESTED><<<grid, 32 * warps, kLutBytes, stream>>>(
       static_cast<const T*>(x), stride_xm, M, f, a, a_dtype, stride_ar, stride_ak, ws, ws_s, N, K, R, k_per_split,
@@ -365,12 +368,15 @@ cudaError_t launch_nt(int nt, const void* x, int64_t stride_xm, int M, const NF4
 // The host entry point (ctypes). x_dtype: 1 fp16, 2 bf16; nested_log2 < 0: not double-quantized. Preconditions
 // (checked by the Python launcher): K % 256 == 0, k_per_split % 256 == 0, blocksize >= 64, x rows 16-byte
 // aligned with unit stride along K, packed 8-byte aligned, absmax 16-byte aligned, 1 <= M <= 16, warps in
-// {1, 2, 4, 8}.
+// {1, 2, 4, 8}, all tensors on CUDA device `device`.
 extern "C" int lk_nf4_mma_gemv(const void* x, int x_dtype, int64_t stride_xm, int M, const void* packed,
                                const void* absmax, const void* absmax2, const void* code2, const void* offset,
                                const void* code, int blocksize_log2, int nested_log2, const void* a, int a_dtype,
                                int64_t stride_ar, int64_t stride_ak, void* ws, void* ws_s, int N, int K, int R,
-                               int k_per_split, int n_split, int warps, void* stream) {
+                               int k_per_split, int n_split, int warps, int device, void* stream) {
+  int prev = device;  // launch on the tensors' device, leave the caller's current device as it was
+  cudaGetDevice(&prev);
+  if (prev != device && cudaSetDevice(device) != cudaSuccess) return static_cast<int>(cudaErrorInvalidDevice);
   NF4 f{static_cast<const uint8_t*>(packed), absmax, static_cast<const float*>(absmax2),
         static_cast<const float*>(code2), static_cast<const float*>(offset), static_cast<const float*>(code),
         blocksize_log2, nested_log2};
@@ -393,5 +399,6 @@ extern "C" int lk_nf4_mma_gemv(const void* x, int x_dtype, int64_t stride_xm, in
   } else {
     err = cudaErrorInvalidValue;
   }
+  if (prev != device) cudaSetDevice(prev);
   return static_cast<int>(err);
 }

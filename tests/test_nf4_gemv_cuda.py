@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from lowrank_kernels import cuda_ext
+from lowrank_kernels import NF4Weight, cuda_ext
 from lowrank_kernels.dispatch import _nf4_state
 from lowrank_kernels.kernels import nf4_gemv as gemv_mod
 from lowrank_kernels.kernels import nf4_gemv_cuda
@@ -124,6 +124,21 @@ def test_unsupported_calls_fall_back_or_raise(change):
         nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, cuda=True)
     y, _ = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b)  # the default falls back to Triton
     assert rel_err(y, oracle(x, oracle_nf4_weight(w), A, B, b)[0]) <= TOL[dtype]
+
+
+@needs_kernel
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_kernel_on_another_device_than_the_current_one():
+    dev = torch.device("cuda", 1)
+    w = NF4Weight.quantize(torch.randn(300, 1024, device=dev) * 0.05, blocksize=64, double_quant=True)
+    x = torch.randn(4, 1024, device=dev).to(BF16)
+    A = torch.randn(8, 1024, device=dev) / 32
+    B = torch.randn(300, 8, device=dev)
+    with torch.cuda.device(0):
+        y, _ = nf4_gemv(x, _nf4_state(w), A, B, SCALING, None, cuda=True)
+        assert torch.cuda.current_device() == 0
+    assert y.device == dev
+    assert rel_err(y, oracle(x, oracle_nf4_weight(w), A, B, None)[0]) <= TOL[BF16]
 
 
 @needs_kernel

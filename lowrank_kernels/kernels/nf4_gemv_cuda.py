@@ -21,7 +21,7 @@ MAX_M = 16
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ARGTYPES = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 6
              + [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-             + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 6 + [ctypes.c_void_p])
+             + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 7 + [ctypes.c_void_p])
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,13 +73,14 @@ def partials(x, nf4, lora_A, ws, ws_s, k_per_split: int, n_split: int, warps: in
     R = lora_A.shape[0]
     nested = nf4.get("absmax2") is not None
     dev = x.device
-    fn = _entry(dev.index if dev.index is not None else torch.cuda.current_device())
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    fn = _entry(index)
     err = fn(x.data_ptr(), _DTYPES[x.dtype], x.stride(0), M, nf4["packed"].data_ptr(), nf4["absmax"].data_ptr(),
              nf4["absmax2"].data_ptr() if nested else None, nf4["code2"].data_ptr() if nested else None,
              nf4["offset"].data_ptr() if nested else None, nf4["code"].data_ptr(),
              nf4["blocksize"].bit_length() - 1, nf4["nested_blocksize"].bit_length() - 1 if nested else -1,
              lora_A.data_ptr(), _DTYPES[lora_A.dtype], lora_A.stride(0), lora_A.stride(1),
-             ws.data_ptr(), ws_s.data_ptr(), N, K, R, k_per_split, n_split, warps,
+             ws.data_ptr(), ws_s.data_ptr(), N, K, R, k_per_split, n_split, warps, index,
              torch.cuda.current_stream(dev).cuda_stream)
     if err != 0:
         raise RuntimeError(f"nf4_mma_gemv: kernel launch failed with cudaError {err}")
