@@ -141,12 +141,18 @@ def test_cuda_kernel_on_another_device_than_the_current_one():
     assert rel_err(y, oracle(x, oracle_nf4_weight(w), A, B, None)[0]) <= TOL[BF16]
 
 
-@needs_kernel
 def test_bad_cuda_knobs_raise():
+    """Checked before anything else, so also on machines without the kernel."""
     w = _nf4_state(make_weight(50, 512, 64, True, 0.05))
-    x, A, B, b = make_inputs(4, 50, 512, 8, BF16, True)
-    with pytest.raises(ValueError, match="cuda_warps"):
+    x, A, B, b = make_inputs(4, 50, 512, 8, F16, True)
+    with pytest.raises(ValueError, match="cuda_warps must be one of"):
         nf4_gemv(x, w, A, B, SCALING, b, cuda=True, cuda_warps=3)
+    with pytest.raises(ValueError, match="cuda_warps applies to the CUDA kernel"):
+        nf4_gemv(x, w, A, B, SCALING, b, cuda_warps=4)
+    with pytest.raises(ValueError, match="block_n, num_warps apply to the Triton kernels"):
+        nf4_gemv(x, w, A, B, SCALING, b, cuda=True, block_n=64, num_warps=2)
+    with pytest.raises(ValueError, match="input_precision apply to the Triton kernels"):
+        nf4_gemv(x, w, A, B, SCALING, b, cuda=True, input_precision="ieee")
     with pytest.raises(TypeError, match="cuda must be"):
         nf4_gemv(x, w, A, B, SCALING, b, cuda="yes")
 

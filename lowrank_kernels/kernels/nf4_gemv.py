@@ -586,8 +586,8 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, 
 _default_config = functools.lru_cache(maxsize=1024)(default_config)
 
 
-def _triton_partials(x, nf4, lora_A, cfg, tma, tma_ok, dot_fp32, precision):
-    """The first launch on Triton: ``(n_split, ws [n_split, M, N], ws_s [n_split, M, r], pdl)``."""
+def _triton_partials(x, nf4, lora_A, cfg, tma, tma_ok, dot_fp32, precision, pdl):
+    """The first launch on Triton: ``(n_split, ws [n_split, M, N], ws_s [n_split, M, r])``."""
     M, K = x.shape
     N = nf4["shape"][0]
     R = lora_A.shape[0]
@@ -619,9 +619,6 @@ def _triton_partials(x, nf4, lora_A, cfg, tma, tma_ok, dot_fp32, precision):
              and x.data_ptr() % 16 == 0 and block_k <= 256)
     x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [m_pad, block_k]) if x_tma else x
     grid_n = cdiv(N, cfg["block_n"])
-    # PDL only where it measured faster (gemv-pdl-h100.txt): M <= PDL_MAX_M and a finish grid of one wave
-    pdl = (not INTERPRET and M <= PDL_MAX_M and cdiv(N, FINISH_BLOCK_N) <= _num_sms(x.device)
-           and _pdl(x.device))
     ws = torch.empty((n_split, M, N), dtype=torch.float32, device=x.device)
     ws_s = torch.empty((n_split, M, R), dtype=torch.float32, device=x.device)
 
@@ -637,7 +634,32 @@ def _triton_partials(x, nf4, lora_A, cfg, tma, tma_ok, dot_fp32, precision):
         nf4_gemv_kernel[(grid_n, n_split)](*args, **options)
     else:
         launch(nf4_gemv_kernel, (grid_n, n_split), args, **options)
-    return n_split, ws, ws_s, pdl
+    return n_split, ws, ws_s
+
+
+def _use_cuda(x, nf4, N, cuda, cuda_warps, triton_knobs, input_precision) -> bool:
+    """Whether the first launch is the CUDA C++ kernel (``nf4_gemv``'s ``cuda``; module constants above)."""
+    if cuda is not None and not isinstance(cuda, bool):
+        raise TypeError(f"nf4_gemv: cuda must be None, True or False, got {cuda!r}")
+    if cuda_warps is not None:
+        if cuda is not True:
+            raise ValueError("nf4_gemv: cuda_warps applies to the CUDA kernel: pass cuda=True with it")
+        if cuda_warps not in nf4_gemv_cuda.WARPS:
+            raise ValueError(f"nf4_gemv: cuda_warps must be one of {nf4_gemv_cuda.WARPS}, got {cuda_warps!r}")
+    if cuda is True and (triton_knobs or input_precision is not None):
+        knobs = sorted(triton_knobs) + (["input_precision"] if input_precision is not None else [])
+        raise ValueError(f"nf4_gemv: {', '.join(knobs)} apply to the Triton kernels, not with cuda=True")
+    if cuda is False:
+        return False
+    M, K = x.shape
+    if cuda is None:  # where it measured faster, and not when Triton knobs were passed
+        return (CUDA_MIN_M <= M <= CUDA_MAX_M and N * K >= CUDA_MIN_ELEMENTS and not INTERPRET and x.is_cuda
+                and not triton_knobs and input_precision is None and nf4_gemv_cuda.supported(x, nf4))
+    if not (x.is_cuda and nf4_gemv_cuda.supported(x, nf4)):
+        raise ValueError("nf4_gemv: cuda=True needs a CUDA GPU of compute capability >= 8 with nvcc, bf16 / fp16 "
+                         "x with M <= 16, K % 256 == 0, unit stride along K and 16-byte aligned rows, "
+                         "blocksize >= 64, and contiguous aligned packed weight and scales")
+    return True
 
 
 def _check_config(cfg):
@@ -747,36 +769,20 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
         return y, x @ lora_A.to(dtype).t()
     S = x.new_empty((M, R))
 
-    if cuda is None:  # the CUDA kernel where it measured faster, unless Triton knobs were passed
-        use_cuda = (CUDA_MIN_M <= M <= CUDA_MAX_M and N * K >= CUDA_MIN_ELEMENTS and not INTERPRET and x.is_cuda
-                    and cuda_warps is None
-                    and not (overrides.keys() - {"split_k"}) and input_precision is None
-                    and nf4_gemv_cuda.supported(x, nf4))
-    elif cuda is True:
-        if cuda_warps is not None and cuda_warps not in nf4_gemv_cuda.WARPS:
-            raise ValueError(f"nf4_gemv: cuda_warps must be one of {nf4_gemv_cuda.WARPS}, got {cuda_warps!r}")
-        if not (x.is_cuda and nf4_gemv_cuda.supported(x, nf4)):
-            raise ValueError("nf4_gemv: cuda=True needs a CUDA GPU of compute capability >= 8 with nvcc, bf16 / fp16 "
-                             "x with M <= 16, K % 256 == 0, unit stride along K and 16-byte aligned rows, "
-                             "blocksize >= 64, and contiguous aligned packed weight and scales")
-        use_cuda = True
-    elif cuda is False:
-        use_cuda = False
-    else:
-        raise TypeError(f"nf4_gemv: cuda must be None, True or False, got {cuda!r}")
+    use_cuda = _use_cuda(x, nf4, N, cuda, cuda_warps, overrides.keys() - {"split_k"}, input_precision)
     dot_fp32 = INTERPRET and dtype == torch.bfloat16
+    # PDL only where it measured faster (gemv-pdl-h100.txt): M <= PDL_MAX_M and a finish grid of one wave
+    pdl = (not INTERPRET and M <= PDL_MAX_M and cdiv(N, FINISH_BLOCK_N) <= _num_sms(x.device)
+           and _pdl(x.device))
     if use_cuda:
         warps, n_split = nf4_gemv_cuda.default_launch(M, N, K, _num_sms(x.device))
-        warps = cuda_warps or warps
-        n_split = split_k or n_split
-        k_per_split = cdiv(cdiv(K, nf4_gemv_cuda.GROUP_K), n_split) * nf4_gemv_cuda.GROUP_K
-        n_split = cdiv(K, k_per_split)
+        k_per_split = cdiv(cdiv(K, nf4_gemv_cuda.GROUP_K), split_k or n_split) * nf4_gemv_cuda.GROUP_K
+        n_split = cdiv(K, k_per_split)  # no empty slices
         ws = torch.empty((n_split, M, N), dtype=torch.float32, device=x.device)
         ws_s = torch.empty((n_split, M, R), dtype=torch.float32, device=x.device)
-        nf4_gemv_cuda.partials(x, nf4, lora_A, ws, ws_s, k_per_split, n_split, warps)
-        pdl = M <= PDL_MAX_M and cdiv(N, FINISH_BLOCK_N) <= _num_sms(x.device) and _pdl(x.device)
+        nf4_gemv_cuda.partials(x, nf4, lora_A, ws, ws_s, k_per_split, n_split, cuda_warps or warps)
     else:
-        n_split, ws, ws_s, pdl = _triton_partials(x, nf4, lora_A, cfg, tma, tma_ok, dot_fp32, precision)
+        n_split, ws, ws_s = _triton_partials(x, nf4, lora_A, cfg, tma, tma_ok, dot_fp32, precision, pdl)
     has_bias = bias is not None
     launch(nf4_gemv_finish_kernel, (cdiv(N, FINISH_BLOCK_N),),
            (ws, ws_s, lora_B, bias if has_bias else x, y, S, M, N, R, float(scaling),
