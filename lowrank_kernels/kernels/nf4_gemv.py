@@ -96,6 +96,14 @@ straight into the word tile's layout (no x round trip, but 8 more loads per step
 Indices: flat element indices ``n*K + k`` are int32 (``N*K`` is checked against ``MAX_ELEMENTS``); offsets into
 x, y, the LoRA factors and the workspace are int64.
 
+CUDA C++ first launch
+---------------------
+``cuda=True`` (by default at ``CUDA_MIN_M <= M <= CUDA_MAX_M`` on weights of ``>= CUDA_MIN_ELEMENTS``) replaces
+``nf4_gemv_kernel`` by the tensor-core kernel of ``csrc/nf4_mma_gemv.cu`` (:mod:`.nf4_gemv_cuda`), which fills
+the same two workspaces for the same finish kernel: a byte of W indexes a per-lane table of bf16 / fp16 code
+pairs that are directly ``mma.m16n8k16`` operands. Measured and explained in ``bench/results/gemv-mma-h100.txt``
+and ``gemv-mma-experiments-h100.txt``.
+
 Interpreter (``TRITON_INTERPRET=1``): the lookup is the global gather (no inline PTX there), and bf16 dot operands
 are upcast (exactly) to fp32 because its ``tl.dot`` mishandles bf16 (``DOT_FP32``). fp32 inputs use
 ``input_precision`` ``"tf32"`` when torch allows TF32 for fp32 matmuls, else ``"ieee"`` (exact).
