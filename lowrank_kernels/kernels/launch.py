@@ -7,6 +7,7 @@ call used nine). ``INTERPRET`` says whether Triton runs kernels in its interpret
 which must be set before Triton is imported, as the tests do; read once here). ``launch`` is ``kernel[grid](...)``
 without Triton's per-call argument binding once a call signature has been seen.
 """
+import contextlib
 import operator
 import os
 
@@ -84,10 +85,28 @@ def _check_arity(kernel, args):
                         f"({', '.join(kernel.arg_names)}), got {len(args)}")
 
 
+def _tensor_device(kernel, args) -> int:
+    """The CUDA device index of ``kernel``'s first tensor argument (-1 for a CPU tensor or none)."""
+    layout = _LAYOUT.get(kernel)
+    if layout is not None:
+        return args[layout[0][0]].get_device() if layout[0] else -1
+    return next((a.get_device() for a in args if isinstance(a, torch.Tensor)), -1)
+
+
+def device_of(t: torch.Tensor):
+    """A context in which Triton's JIT launches on ``t``'s CUDA device (it launches on the current one): for the
+    launches that cannot go through :func:`launch` (tensor descriptors, keyword constexprs)."""
+    index = t.get_device()
+    if index < 0 or INTERPRET or index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)
+
+
 def launch(kernel, grid, args, **options):
     """``kernel[grid](*args, **options)``; ``args``: every parameter of ``kernel`` in order, constexprs and
-    defaulted ones included: tensors (always at the same positions for a kernel), ints, floats, bools, strings
-    (no ``None``, no tensor descriptors).
+    defaulted ones included: tensors (always at the same positions for a kernel, all on one device), ints,
+    floats, bools, strings (no ``None``, no tensor descriptors). The launch goes to the tensors' device (on that
+    device's current stream), whichever device is current, as a torch operation would.
 
     The first call with a given key (:func:`_call_key`, the current device) goes through Triton's JIT, which
     compiles or finds the kernel; later ones launch that compiled kernel directly, as the JIT would, without its
@@ -95,12 +114,21 @@ def launch(kernel, grid, args, **options):
     (``bench/results/host-trim-ab-h100.txt``). The interpreter, and any launch while a Triton launch hook is
     installed (profilers), always takes the JIT path.
     """
-    if INTERPRET or _hooked(_runtime()[2]):
+    if INTERPRET:
         _check_arity(kernel, args)
         kernel[grid](*args, **options)
         return
-    get_device, get_stream, _ = _RUNTIME
+    get_device, get_stream, runtime_knobs = _runtime()
     device = get_device()
+    tensor_device = _tensor_device(kernel, args)
+    if tensor_device != device and tensor_device >= 0:  # Triton launches on the current device
+        with torch.cuda.device(tensor_device):
+            launch(kernel, grid, args, **options)
+        return
+    if _hooked(runtime_knobs):
+        _check_arity(kernel, args)
+        kernel[grid](*args, **options)
+        return
     options_key = tuple(options.items())
     layout = _LAYOUT.get(kernel)
     cache = _COMPILED.setdefault(kernel, {})

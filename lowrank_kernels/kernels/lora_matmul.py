@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.kernels.dot import dot as _dot
-from lowrank_kernels.kernels.launch import INTERPRET, cdiv, next_pow2
+from lowrank_kernels.kernels.launch import INTERPRET, cdiv, device_of, next_pow2
 from lowrank_kernels.kernels.nf4_dequant import nf4_block_scale, nf4_tile_even_odd
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
@@ -352,21 +352,22 @@ def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=Fal
     keep_strides = (keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)
     ws = torch.empty((split_k, M, N), dtype=torch.float32, device=a.device) if split_k > 1 else y
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split_k)
-    lora_matmul_kernel[grid](
-        a, *w_args, lora_l, lora_r, keep_arg, bias_arg, y, ws,
-        M, N, K, R, w_cols,
-        a.stride(0), a.stride(1), *w_strides, lora_l.stride(0), lora_l.stride(1),
-        lora_r.stride(0), lora_r.stride(1), *keep_strides, y.stride(0), y.stride(1),
-        k_per_split, float(keep_scale),
-        **nf4_meta, TRANS_W=trans_w, HAS_MASK=keep is not None, HAS_BIAS=has_bias and split_k == 1,
-        R_PAD=_pow2_at_least(R, 16), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
-        GROUP_M=cfg["GROUP_M"], SPLIT_K=split_k, DOT_FP32=INTERPRET and dtype == torch.bfloat16,
-        INPUT_PRECISION=cfg["input_precision"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
-    )
-    if split_k > 1:
-        block = 1024
-        splitk_reduce_kernel[(cdiv(M * N, block),)](
-            ws, bias_arg, y, M * N, N, SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
+    with device_of(a):  # Triton launches on the current device
+        lora_matmul_kernel[grid](
+            a, *w_args, lora_l, lora_r, keep_arg, bias_arg, y, ws,
+            M, N, K, R, w_cols,
+            a.stride(0), a.stride(1), *w_strides, lora_l.stride(0), lora_l.stride(1),
+            lora_r.stride(0), lora_r.stride(1), *keep_strides, y.stride(0), y.stride(1),
+            k_per_split, float(keep_scale),
+            **nf4_meta, TRANS_W=trans_w, HAS_MASK=keep is not None, HAS_BIAS=has_bias and split_k == 1,
+            R_PAD=_pow2_at_least(R, 16), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+            GROUP_M=cfg["GROUP_M"], SPLIT_K=split_k, DOT_FP32=INTERPRET and dtype == torch.bfloat16,
+            INPUT_PRECISION=cfg["input_precision"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
         )
+        if split_k > 1:
+            block = 1024
+            splitk_reduce_kernel[(cdiv(M * N, block),)](
+                ws, bias_arg, y, M * N, N, SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
+            )
     return y

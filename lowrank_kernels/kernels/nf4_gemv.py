@@ -126,7 +126,7 @@ except ImportError:  # pragma: no cover - older Triton: no TMA path
 
 from lowrank_kernels.kernels import nf4_gemv_cuda
 from lowrank_kernels.kernels.dot import dot as _dot
-from lowrank_kernels.kernels.launch import INTERPRET, cdiv, launch, next_pow2
+from lowrank_kernels.kernels.launch import INTERPRET, cdiv, device_of, launch, next_pow2
 from lowrank_kernels.kernels.nf4_code import nf4_word_codes, nf4_word_values
 from lowrank_kernels.kernels.nf4_dequant import nf4_tile_even_odd
 from lowrank_kernels.kernels.rounding import round_fp32_to
@@ -639,7 +639,8 @@ def _triton_partials(x, nf4, lora_A, cfg, tma, tma_ok, dot_fp32, precision, pdl)
     options = dict(num_warps=cfg["num_warps"], num_stages=1 if use_tma else cfg["num_stages"],
                    enable_fp_fusion=False, **({} if regs is None or INTERPRET else dict(maxnreg=regs)))
     if use_tma:  # tensor descriptors: through Triton's JIT (only while a graph is captured, by default)
-        nf4_gemv_kernel[(grid_n, n_split)](*args, **options)
+        with device_of(x):
+            nf4_gemv_kernel[(grid_n, n_split)](*args, **options)
     else:
         launch(nf4_gemv_kernel, (grid_n, n_split), args, **options)
     return n_split, ws, ws_s
