@@ -6,7 +6,8 @@ For each Llama-3-8B shape (bf16, r = 16) times, with triton.testing.do_bench med
   * our Triton LoRA GEMM on a dense (scratch) W, forward and dX, over a few tile configs;
   * the fused NF4 Triton GEMM (dequantization in the main loop), over a few tile configs;
   * the default qlora forward+backward and dense forward+backward(dX).
-``--part branch`` sweeps the one-launch LoRA branch (forward and dX) against cuBLAS's two products.
+``--part fused`` times only the fused NF4 GEMM (forward and dX) against cuBLAS. ``--part branch`` sweeps the
+one-launch LoRA branch (forward and dX) against cuBLAS's two products.
 ``--part breakdown`` instead times each pass of the QLoRA forward+backward (cuBLAS vs our Triton kernels for the
 skinny LoRA products, the addmm passes over Y and dX). Prints one table; ``--out FILE`` also writes it.
 Run: ``python scripts/sweep_large_m.py [--part gemm|breakdown] --out sweep.txt``.
@@ -44,6 +45,22 @@ def report(lines, rows, K, N, base, flops):
         extra = f"{t / base:.3f} | {flops / t / 1e6:.0f}" if err is None else f"failed: {err}"
         lines.append(f"{K}→{N} | {name} | {t:.1f} | {extra}")
     print("\n".join(lines[-len(rows):]), flush=True)
+
+
+def fused(row, x, dy, A, B, S, dS, Wd, nf4):
+    """The fused NF4 GEMM (dequantization in the main loop), forward and dX, over the NF4 tile configs, each
+    checked against the dense-weight product first (rows marked WRONG otherwise)."""
+    state = _nf4_state(nf4)
+    y_ref = (x @ Wd.t() + (S * 2.0) @ B.t()).float()
+    dx_ref = (dy @ Wd + dS @ A).float()
+    for c in NF4_CONFIGS:
+        err = (lora_matmul(x, S * 2.0, B.t(), nf4=state, config=cfg(c)).float() - y_ref).norm() / y_ref.norm()
+        row(f"triton fused-nf4 fwd {c}{'' if err < 1e-2 else ' WRONG'}",
+            lambda c=c: lora_matmul(x, S * 2.0, B.t(), nf4=state, config=cfg(c)))
+    for c in NF4_CONFIGS:
+        err = (lora_matmul(dy, dS, A, nf4=state, trans_w=True, config=cfg(c)).float() - dx_ref).norm() / dx_ref.norm()
+        row(f"triton fused-nf4 dX {c}{'' if err < 1e-2 else ' WRONG'}",
+            lambda c=c: lora_matmul(dy, dS, A, nf4=state, trans_w=True, config=cfg(c)))
 
 
 def breakdown(row, x, dy, A, B, S, dS, Wd, nf4):
@@ -206,7 +223,7 @@ def host(row, x, dy, A, B, S, dS, Wd, nf4, calls=200):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--M", type=int, default=8192)
-    ap.add_argument("--part", choices=["gemm", "breakdown", "skinny", "branch", "train", "profile", "host"],
+    ap.add_argument("--part", choices=["gemm", "fused", "breakdown", "skinny", "branch", "train", "profile", "host"],
                     default="gemm")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -246,7 +263,7 @@ def main():
         row("nf4 dequantize (bf16)", lambda: nf4.dequantize(torch.bfloat16))
         if args.part != "gemm":
             parts = {"breakdown": breakdown, "skinny": skinny, "branch": branch, "train": train, "profile": profile,
-                     "host": host}
+                     "host": host, "fused": fused}
             parts[args.part](row, x, dy, A, B, S, dS, Wd, nf4)
             report(lines, rows, K, N, base, flops)
             continue

@@ -16,7 +16,7 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 # Explicit tile configs: many tiles and K iterations on small shapes (the interpreter is slow).
 CONFIGS = {
-    "default": None,  # large-M (128x128x64) for M > 64, small-M (BLOCK_M 16..64, auto split-K) otherwise
+    "default": None,  # large-M (NF4 16-bit: 256x128x64) for M > 64, small-M (BLOCK_M 16..64, auto split-K) otherwise
     "tiny": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, SPLIT_K=1, num_warps=1, num_stages=2),
     "wideK": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=2),
     "split": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, SPLIT_K=3, num_warps=1, num_stages=2),
@@ -64,6 +64,8 @@ NF4_CASES = [
     (9, 30, 250, 8, F16, True, 64, True, "split"),  # split-K 3 + reduction pass with bias
     (9, 30, 256, 1, F32, True, 256, True, "split"),  # split-K, BLOCK_K < bs
     (50, 40, 192, 16, BF16, True, 64, True, "default"),
+    (300, 130, 256, 16, F16, True, 64, True, "default"),  # large-M default: 256x128 NF4 tiles, ragged M and N
+    (257, 129, 128, 8, BF16, False, 128, False, "default"),
     (4, 40, 130, 8, BF16, False, 64, True, "split"),
 ]
 
@@ -218,7 +220,9 @@ def test_default_config_variants():
     small = default_config(16, 4096, 4096, F16, nf4=True)
     assert (small["BLOCK_M"], small["SPLIT_K"]) == (16, None)  # SPLIT_K None: chosen by the launcher
     large = default_config(4096, 4096, 4096, BF16, nf4=True)
-    assert (large["BLOCK_M"], large["BLOCK_N"], large["SPLIT_K"]) == (128, 128, 1)
+    assert (large["BLOCK_M"], large["BLOCK_N"], large["SPLIT_K"]) == (256, 128, 1)  # NF4: fewer W dequantizations
+    assert default_config(4096, 4096, 4096, BF16, nf4=False)["BLOCK_M"] == 128
+    assert default_config(4096, 4096, 4096, F32, nf4=True)["BLOCK_M"] == 128  # fp32 operands: registers
     assert _resolve_config(16, 4096, 4096, F16, True, True, torch.device("cpu"), None)["SPLIT_K"] > 1
 
 

@@ -19,10 +19,11 @@ NF4 dequantization of a ``[rows, cols]`` tile of the stored ``W`` (``W_COLS`` co
 index ``e = n*W_COLS + k``, high nibble when ``e`` is even, scale block ``e // BLOCKSIZE``; with ``TRANS_W`` the
 tile is ``[BLOCK_K, BLOCK_N]`` and is transposed in registers):
 
-* ``ALIGNED`` (``W_COLS % BLOCKSIZE == 0``, the usual case; then it is even too): every row starts on a byte and
-  on a scale block, so the tile is loaded as ``[BLOCK_N, BLOCK_K // 2]`` bytes and split into high / low
-  nibbles (``tl.join``), and the scales form a ``[BLOCK_N, max(1, BLOCK_K // BLOCKSIZE)]`` tile (one scale per
-  row when ``BLOCK_K <= BLOCKSIZE``), rebuilt once per (row, block) and broadcast.
+* ``ALIGNED`` (``W_COLS % BLOCKSIZE == 0`` and a 4-byte aligned packed weight, the usual case): every row starts
+  on a 32-bit word and on a scale block, so the tile is loaded as ``[BLOCK_N, BLOCK_K // 8]`` packed words, each
+  word's 8 nibbles are looked up by warp shuffles (``nf4_code.nf4_word_values``; a gather of the 16-entry table in
+  the interpreter) and joined back into element order, and the scales form a ``[BLOCK_N, max(1, BLOCK_K //
+  BLOCKSIZE)]`` tile (one scale per row when ``BLOCK_K <= BLOCKSIZE``), rebuilt once per (row, block) and broadcast.
 * otherwise (odd K, or blocks straddling rows): the tile row's even-position and odd-position elements are
   read as two ``[BLOCK_N, BLOCK_K // 2]`` byte tiles starting at byte ``e0 >> 1`` and ``(e0 >> 1) + (e0 & 1)``
   (``e0 = n*K + k0``), taking the high or low nibble by the row's parity; the scales of the (at most
@@ -54,6 +55,7 @@ import triton.language as tl
 
 from lowrank_kernels.kernels.dot import dot as _dot
 from lowrank_kernels.kernels.launch import INTERPRET, cdiv, device_of, next_pow2
+from lowrank_kernels.kernels.nf4_code import nf4_word_values
 from lowrank_kernels.kernels.nf4_dequant import nf4_block_scale, nf4_tile_even_odd
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
@@ -64,29 +66,22 @@ MAX_ELEMENTS = 2**31 - 2**16  # int32 flat NF4 element indices (n*K + k) inside 
 def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
               offs_n, n_ok, k0, K, dtype: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-              NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ALIGNED: tl.constexpr):
+              NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ALIGNED: tl.constexpr, SHFL: tl.constexpr):
     """The ``[BLOCK_N, BLOCK_K]`` tile ``W[offs_n, k0:k0+BLOCK_K]`` dequantized to ``dtype`` (0 where masked)."""
     row_elem = offs_n * K  # flat index of W[n, 0]; int32 (launcher checks N*K < 2**31)
     if ALIGNED:
-        HALF: tl.constexpr = BLOCK_K // 2
         SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE  # elements of one tile row per scale
         SPT: tl.constexpr = BLOCK_K // SUB  # scales per tile row
-        kb = k0 // 2 + tl.arange(0, HALF)  # byte column within the row (K is even here)
-        byte_ok = n_ok[:, None] & (kb < K // 2)[None, :]
-        byte = tl.load(packed_ptr + (row_elem // 2)[:, None] + kb[None, :], mask=byte_ok, other=0).to(tl.int32)
-        blk0 = (row_elem + k0) // BLOCKSIZE  # [BLOCK_N]
-        if SPT == 1:
-            am = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0, n_ok,
-                            NESTED, NESTED_BLOCKSIZE)
-            am_b = am[:, None]
-        else:
-            t = tl.arange(0, SPT)
-            am = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk0[:, None] + t[None, :],
-                            n_ok[:, None] & (k0 + t * BLOCKSIZE < K)[None, :], NESTED, NESTED_BLOCKSIZE)
-            am_b = tl.reshape(tl.broadcast_to(am[:, :, None], (BLOCK_N, SPT, SUB // 2)), (BLOCK_N, HALF))
-        hi = round_fp32_to(tl.load(code_ptr + (byte >> 4)) * am_b, dtype)
-        lo = round_fp32_to(tl.load(code_ptr + (byte & 0xF)) * am_b, dtype)
-        w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
+        WPS: tl.constexpr = SUB // 8  # packed words per scale
+        t = tl.arange(0, SPT)
+        kw = k0 // 8 + t[:, None] * WPS + tl.arange(0, WPS)[None, :]  # [SPT, WPS] word column within the row
+        ptrs = packed_ptr.to(tl.pointer_type(tl.uint32)) + (row_elem // 8)[:, None, None] + kw[None, :, :]
+        words = tl.load(ptrs, mask=n_ok[:, None, None] & (kw < K // 8)[None, :, :], other=0)
+        am = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                             ((row_elem + k0) // BLOCKSIZE)[:, None] + t[None, :],
+                             n_ok[:, None] & (k0 + t * SUB < K)[None, :], NESTED, NESTED_BLOCKSIZE)
+        # [BLOCK_N, SPT, WPS, 2, 2, 2]: element 8 (WPS s + c) + 4i + 2j + l of the tile row at [n, s, c, i, j, l]
+        w = tl.reshape(nf4_word_values(words, am[:, :, None], code_ptr, dtype, SHFL), (BLOCK_N, BLOCK_K))
     else:  # any K (see nf4_tile_even_odd)
         w_ev, w_od = nf4_tile_even_odd(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_n,
                                        n_ok, k0, K, dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
@@ -114,6 +109,7 @@ def lora_matmul_kernel(
     NESTED_BLOCKSIZE: tl.constexpr, ALIGNED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SHFL: tl.constexpr,
 ):
     dtype: tl.constexpr = a_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -148,10 +144,10 @@ def lora_matmul_kernel(
             if TRANS_W:  # stored W [K, N]: dequantize the [BLOCK_K, BLOCK_N] tile at (k0, pid_n * BLOCK_N)
                 w = tl.trans(_nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_k,
                                        k_ok, pid_n * BLOCK_N, W_COLS, dtype, BLOCK_K, BLOCK_N, BLOCKSIZE, NESTED,
-                                       NESTED_BLOCKSIZE, ALIGNED))
+                                       NESTED_BLOCKSIZE, ALIGNED, SHFL))
             else:  # stored W [N, K]: the [BLOCK_N, BLOCK_K] tile at (pid_n * BLOCK_N, k0)
                 w = _nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_n, n_ok, k0,
-                              W_COLS, dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED)
+                              W_COLS, dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED, SHFL)
         else:
             w = tl.load(w_ptr + offs_n64[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -232,7 +228,8 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype, nf4: bool, aligne
                    input_precision=None) -> dict:
     """Tile configuration for H100 (untuned defaults; pass ``config=`` to override any key).
 
-    Large M (> 64): 128x128x64 tiles (fp32: BLOCK_K 32), GROUP_M 8, 8 warps, 3 stages (4 for dense 16-bit W).
+    Large M (> 64): 128x128x64 tiles (fp32: BLOCK_K 32; 16-bit NF4: BLOCK_M 256), GROUP_M 8, 8 warps, 3 stages
+    (4 for dense 16-bit W).
     Small M (<= 64): BLOCK_M = 16/32/64 (next power of two >= M), BLOCK_N 64, BLOCK_K 128 (fp32: 64), 4 warps,
     4 stages, and split-K (``SPLIT_K=None``: chosen by the launcher for about two waves of programs).
     fp32 with ``input_precision="ieee"`` (a CUDA-core FMA dot) uses smaller tiles that fit in registers.
@@ -248,8 +245,10 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype, nf4: bool, aligne
     if ieee32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, SPLIT_K=1, num_warps=8, num_stages=3,
                     input_precision=precision)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if fp32 else 64, GROUP_M=8, SPLIT_K=1, num_warps=8,
-                num_stages=3 if (nf4 or fp32) else 4, input_precision=precision)
+    # 16-bit NF4: 256-row x tiles halve how often each W tile is dequantized (sweep-fused-h100.txt: 2.3-2.6x cuBLAS
+    # against 3.5-4.2x with 128)
+    return dict(BLOCK_M=256 if nf4 and not fp32 else 128, BLOCK_N=128, BLOCK_K=32 if fp32 else 64, GROUP_M=8,
+                SPLIT_K=1, num_warps=8, num_stages=3 if (nf4 or fp32) else 4, input_precision=precision)
 
 
 def _auto_split_k(M, N, K, cfg, device) -> int:
@@ -323,7 +322,7 @@ def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=Fal
                   nf4["offset"].reshape(1) if nested else code, code)
         w_strides = (0, 0)
         blocksize = nf4["blocksize"]
-        aligned = w_cols % blocksize == 0
+        aligned = w_cols % blocksize == 0 and nf4["packed"].data_ptr() % 4 == 0  # rows of whole 32-bit words
         nf4_meta = dict(NF4=True, NESTED=nested, BLOCKSIZE=blocksize,
                         NESTED_BLOCKSIZE=nf4["nested_blocksize"] if nested else 1, ALIGNED=aligned)
     else:
@@ -362,7 +361,7 @@ def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=Fal
             **nf4_meta, TRANS_W=trans_w, HAS_MASK=keep is not None, HAS_BIAS=has_bias and split_k == 1,
             R_PAD=_pow2_at_least(R, 16), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
             GROUP_M=cfg["GROUP_M"], SPLIT_K=split_k, DOT_FP32=INTERPRET and dtype == torch.bfloat16,
-            INPUT_PRECISION=cfg["input_precision"],
+            INPUT_PRECISION=cfg["input_precision"], SHFL=not INTERPRET,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
         )
         if split_k > 1:
