@@ -82,3 +82,20 @@ def test_launch_hook_takes_the_jit_path():
     assert len(calls) == 1
     assert torch.equal(out, w.dequantize(torch.float32, backend="torch").view(-1))
     assert not launch_mod._hooked(knobs.runtime)
+
+
+def test_tensor_device_and_device_of():
+    """The device a launch goes to is its first tensor's (``-1``: CPU, or no tensor); ``device_of`` switches only
+    for a CUDA tensor off the current device (two-GPU behaviour: tests/test_multi_gpu.py)."""
+    t = torch.zeros(2, device=DEVICE)
+    expected = t.get_device()
+    kernel = object()  # a kernel never launched: no recorded layout, the arguments are scanned
+    assert launch_mod._tensor_device(kernel, (3, t, 1.0)) == expected
+    assert launch_mod._tensor_device(kernel, (3, 1.0)) == -1
+    with launch_mod.device_of(torch.zeros(1)):  # CPU: nothing to switch
+        pass
+    if HAS_CUDA:
+        before = torch.cuda.current_device()
+        with launch_mod.device_of(t):
+            assert torch.cuda.current_device() == expected
+        assert torch.cuda.current_device() == before
