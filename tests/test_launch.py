@@ -89,9 +89,10 @@ def test_tensor_device_and_device_of():
     for a CUDA tensor off the current device (two-GPU behaviour: tests/test_multi_gpu.py)."""
     t = torch.zeros(2, device=DEVICE)
     expected = t.get_device()
-    kernel = object()  # a kernel never launched: no recorded layout, the arguments are scanned
-    assert launch_mod._tensor_device(kernel, (3, t, 1.0)) == expected
-    assert launch_mod._tensor_device(kernel, (3, 1.0)) == -1
+    assert launch_mod._tensor_device(None, (3, t, 1.0)) == expected  # no recorded layout: the arguments scanned
+    assert launch_mod._tensor_device(None, (3, 1.0)) == -1
+    assert launch_mod._tensor_device(((1,), None, None), (3, t, 1.0)) == expected  # tensor positions recorded
+    assert launch_mod._tensor_device(((), None, None), (3, 1.0)) == -1
     with launch_mod.device_of(torch.zeros(1)):  # CPU: nothing to switch
         pass
     if HAS_CUDA:

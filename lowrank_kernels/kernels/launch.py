@@ -85,9 +85,9 @@ def _check_arity(kernel, args):
                         f"({', '.join(kernel.arg_names)}), got {len(args)}")
 
 
-def _tensor_device(kernel, args) -> int:
-    """The CUDA device index of ``kernel``'s first tensor argument (-1 for a CPU tensor or none)."""
-    layout = _LAYOUT.get(kernel)
+def _tensor_device(layout, args) -> int:
+    """The CUDA device index of the first tensor of ``args`` (-1 for a CPU tensor or none); ``layout``: the
+    kernel's recorded ``_LAYOUT`` entry, or ``None`` (then ``args`` are scanned)."""
     if layout is not None:
         return args[layout[0][0]].get_device() if layout[0] else -1
     return next((a.get_device() for a in args if isinstance(a, torch.Tensor)), -1)
@@ -120,7 +120,8 @@ def launch(kernel, grid, args, **options):
         return
     get_device, get_stream, runtime_knobs = _runtime()
     device = get_device()
-    tensor_device = _tensor_device(kernel, args)
+    layout = _LAYOUT.get(kernel)
+    tensor_device = _tensor_device(layout, args)
     if tensor_device != device and tensor_device >= 0:  # Triton launches on the current device
         with torch.cuda.device(tensor_device):
             launch(kernel, grid, args, **options)
@@ -130,7 +131,6 @@ def launch(kernel, grid, args, **options):
         kernel[grid](*args, **options)
         return
     options_key = tuple(options.items())
-    layout = _LAYOUT.get(kernel)
     cache = _COMPILED.setdefault(kernel, {})
     compiled = None if layout is None else cache.get((device, _call_key(layout, args, options_key)))
     if compiled is None:
