@@ -799,5 +799,7 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
             S.stride(0), S.stride(1),
             n_split, has_bias, max(8, next_pow2(M)), max(16, min(MAX_RANK_CHUNK, next_pow2(R))), FINISH_BLOCK_N,
             dot_fp32, precision, pdl),  # SPLIT_K, HAS_BIAS, M_PAD, R_BLOCK, BLOCK_N, DOT_FP32, .., PDL
-           num_warps=4, enable_fp_fusion=False, **(dict(launch_pdl=True) if pdl else {}))
+           # num_stages=1: no software pipelining of the rank loop, whose SPLIT_K loads per chunk would otherwise
+           # be staged in shared memory (320 KB at M = 64, r = 64 over 9 slices)
+           num_warps=4, num_stages=1, enable_fp_fusion=False, **(dict(launch_pdl=True) if pdl else {}))
     return y, S
