@@ -27,7 +27,8 @@
 // next two 256-element groups (one with two n-tiles) are in flight while a group is computed: a ring of group
 // buffers in registers, each refilled as soon as it has been computed; the first loads go out before the table is
 // built.
-// Blocks past the row blocks (blockIdx.x >= row_blocks) compute the partial S instead, one rank per warp.
+// The first s_blocks blocks compute the partial S instead, a (rank, up to 8 x rows) item per warp: they come first
+// so that their long serial K loops start with the grid instead of trailing it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -138,41 +139,49 @@ __device__ __forceinline__ void load_group(Group<NESTED>& gr, const NF4& f, cons
   }
 }
 
-// Partial S for this block's ranks over the K slice [k_begin, k_end): warp w takes rank (sblock * warps + w); lane
-// l reads 8 consecutive elements per 256.
-template <typename T, int NT>
+// x rows per S work item: M rounded up to a power of two, at most 8 (few rows loaded for nothing)
+__host__ __device__ __forceinline__ int s_rows(int M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8; }
+
+// Partial S over the K slice [k_begin, k_end), one warp per (rank, MR = s_rows(M) x rows): work item
+// i = sblock * warps + warp takes rank i % R and rows MR (i / R) ... MR (i / R) + MR - 1 (clamped to M - 1, so that
+// the row loads are unconditional and go out together; rows past M are not stored). Lane l reads 8 consecutive
+// elements per 256. (One warp per rank over all M rows, each row's load behind a branch, was a serial chain that
+// outlasted the weight stream at M >= 8: bench/results/gemv-mma-s-items-h100.txt.)
+template <typename T, int MR>
 __device__ void lora_s_partial(const T* __restrict__ x, int64_t stride_xm, int M, const void* a, int a_dtype,
                                int64_t stride_ar, int64_t stride_ak, float* __restrict__ ws_s, int R, int split,
                                int sblock, int k_begin, int k_end) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int rank = sblock * (blockDim.x >> 5) + warp;
-  if (rank >= R) return;
-  constexpr int kMaxM = 8 * NT;
-  float acc[kMaxM];
+  const int item = sblock * (blockDim.x >> 5) + warp;
+  const int rank = item % R, m0 = MR * (item / R);
+  if (m0 >= M) return;
+  const T* xr[MR];
 #pragma unroll
-  for (int m = 0; m < kMaxM; ++m) acc[m] = 0.f;
+  for (int m = 0; m < MR; ++m) xr[m] = x + min(m0 + m, M - 1) * stride_xm;
+  float acc[MR];
+#pragma unroll
+  for (int m = 0; m < MR; ++m) acc[m] = 0.f;
+#pragma unroll 2
   for (int k = k_begin + 8 * lane; k < k_end; k += 256) {
     float av[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) av[e] = round_to<T>(load_any(a, a_dtype, rank * stride_ar + (int64_t)(k + e) * stride_ak));
+    uint4 v[MR];
 #pragma unroll
-    for (int m = 0; m < kMaxM; ++m) {
-      if (m < M) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + m * stride_xm + k));
-        const T* xe = reinterpret_cast<const T*>(&v);
+    for (int m = 0; m < MR; ++m) v[m] = __ldg(reinterpret_cast<const uint4*>(xr[m] + k));
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[m] = fmaf(to_f32<T>(xe[e]), av[e], acc[m]);
-      }
+    for (int m = 0; m < MR; ++m) {
+      const T* xe = reinterpret_cast<const T*>(&v[m]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[m] = fmaf(to_f32<T>(xe[e]), av[e], acc[m]);
     }
   }
 #pragma unroll
-  for (int m = 0; m < kMaxM; ++m) {
-    if (m < M) {
-      float v = acc[m];
+  for (int m = 0; m < MR; ++m) {
+    float v = acc[m];
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-      if (lane == 0) ws_s[((int64_t)split * M + m) * R + rank] = v;
-    }
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+    if (lane == 0 && m0 + m < M) ws_s[((int64_t)split * M + m0 + m) * R + rank] = v;
   }
 }
 
@@ -182,7 +191,7 @@ template <typename T, int NT, bool NESTED>
 __global__ void __launch_bounds__(kMaxThreads, 2) nf4_mma_gemv_kernel(
     const T* __restrict__ x, int64_t stride_xm, int M, NF4 f, const void* a, int a_dtype, int64_t stride_ar,
     int64_t stride_ak, float* __restrict__ ws, float* __restrict__ ws_s, int N, int K, int R, int k_per_split,
-    int row_blocks) {
+    int s_blocks) {
   // [byte][64 slots of 4 bytes], slot l < 32 for lane l: the pair (T(code[byte >> 4]), T(code[byte & 15])) packed
   // low-high. The byte offset of (byte, lane) is byte << 8 | lane << 2: one byte_perm of the packed word and the
   // lane's offset (slots 32..63 are unused: the 64 KB buy a one-instruction address).
@@ -191,14 +200,23 @@ __global__ void __launch_bounds__(kMaxThreads, 2) nf4_mma_gemv_kernel(
   const int split = blockIdx.y;
   const int k_begin = split * k_per_split;
   const int k_end = min(K, k_begin + k_per_split);
-  if ((int)blockIdx.x >= row_blocks) {
-    lora_s_partial<T, NT>(x, stride_xm, M, a, a_dtype, stride_ar, stride_ak, ws_s, R, split,
-                          blockIdx.x - row_blocks, k_begin, k_end);
+  if ((int)blockIdx.x < s_blocks) {
+    const int sb = blockIdx.x;
+    switch (s_rows(M)) {
+      case 1: lora_s_partial<T, 1>(x, stride_xm, M, a, a_dtype, stride_ar, stride_ak, ws_s, R, split, sb, k_begin,
+                                   k_end); break;
+      case 2: lora_s_partial<T, 2>(x, stride_xm, M, a, a_dtype, stride_ar, stride_ak, ws_s, R, split, sb, k_begin,
+                                   k_end); break;
+      case 4: lora_s_partial<T, 4>(x, stride_xm, M, a, a_dtype, stride_ar, stride_ak, ws_s, R, split, sb, k_begin,
+                                   k_end); break;
+      default: lora_s_partial<T, 8>(x, stride_xm, M, a, a_dtype, stride_ar, stride_ak, ws_s, R, split, sb, k_begin,
+                                    k_end);
+    }
     return;
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int n0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16 + g;
+  const int n0 = ((blockIdx.x - s_blocks) * (blockDim.x >> 5) + warp) * 16 + g;
   const int64_t row[2] = {min(n0, N - 1), min(n0 + 8, N - 1)};  // clamped: loads stay in bounds
 
   // a ring of RING groups in registers (3 for one n-tile, 2 for two: what fits 128 registers without spills): the
@@ -332,7 +350,8 @@ cudaError_t launch(const void* x, int64_t stride_xm, int M, const NF4& f, const 
                    int k_per_split, int n_split, int warps, cudaStream_t stream) {
   const int rows_per_block = 16 * warps;
   const int row_blocks = (N + rows_per_block - 1) / rows_per_block;
-  const int s_blocks = (R + warps - 1) / warps;
+  const int s_items = R * ((M + s_rows(M) - 1) / s_rows(M));  // (rank, s_rows(M) x rows) per warp
+  const int s_blocks = (s_items + warps - 1) / warps;
   const dim3 grid(row_blocks + s_blocks, n_split);
   // the table is dynamic shared memory above the 48 KB default, allowed per kernel and device (bit d: device d)
   static unsigned long long configured = 0;
@@ -346,7 +365,7 @@ cudaError_t launch(const void* x, int64_t stride_xm, int M, const NF4& f, const 
   }
   nf4_mma_gemv_kernel<T, NT, NESTED><<<grid, 32 * warps, kLutBytes, stream>>>(
       static_cast<const T*>(x), stride_xm, M, f, a, a_dtype, stride_ar, stride_ak, ws, ws_s, N, K, R, k_per_split,
-      row_blocks);
+      s_blocks);
   return cudaGetLastError();
 }
 

@@ -60,9 +60,9 @@ FUSED_BY_DEFAULT = False
 
 
 # Decode and small batches (M <= GEMV_MAX_M, NF4 weight, no LoRA dropout): the NF4 GEMV kernels on either Triton
-# path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.59-0.65x the time
-# of dense bf16 at M = 1, 0.61-0.92x at M = 4, 0.99-1.03x at M = 16 and 1.18-1.54x at M = 64, where dequantize +
-# cuBLAS takes 2.4-2.8x (bench/results/bench-h100-forward.json); M <= 8 partly on the CUDA C++ kernel.
+# path, unless a ``config`` for the tiled GEMM is passed. On the H100 the whole layer call takes 0.59-0.66x the time
+# of dense bf16 at M = 1, 0.59-0.92x at M = 4, 0.70-1.00x at M = 16 and 1.18-1.55x at M = 64, where dequantize +
+# cuBLAS takes 2.4-2.8x (bench/results/bench-h100-forward.json); 2 <= M <= 16 partly on the CUDA C++ kernel.
 GEMV_MAX_M = 64
 
 

@@ -6,12 +6,20 @@ Timing as in ``scripts/bench_gemv.py`` (graph replay of 8 calls on 8 weight copi
 fp32 adapters, no bias). Every nf4_gemv row is the whole two-launch layer call (LoRA included).
 
     python scripts/bench_gemv_cuda.py --out bench/results/gemv-mma-h100.txt [--m 1 4 16 64] [--splits 1 2 4 8]
+
+``--ab REV[:MAX_M] ...`` also times the kernel source of each git revision (or ``.cu`` file) ``REV`` (built with
+nvcc into a temporary directory, same entry point) at the default launch, for M up to ``MAX_M`` (default 16): an
+A/B of kernel changes in one run.
 """
 import argparse
+import contextlib
+import ctypes
 import datetime
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -21,14 +29,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gemv import SHAPES, Table, copy_bandwidth, kernel_times, nf4_bytes, time_us  # noqa: E402
 
 from lowrank_kernels import NF4Weight  # noqa: E402
+from lowrank_kernels.kernels import nf4_gemv_cuda  # noqa: E402
 from lowrank_kernels.dispatch import _nf4_state  # noqa: E402
 from lowrank_kernels.kernels.nf4_gemv import nf4_gemv  # noqa: E402
 
 R = 16
 
 
-def check(table):
-    """fp64 reference vs cuda=True (and vs cuda=False) on ragged cases; returns the worst error / tolerance."""
+def check(table, max_m, label="cuda"):
+    """fp64 reference vs cuda=True (and vs cuda=False) on ragged cases with M <= max_m; returns the worst error /
+    tolerance."""
     g = torch.Generator(device="cuda").manual_seed(1)
     worst = 0.0
     cases = [(1, 300, 512, 64, True, torch.bfloat16, torch.float32, True),
@@ -37,8 +47,13 @@ def check(table):
              (13, 1000, 256, 64, False, torch.bfloat16, torch.float32, False),
              (16, 511, 2304, 256, True, torch.float16, torch.float16, True),
              (11, 130, 1280, 1024, False, torch.float16, torch.float32, False),
+             (24, 200, 1024, 64, True, torch.bfloat16, torch.float32, True),
+             (40, 520, 1536, 128, False, torch.float16, torch.float32, False),
+             (64, 301, 2048, 64, True, torch.bfloat16, torch.bfloat16, True),
              (1, 4096, 4096, 64, True, torch.bfloat16, torch.float32, False)]
     for M, N, K, bs, dq, dtype, adt, bias in cases:
+        if M > max_m:
+            continue
         W = torch.randn(N, K, device="cuda", generator=g) * 0.05
         w = NF4Weight.quantize(W.to(dtype), blocksize=bs, double_quant=dq)
         st = _nf4_state(w)
@@ -58,9 +73,41 @@ def check(table):
             tol = 1e-2 if dtype == torch.bfloat16 else 3e-3
             worst = max(worst, err / tol, err_s / tol)
             table.add(f"# check M={M} N={N} K={K} bs={bs} dq={dq} {str(dtype)[6:]} A {str(adt)[6:]} bias={bias} "
-                      f"split={split}: rel err cuda {err:.2e} (triton {err_t:.2e}), S {err_s:.2e}, tol {tol:.0e}")
+                      f"split={split}: rel err {label} {err:.2e} (triton {err_t:.2e}), S {err_s:.2e}, tol {tol:.0e}")
     table.add(f"# correctness: worst error / tolerance = {worst:.3f}")
     return worst
+
+
+def build_revision(rev):
+    """The ctypes entry point of ``csrc/nf4_mma_gemv.cu`` as of git revision ``rev`` (or of the file ``rev``)."""
+    if os.path.isfile(rev):
+        with open(rev) as f:
+            src = f.read()
+    else:
+        src = subprocess.run(["git", "show", f"{rev}:csrc/nf4_mma_gemv.cu"], capture_output=True, text=True,
+                             check=True).stdout
+    cap = torch.cuda.get_device_capability()
+    tmp = tempfile.mkdtemp()
+    with open(os.path.join(tmp, "k.cu"), "w") as f:
+        f.write(src)
+    arch = f"{cap[0]}{cap[1]}"
+    subprocess.run(["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
+                    f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", os.path.join(tmp, "k.so"),
+                    os.path.join(tmp, "k.cu")], check=True)
+    fn = ctypes.CDLL(os.path.join(tmp, "k.so")).lk_nf4_mma_gemv
+    fn.argtypes, fn.restype = nf4_gemv_cuda._ARGTYPES, ctypes.c_int
+    return fn
+
+
+@contextlib.contextmanager
+def entry(fn):
+    """nf4_gemv(cuda=True) runs ``fn`` (a ctypes entry point) inside the block."""
+    saved = nf4_gemv_cuda._entry
+    nf4_gemv_cuda._entry = lambda index: fn
+    try:
+        yield
+    finally:
+        nf4_gemv_cuda._entry = saved
 
 
 def main():
@@ -70,7 +117,12 @@ def main():
     ap.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--warps", type=int, nargs="+", default=[8])
     ap.add_argument("--kernels", action="store_true", help="profiler device time per kernel of the cuda call")
+    ap.add_argument("--ab", nargs="+", default=[], help="REV[:MAX_M]: git revisions or .cu files timed too")
     args = ap.parse_args()
+    ab = []
+    for spec in args.ab:
+        rev, _, max_m = spec.partition(":")
+        ab.append((rev, int(max_m or 16), build_revision(rev)))
     t0 = time.time()
     try:
         import bitsandbytes as bnb
@@ -83,7 +135,11 @@ def main():
     table.add(f"# scripts/bench_gemv_cuda.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
               f"{torch.__version__}  triton {triton.__version__}  bitsandbytes {bnb_version}; device copy "
               f"{bw / 1e9:.0f} GB/s; bf16, r={R}, fp32 adapters, CUDA-graph replay medians over 8 weight copies")
-    if check(table) > 1:
+    worst = check(table, nf4_gemv_cuda.MAX_M)
+    for rev, max_m, fn in ab:
+        with entry(fn):
+            worst = max(worst, check(table, max_m, rev))
+    if worst > 1:
         table.add("# WRONG RESULTS: timings skipped")
         sys.exit(1)
     table.add(f"{'shape K->N':13} {'M':>2}  {'provider':30} {'µs':>8} {'GB/s':>7} {'%copy':>6} {'vs bnb':>7} "
@@ -112,6 +168,11 @@ def main():
             t_def, _ = time_us([lambda s=s: nf4_gemv(x, s, A, B, 2.0, cuda=True) for s in states])
             rows.append(("cuda (default launch)", t_def, nf4_bytes(ours[0], M, K, N)))
             best = ("cuda (default launch)", t_def)
+            for rev, max_m, fn in ab:
+                if M <= max_m:
+                    with entry(fn):
+                        t_ab, _ = time_us([lambda s=s: nf4_gemv(x, s, A, B, 2.0, cuda=True) for s in states])
+                    rows.append((f"cuda@{rev} (default launch)", t_ab, nf4_bytes(ours[0], M, K, N)))
             for warps in args.warps:
                 for split in args.splits:
                     if split > K // 256:

@@ -31,6 +31,7 @@ CASES = [
     (13, 130, 1280, 8, BF16, False, 1024, False, F32, 5, 1),  # blocksize > group: one scale for 4 groups
     (16, 64, 4096, 16, BF16, True, 64, True, F32, None, None),  # M = 16, long K
     (4, 4097, 4096, 16, BF16, True, 64, True, F32, None, None),  # the Llama shape plus one row
+    (12, 300, 768, 64, BF16, True, 64, True, F32, None, None),  # S: 64 ranks x 2 row chunks, 16 S blocks first
 ]
 
 
@@ -67,7 +68,7 @@ def test_cuda_kernel_split_is_deterministic():
 def test_default_dispatch_uses_cuda_kernel_only_in_its_range(min_elements, monkeypatch):
     monkeypatch.setattr(gemv_mod, "CUDA_MIN_ELEMENTS", min_elements)
     w = _nf4_state(make_weight(256, 1024, 64, True, 0.05))
-    for M in range(1, 17):
+    for M in (*range(1, 18), 24, 32, 33, 48, 64):
         x, A, B, b = make_inputs(M, 256, 1024, 8, BF16, False)
         y = nf4_gemv(x, w, A, B, SCALING, b)[0]
         uses_cuda = gemv_mod.CUDA_MIN_M <= M <= gemv_mod.CUDA_MAX_M and 256 * 1024 >= min_elements

@@ -101,8 +101,9 @@ CUDA C++ first launch
 ``cuda=True`` (by default at ``CUDA_MIN_M <= M <= CUDA_MAX_M`` on weights of ``>= CUDA_MIN_ELEMENTS``) replaces
 ``nf4_gemv_kernel`` by the tensor-core kernel of ``csrc/nf4_mma_gemv.cu`` (:mod:`.nf4_gemv_cuda`), which fills
 the same two workspaces for the same finish kernel: a byte of W indexes a per-lane table of bf16 / fp16 code
-pairs that are directly ``mma.m16n8k16`` operands. Measured and explained in ``bench/results/gemv-mma-h100.txt``
-and ``gemv-mma-experiments-h100.txt``.
+pairs that are directly ``mma.m16n8k16`` operands. Measured and explained in ``bench/results/gemv-mma-h100.txt``,
+``gemv-mma-experiments-h100.txt`` and ``gemv-mma-s-items-h100.txt`` (its partial S); M > 16 stays on Triton
+(``gemv-mma-wide-m-experiment-h100.txt``).
 
 Interpreter (``TRITON_INTERPRET=1``): the lookup is the global gather (no inline PTX there), and bf16 dot operands
 are upcast (exactly) to fp32 because its ``tl.dot`` mishandles bf16 (``DOT_FP32``). fp32 inputs use
@@ -483,12 +484,12 @@ def _num_sms(device) -> int:
 
 
 PDL_MAX_M = 16
-# The CUDA C++ tensor-core kernel (csrc/nf4_mma_gemv.cu) replaces the first launch by default at 2 <= M <= 8 on
-# weights of at least CUDA_MIN_ELEMENTS, where it measured 1.17-1.48x faster than the Triton kernels on the H100
-# (bench/results/gemv-mma-h100.txt: 4096->14336 and 14336->4096). At 4096 x 4096 it measured 1.07x faster at M = 2,
-# at parity at M = 4 and 0.92x at M = 8, and at M = 1 and 16 it is mostly slower; there and on smaller weights it
-# is opt-in (cuda=True).
-CUDA_MIN_M, CUDA_MAX_M = 2, 8
+# The CUDA C++ tensor-core kernel (csrc/nf4_mma_gemv.cu) replaces the first launch by default at 2 <= M <= 16 on
+# weights of at least CUDA_MIN_ELEMENTS, where it measured 1.14-1.47x faster than the Triton kernels on the H100
+# (bench/results/gemv-mma-s-items-h100.txt: 4096->14336 and 14336->4096, whole layer call). At 4096 x 4096 it
+# measured 1.06-1.09x faster at M = 2 and 4 and 0.93-0.97x at M = 8 to 16, and at M = 1 it is slower on all three
+# shapes but 4096->14336; there and on smaller weights it is opt-in (cuda=True).
+CUDA_MIN_M, CUDA_MAX_M = 2, 16
 CUDA_MIN_ELEMENTS = 2**25
 
 
