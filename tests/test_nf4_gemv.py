@@ -33,9 +33,6 @@ KNOBS = {
                           join=True, x_tma=False),
     "generic": dict(block_n=16, block_k=64, split_k=1, num_warps=1, num_stages=1),
     "generic_split": dict(block_n=16, block_k=32, split_k=4, num_warps=1, num_stages=1),
-    "s_ahead": dict(block_n=16, block_k=128, split_k=2, num_warps=1, num_stages=1, s_ahead=True),
-    "tma_join_s_ahead": dict(block_n=32, block_k=256, split_k=1, num_warps=2, num_stages=2, fma=False, tma=True,
-                             join=True, s_ahead=True),
 }
 
 
@@ -93,9 +90,6 @@ CASES = [
     (4, 21, 256, 100, F16, True, 64, True, "fast"),  # r = 100: two rank chunks of 64
     (40, 24, 256, 8, F16, True, 64, True, "default"),  # M_PAD 64: the largest M the dispatcher sends here
     (33, 20, 130, 16, F32, False, 64, False, "default"),  # M > 32, generic path
-    (1, 37, 512, 8, F16, True, 64, True, "s_ahead"),  # S in 8 programs of its own per slice, FMA row programs
-    (24, 45, 640, 3, F32, False, 128, False, "s_ahead"),  # ... 3 ranks, 5 K steps over 2 slices
-    (40, 40, 768, 16, F16, True, 64, True, "tma_join_s_ahead"),  # ... with TMA word tiles and the joined dot
     pytest.param((4, 40, 512, 16, BF16, True, 64, True, "fast_split"), marks=needs_cuda),
     pytest.param((64, 4096, 4096, 16, BF16, True, 64, True, "default"), marks=needs_cuda),
     # r = 64 at M = 64 over 8 K slices: the finish kernel's loads once overflowed shared memory when pipelined

@@ -332,8 +332,7 @@ def nf4_gemv_kernel(
     ws_ptr,  # fp32 [n_split, M, N]: partial x @ deq(W).T per K slice
     ws_s_ptr,  # fp32 [n_split, M, R]: partial S = x @ A.T per K slice
     x_desc,  # X_TMA: a tensor descriptor of x, [M_PAD, BLOCK_K] tiles (else unused)
-    M, N, K, R, RANKS,  # RANKS: ranks of S per program (programs pid < cdiv(R, RANKS) compute them)
-    S_PROGS,  # > 0: the first S_PROGS programs of each K slice compute S only; 0: row programs do after their tile
+    M, N, K, R, RANKS,  # RANKS: ranks of S per program (programs pid_n < cdiv(R, RANKS) compute them)
     stride_xm, stride_xk, stride_ar, stride_ak,
     K_PER_SPLIT,  # multiple of BLOCK_K
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
@@ -342,31 +341,25 @@ def nf4_gemv_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     TMA: tl.constexpr = False, STAGES: tl.constexpr = 1, JOIN: tl.constexpr = False, X_TMA: tl.constexpr = False,
 ):
-    """Program ``(pid, pid_k)``: the fp32 partial ``x @ deq(W).T`` of its rows (``pid_n = pid - S_PROGS``) and
-    K slice, and its share of the partial ``S``: in the first ``S_PROGS`` programs of each slice, which do nothing
-    else, or (``S_PROGS == 0``) after the tile in the first row programs. ``FMA`` (``M == 1``, ``WORDS``): CUDA-core FMAs.
+    """Program ``(pid_n, pid_k)``: the fp32 partial ``x @ deq(W).T`` of its rows and K slice, and (for the first
+    programs of each slice) its share of the partial ``S``. ``FMA`` (``M == 1``, ``WORDS``): CUDA-core FMAs.
     ``TMA`` (``WORDS``): the word tiles come through a ``STAGES``-deep shared-memory ring filled by the tensor
     memory accelerator (Triton's pipeliner), instead of the register double buffer. ``JOIN`` (``WORDS``, not
     ``FMA``): ``_dot_step_joined`` instead of ``_dot_step``. ``X_TMA`` (``TMA``): the x tiles come by TMA too."""
     dtype: tl.constexpr = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
+    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, M_PAD)
-    m_ok = offs_m < M
-    offs_m64 = offs_m.to(tl.int64)
-    x_rows = x_ptr + offs_m64[:, None] * stride_xm  # [M_PAD, 1]
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-    S_BLOCK_K: tl.constexpr = 4096 if M_PAD == 1 else BLOCK_K
-    if pid < S_PROGS:
-        _lora_s_partial(x_rows, stride_xk, m_ok, offs_m64, a_ptr, stride_ar, stride_ak, ws_s_ptr, pid, pid_k,
-                        M, K, R, RANKS, k_start, k_end, dtype, M_PAD, S_BLOCK_K)
-        return
-    pid_n = pid - S_PROGS
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     rows = tl.minimum(offs_n, N - 1)  # clamped: in-bounds, unmasked weight loads
+    offs_m = tl.arange(0, M_PAD)
+    m_ok = offs_m < M
+    offs_m64 = offs_m.to(tl.int64)
+    x_rows = x_ptr + offs_m64[:, None] * stride_xm  # [M_PAD, 1]
+
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
     if WORDS:
         SUBK: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
         row_blk = rows * (K // BLOCKSIZE)  # scale block of W[n, 0]
@@ -429,9 +422,8 @@ def nf4_gemv_kernel(
         gdc_launch_dependents()  # the finish kernel may launch now; it waits for this grid before reading
     ws = ws_ptr + pid_k.to(tl.int64) * M * N + offs_m64[None, :] * N + offs_n.to(tl.int64)[:, None]
     tl.store(ws, acc, mask=n_ok[:, None] & m_ok[None, :])
-    if S_PROGS == 0:
-        _lora_s_partial(x_rows, stride_xk, m_ok, offs_m64, a_ptr, stride_ar, stride_ak, ws_s_ptr, pid_n, pid_k,
-                        M, K, R, RANKS, k_start, k_end, dtype, M_PAD, S_BLOCK_K)
+    _lora_s_partial(x_rows, stride_xk, m_ok, offs_m64, a_ptr, stride_ar, stride_ak, ws_s_ptr, pid_n, pid_k,
+                    M, K, R, RANKS, k_start, k_end, dtype, M_PAD, 4096 if M_PAD == 1 else BLOCK_K)
 
 
 @triton.jit
@@ -597,7 +589,7 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16, 
         block_k = 128
     split_k = max(1, min(split, cdiv(K, block_k) // 2))
     return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=warps, num_stages=stages,
-                lookup="shfl", fma=M == 1, max_registers=None, tma=tma, join=join, x_tma=True, s_ahead=False)
+                lookup="shfl", fma=M == 1, max_registers=None, tma=tma, join=join, x_tma=True)
 
 
 _default_config = functools.lru_cache(maxsize=1024)(default_config)
@@ -638,10 +630,8 @@ def _triton_partials(x, nf4, lora_A, cfg, tma, tma_ok, dot_fp32, precision, pdl)
     grid_n = cdiv(N, cfg["block_n"])
     ws = torch.empty((n_split, M, N), dtype=torch.float32, device=x.device)
     ws_s = torch.empty((n_split, M, R), dtype=torch.float32, device=x.device)
-    s_progs = R if cfg["s_ahead"] else 0  # one rank each, ahead of the row programs
-    ranks = 1 if s_progs else cdiv(R, grid_n)
 
-    args = (x, *w_args, lora_A, ws, ws_s, x_desc, M, N, K, R, ranks, s_progs,
+    args = (x, *w_args, lora_A, ws, ws_s, x_desc, M, N, K, R, cdiv(R, grid_n),
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), iters_per_split * block_k,
             blocksize, nested, nf4["nested_blocksize"] if nested else 1,  # BLOCKSIZE, NESTED, NESTED_BLOCKSIZE
             words, words and K % block_k == 0, words and cfg["lookup"] == "shfl" and not INTERPRET,  # .., SHFL
@@ -651,9 +641,9 @@ def _triton_partials(x, nf4, lora_A, cfg, tma, tma_ok, dot_fp32, precision, pdl)
                    enable_fp_fusion=False, **({} if regs is None or INTERPRET else dict(maxnreg=regs)))
     if use_tma:  # tensor descriptors: through Triton's JIT (only while a graph is captured, by default)
         with device_of(x):
-            nf4_gemv_kernel[(s_progs + grid_n, n_split)](*args, **options)
+            nf4_gemv_kernel[(grid_n, n_split)](*args, **options)
     else:
-        launch(nf4_gemv_kernel, (s_progs + grid_n, n_split), args, **options)
+        launch(nf4_gemv_kernel, (grid_n, n_split), args, **options)
     return n_split, ws, ws_s
 
 
@@ -690,7 +680,7 @@ def _check_config(cfg):
             raise ValueError(f"nf4_gemv: {key} must be a positive int, got {cfg[key]!r}")
     if cfg["lookup"] not in LOOKUPS:
         raise ValueError(f"nf4_gemv: lookup must be one of {LOOKUPS}, got {cfg['lookup']!r}")
-    for key in ("fma", "tma", "join", "x_tma", "s_ahead"):
+    for key in ("fma", "tma", "join", "x_tma"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"nf4_gemv: {key} must be a bool, got {cfg[key]!r}")
     regs = cfg["max_registers"]
@@ -713,7 +703,7 @@ def _check_float(name, t, shape):
 
 def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_k=None, split_k=None,
              num_warps=None, num_stages=None, lookup=None, fma=None, max_registers=None, tma=None, join=None,
-             x_tma=None, s_ahead=None, input_precision=None, cuda=None, cuda_warps=None):
+             x_tma=None, input_precision=None, cuda=None, cuda_warps=None):
     """``(y [M, N], S [M, r])``: ``S = x @ A.T``, ``y = x @ deq(W).T + (scaling * S) @ B.T + bias`` in
     ``x.dtype`` (decode-sized ``M``; see the module doc). Two launches, nothing else.
 
@@ -733,8 +723,7 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
     ``None``: the compiler's choice), ``tma`` (word tiles through a ``num_stages``-deep shared-memory ring filled
     by TMA; ``True`` raises where that is impossible), ``join`` (``M > 1``: one dot per step on the word tile
     joined back into element order), ``x_tma`` (with ``tma``: the x tiles by TMA too, where x's rows are 16-byte
-    aligned), ``s_ahead`` (the partial S in ``r`` programs of its own, ahead of the row programs, instead of after
-    the tiles of the first ones); ``input_precision`` of fp32 dots (``"ieee"``, ``"tf32"``, ``"tf32x3"``).
+    aligned); ``input_precision`` of fp32 dots (``"ieee"``, ``"tf32"``, ``"tf32x3"``).
 
     ``cuda``: the first launch is the CUDA C++ tensor-core kernel of ``csrc/nf4_mma_gemv.cu``
     (:mod:`~lowrank_kernels.kernels.nf4_gemv_cuda`). ``None``: where it is supported, ``CUDA_MIN_M <= M <=
@@ -779,7 +768,7 @@ def nf4_gemv(x, nf4, lora_A, lora_B, scaling, bias=None, *, block_n=None, block_
     overrides = {k: v for k, v in (("block_n", block_n), ("block_k", block_k), ("split_k", split_k),
                                    ("num_warps", num_warps), ("num_stages", num_stages), ("lookup", lookup),
                                    ("fma", fma), ("max_registers", max_registers), ("tma", tma), ("join", join),
-                                   ("x_tma", x_tma), ("s_ahead", s_ahead)) if v is not None}
+                                   ("x_tma", x_tma)) if v is not None}
     if overrides:  # the defaults are valid by construction; only what the caller passes needs checking
         cfg = dict(cfg, **overrides)
         _check_config(cfg)
