@@ -151,6 +151,28 @@ def _one_launch_branch(M, keep) -> bool:
     return keep is not None or M >= BRANCH_MIN_M
 
 
+# Without LoRA dropout, an NF4 layer of at least MERGE_MIN_M rows on the default CUDA path merges the LoRA update
+# into the temporary bf16 copy of W that it dequantizes anyway (kernels.nf4_merge: W' = round(deq(W) + s * B @ A)),
+# so that y = x @ W'.T + bias and dX = dY @ W' are plain cuBLAS GEMMs: no [M, N] LoRA term is written and re-read
+# (bench/results/profile-layer-gpu-h100.txt: that pass and the beta = 1 GEMM were 7-16% of a layer's fwd+bwd). The
+# merge kernel takes 1.4-1.7x the plain dequantization's time, so it pays at large M only: on the H100 at M = 8192
+# fwd+bwd took 0.947-0.959x the kernel time of the previous path, at M = 2048 0.96-1.00x, at M = 256 1.09-1.17x
+# (bench/results/merge-ab-h100.txt).
+MERGE_LORA = True
+MERGE_MIN_M = 8192
+
+
+def _merge(weight, keep, triton_, fused, M) -> bool:
+    return (MERGE_LORA and M >= MERGE_MIN_M and triton_ and not fused and keep is None
+            and not isinstance(weight, torch.Tensor))
+
+
+def _merged_weight(weight, lora_A, lora_B, scaling, dtype):
+    from lowrank_kernels.kernels.nf4_merge import nf4_merge
+
+    return nf4_merge(_nf4_state(weight), lora_A, lora_B, scaling, dtype)
+
+
 def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, keep_scale=1.0, backend=None,
                         config=None):
     """``(Y [M, N], S [M, r], A, B)``: ``Y = x @ W.T + scaling * S @ lora_B.T + bias``, ``S = Xd @ lora_A.T``;
@@ -180,6 +202,10 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
         A, B = operand(lora_A), operand(lora_B)
         return (*nf4_gemv(x, _nf4_state(weight), A, B, scaling, operand(bias)), A, B)
     fused = _fused(x.device, backend)
+    if _merge(weight, keep, triton_, fused, x.shape[0]):
+        A, B = cast(lora_A, x.dtype), cast(lora_B, x.dtype)
+        w = _merged_weight(weight, A, B, scaling, x.dtype)
+        return F.linear(x, w, cast(bias, x.dtype)), F.linear(x, A), A, B
     if triton_ and not fused and _one_launch_branch(x.shape[0], keep):
         # The LoRA term (and bias) first, in one launch that also writes S; then the big GEMM accumulates into it
         # (beta = 1): cuBLAS reads it in the epilogue of a compute-bound GEMM, where an addmm_ after the GEMM would
@@ -217,7 +243,13 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=Non
     triton_ = choose_backend(grad_y.device, backend) == "triton"
     fused = _fused(grad_y.device, backend)
     dS = None
-    if need_x and triton_ and not fused and _one_launch_branch(grad_y.shape[0], keep):
+    if (need_x or need_A) and _merge(weight, keep, triton_, fused, grad_y.shape[0]):
+        lora_A, lora_B = cast(lora_A, grad_y.dtype), cast(lora_B, grad_y.dtype)
+        if need_A:
+            dS = _mm(grad_y, lora_B, scaling)
+        if need_x:
+            dx = torch.mm(grad_y, _merged_weight(weight, lora_A, lora_B, scaling, grad_y.dtype))
+    elif need_x and triton_ and not fused and _one_launch_branch(grad_y.shape[0], keep):
         # dS and the LoRA term of dX in one launch, then the big GEMM accumulates into it
         from lowrank_kernels.kernels.lowrank_proj import lowrank_project
 

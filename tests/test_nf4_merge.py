@@ -1,0 +1,70 @@
+"""The merged NF4 dequantization (``kernels.nf4_merge``: ``W' = round(deq(W) + s * round(B) @ round(A))``) against
+an fp64 reference, on ragged shapes, both NF4 layouts, every dtype; on CPU through the Triton interpreter."""
+import pytest
+import torch
+
+from lowrank_kernels import NF4Weight
+from lowrank_kernels.dispatch import _nf4_state
+from lowrank_kernels.kernels.nf4_merge import nf4_merge
+from tests.conftest import DEVICE, HAS_CUDA
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+# (N, K, r, blocksize, nested, dtype, adapter dtype, block_n, block_k)
+CASES = [
+    (33, 256, 16, 64, True, F16, F32, 32, 256),  # ragged N, whole word tiles
+    (40, 200, 8, 64, False, F32, F32, 16, 128),  # K % blocksize != 0: the generic tile path, masked last tile
+    (17, 129, 1, 32, True, F16, F16, 16, 64),  # odd K (rows start on low nibbles), r = 1
+    (64, 384, 64, 128, True, BF16, F32, 32, 128),  # r = 64, bf16 (the interpreter upcasts its dot operands)
+    (50, 320, 20, 64, False, BF16, BF16, 16, 256),  # r = 20 (padded to 32), partial last K tile
+]
+
+
+def _reference(w, A, B, s, dtype):
+    """The fp64 sum of the bit-exact dequantized weight and the rank-r update of the rounded adapters."""
+    Ar, Br = A.to(dtype).double(), B.to(dtype).double()
+    return w.dequantize(dtype).double() + s * Br @ Ar
+
+
+def _ulp(t, dtype):
+    """One unit in the last place of ``dtype`` at the magnitude of each element of ``t`` (fp64)."""
+    fi = torch.finfo(dtype)
+    mant = {F16: 10, BF16: 7, F32: 23}[dtype]
+    ulp = torch.ldexp(torch.ones_like(t), torch.frexp(t.abs().clamp_min(1e-30))[1] - 1 - mant)
+    return ulp.clamp_min(fi.tiny * fi.eps)  # subnormals: a fixed step
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_merge_matches_fp64_reference(case):
+    N, K, r, bs, nested, dtype, adt, bn, bk = case
+    w = NF4Weight.quantize(torch.randn(N, K, device=DEVICE), blocksize=bs, double_quant=nested)
+    A = (torch.randn(r, K, device=DEVICE) * 0.3).to(adt)
+    B = (torch.randn(N, r, device=DEVICE) * 0.3).to(adt)
+    out = nf4_merge(_nf4_state(w), A, B, 0.7, dtype, block_n=bn, block_k=bk)
+    assert out.dtype == dtype and out.shape == (N, K)
+    ref = _reference(w, A, B, 0.7, dtype)
+    # one rounding of the fp32 sum: within one ulp of the exact value, plus the fp32 error of the rank-r sum
+    err = (out.double() - ref).abs()
+    fp32_sum = 2.0**-20 * 0.7 * B.to(dtype).double().abs() @ A.to(dtype).double().abs()
+    assert bool((err <= _ulp(ref, dtype) + fp32_sum).all()), (err / _ulp(ref, dtype)).max().item()
+    # and the update is really there: the merged weight differs from the plain dequantization
+    assert (out != w.dequantize(dtype)).float().mean() > 0.5
+
+
+def test_merge_with_zero_update_is_the_dequantized_weight():
+    w = NF4Weight.quantize(torch.randn(24, 192, device=DEVICE), blocksize=64)
+    A = torch.randn(4, 192, device=DEVICE)
+    B = torch.zeros(24, 4, device=DEVICE)
+    assert torch.equal(nf4_merge(_nf4_state(w), A, B, 2.0, F16), w.dequantize(F16))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="a Llama-sized weight")
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_merge_llama_shape_gpu(dtype):
+    w = NF4Weight.quantize(torch.randn(4096, 4096, device=DEVICE) * 0.02, blocksize=64)
+    A = torch.randn(16, 4096, device=DEVICE) / 64
+    B = torch.randn(4096, 16, device=DEVICE) * 0.01
+    ref = _reference(w, A, B, 2.0, dtype)
+    err = (nf4_merge(_nf4_state(w), A, B, 2.0, dtype).double() - ref).abs()
+    fp32_sum = 2.0**-20 * 2.0 * B.to(dtype).double().abs() @ A.to(dtype).double().abs()
+    assert bool((err <= _ulp(ref, dtype) + fp32_sum).all())
