@@ -187,9 +187,10 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
 
     Decode (NF4, at most ``GEMV_MAX_M`` rows, no dropout): the NF4 GEMV kernels, two launches in all (the
     adapters are read and rounded in the kernels). The fused Triton path runs one GEMM (NF4 tiles dequantized in
-    registers, LoRA in the accumulator). The default on CUDA: one launch for ``S`` and the LoRA term (adapters
-    read in their own dtype), our bit-exact dequantize kernel into a temporary, and cuBLAS accumulating
-    ``x @ W.T`` into the LoRA term; on CPU, the same in torch calls.
+    registers, LoRA in the accumulator). The default on CUDA: NF4 at ``MERGE_MIN_M`` rows or more without dropout,
+    the LoRA update merged into the dequantized temporary (``_merge``) and one cuBLAS GEMM; otherwise one launch
+    for ``S`` and the LoRA term (adapters read in their own dtype), our bit-exact dequantize kernel into a
+    temporary, and cuBLAS accumulating ``x @ W.T`` into the LoRA term; on CPU, the same in torch calls.
     """
     triton_ = choose_backend(x.device, backend) == "triton"
     if (triton_ and x.shape[0] <= GEMV_MAX_M and not isinstance(weight, torch.Tensor) and config is None

@@ -9,7 +9,9 @@ it, as peft does with fp32 adapters on bf16 activations.
 
 On CUDA, an NF4 forward with at most ``dispatch.GEMV_MAX_M`` rows and no dropout runs the NF4 GEMV kernels (the
 4-bit weight read once; ``S``, the LoRA term, the bias and the adapters' rounding inside; two launches in all);
-other ones dequantize with our bit-exact kernel and run cuBLAS, the LoRA branch in one Triton launch at
+NF4 ones of ``dispatch.MERGE_MIN_M`` rows or more without dropout dequantize with the LoRA update merged into the
+weight (``W' = deq(W) + s * B @ A``, one rounding) and run plain cuBLAS GEMMs with it (forward and dX); other
+ones dequantize with our bit-exact kernel and run cuBLAS, the LoRA branch in one Triton launch at
 ``dispatch.BRANCH_MIN_M`` rows or more and with dropout, else in cuBLAS products.
 ``backend="triton"`` selects the tiled fused Triton GEMMs above that size (forward and dX: the NF4 weight is
 dequantized in registers, never materialized, the LoRA term in the same accumulator); they are correct but not
