@@ -29,10 +29,8 @@ def nf4_merge_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                      stride_ar, stride_ak, stride_bn, stride_br,
                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                      ALIGNED: tl.constexpr, SHFL: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                     FMA: tl.constexpr):
-    """``out[n, k] = round(deq(W)[n, k] + scaling * sum_r round(B[n, r]) * round(A[r, k]))`` over one tile
-    (``FMA``: the rank-r sum as ``r`` fp32 FMAs per element in the tile's own layout instead of a ``tl.dot``)."""
+                     BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``out[n, k] = round(deq(W)[n, k] + scaling * sum_r round(B[n, r]) * round(A[r, k]))`` over one tile."""
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
@@ -42,24 +40,14 @@ def nf4_merge_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     offs_n64 = offs_n.to(tl.int64)
     w = _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_n, n_ok, k0, K,
                   dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED, SHFL)
-    if FMA:
-        delta = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for r in tl.static_range(R_PAD):
-            if r < R:
-                b_r = tl.load(b_ptr + offs_n64 * stride_bn + r * stride_br, mask=n_ok, other=0.0)
-                a_r = tl.load(a_ptr + r * stride_ar + offs_k.to(tl.int64) * stride_ak, mask=k_ok, other=0.0)
-                b_r = round_fp32_to(b_r.to(tl.float32), dtype).to(tl.float32)
-                a_r = round_fp32_to(a_r.to(tl.float32), dtype).to(tl.float32)
-                delta = tl.fma(b_r[:, None], a_r[None, :], delta)
-    else:
-        offs_r = tl.arange(0, R_PAD)
-        r_ok = offs_r < R
-        b = tl.load(b_ptr + offs_n64[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :].to(tl.int64) * stride_ak,
-                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        delta = _dot(round_fp32_to(b.to(tl.float32), dtype), round_fp32_to(a.to(tl.float32), dtype),
-                     tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+    offs_r = tl.arange(0, R_PAD)
+    r_ok = offs_r < R
+    b = tl.load(b_ptr + offs_n64[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :].to(tl.int64) * stride_ak,
+                mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    delta = _dot(round_fp32_to(b.to(tl.float32), dtype), round_fp32_to(a.to(tl.float32), dtype),
+                 tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
     merged = round_fp32_to(w.to(tl.float32) + scaling * delta, dtype)
     tl.store(out_ptr + offs_n64[:, None] * K + offs_k[None, :], merged, mask=n_ok[:, None] & k_ok[None, :])
 
@@ -68,8 +56,7 @@ BLOCK_N, BLOCK_K, NUM_WARPS = 32, 128, 4  # fastest of 7 tiles on the H100 (benc
 
 
 def nf4_merge(nf4: dict, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype, *,
-              block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
-              fma: bool = False) -> torch.Tensor:
+              block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS) -> torch.Tensor:
     """``W' [N, K]`` in ``dtype`` (bf16, fp16 or fp32; module docstring). ``nf4``: the NF4 state of ``W``
     (``dispatch._nf4_state``); ``lora_A [r, K]``, ``lora_B [N, r]`` in any float dtype and strides, on W's device
     (inputs validated by the caller). fp32 takes the rank-r product with IEEE fp32 dots."""
@@ -90,7 +77,7 @@ def nf4_merge(nf4: dict, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: fl
             lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
             blocksize, nested, nf4["nested_blocksize"] if nested else 1, aligned, not INTERPRET,
             max(16, next_pow2(R)), block_n, block_k, INTERPRET and dtype == torch.bfloat16,
-            "ieee" if dtype == torch.float32 else "tf32", fma)
+            "ieee" if dtype == torch.float32 else "tf32")
     launch(nf4_merge_kernel, (cdiv(N, block_n), cdiv(K, block_k)), args, num_warps=num_warps,
            enable_fp_fusion=False)
     return out

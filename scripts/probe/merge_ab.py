@@ -1,8 +1,7 @@
 """The LoRA update merged into the dequantized NF4 weight (``dispatch.MERGE_LORA``) against the previous default
 path (LoRA term written over y / dX, big GEMM accumulating into it), on the GPU:
 
-1. ``nf4_merge`` tile configs (rank-r sum by ``tl.dot`` or by FMAs) against the plain dequantize kernel (CUDA-graph
-   replay, 8 weight copies);
+1. ``nf4_merge`` tile configs against the plain dequantize kernel (CUDA-graph replay, 8 weight copies);
 2. per-kernel device time (profiler, 20 eager calls) of the QLoRA layer's forward and forward + backward, merge on
    and off, against dense bf16, at several M; outputs and gradients of the two paths compared.
 
@@ -55,11 +54,10 @@ def main():
         B = torch.randn(N, 16, device="cuda") * 0.02
         t_deq, _ = time_us([lambda w=layer.weight: w.dequantize(torch.bfloat16) for layer in layers])
         row = [f"dequant {t_deq:.1f}"]
-        for fma in (False, True):
-            for bn, bk, nw in TILES:
-                t, _ = time_us([lambda s=s: nf4_merge(s, A, B, 2.0, torch.bfloat16, block_n=bn, block_k=bk,
-                                                      num_warps=nw, fma=fma) for s in states])
-                row.append(f"{bn}x{bk}/{nw}{'/fma' if fma else ''} {t:.1f}")
+        for bn, bk, nw in TILES:
+            t, _ = time_us([lambda s=s: nf4_merge(s, A, B, 2.0, torch.bfloat16, block_n=bn, block_k=bk, num_warps=nw)
+                            for s in states])
+            row.append(f"{bn}x{bk}/{nw} {t:.1f}")
         table.add(f"{K}->{N}: " + ", ".join(row))
         del lins, layers, states
     if args.tiles_only:
