@@ -160,11 +160,12 @@ def _one_launch_branch(M, keep) -> bool:
 # (bench/results/merge-ab-h100.txt).
 MERGE_LORA = True
 MERGE_MIN_M = 8192
+MERGE_MAX_ELEMENTS = 2**31 - 2**16  # the merge kernel's int32 element indices (kernels.lora_matmul.MAX_ELEMENTS)
 
 
 def _merge(weight, keep, triton_, fused, M) -> bool:
     return (MERGE_LORA and M >= MERGE_MIN_M and triton_ and not fused and keep is None
-            and not isinstance(weight, torch.Tensor))
+            and not isinstance(weight, torch.Tensor) and weight.numel() <= MERGE_MAX_ELEMENTS)
 
 
 def _merged_weight(weight, lora_A, lora_B, scaling, dtype):

@@ -68,3 +68,41 @@ def test_merge_llama_shape_gpu(dtype):
     err = (nf4_merge(_nf4_state(w), A, B, 2.0, dtype).double() - ref).abs()
     fp32_sum = 2.0**-20 * 2.0 * B.to(dtype).double().abs() @ A.to(dtype).double().abs()
     assert bool((err <= _ulp(ref, dtype) + fp32_sum).all())
+
+
+def test_dispatch_limit_is_the_kernels():
+    from lowrank_kernels import dispatch
+    from lowrank_kernels.kernels import lora_matmul
+
+    assert dispatch.MERGE_MAX_ELEMENTS == lora_matmul.MAX_ELEMENTS
+
+
+@pytest.mark.parametrize("limit", [10**9, 100], ids=["merged", "over the limit"])
+def test_dispatch_merges_only_where_it_may(limit, monkeypatch):
+    """At M >= MERGE_MIN_M without dropout the default CUDA path (forced here on CPU through the interpreter)
+    merges; a weight over MERGE_MAX_ELEMENTS, or dropout, takes the unmerged path. Both match the oracle."""
+    import lowrank_kernels.kernels.nf4_merge as merge_mod
+    from lowrank_kernels import dispatch, qlora_linear
+    from tests.test_lora_forward import TOL, oracle_nf4_weight, rel_err
+
+    if not HAS_CUDA:
+        choose = dispatch.choose_backend
+        monkeypatch.setattr(dispatch, "choose_backend",
+                            lambda device, backend=None: "triton" if backend is None else choose(device, backend))
+    monkeypatch.setattr(dispatch, "MERGE_MIN_M", 64)
+    monkeypatch.setattr(dispatch, "MERGE_MAX_ELEMENTS", limit)
+    calls = []
+    real = merge_mod.nf4_merge
+    monkeypatch.setattr(merge_mod, "nf4_merge", lambda *a, **k: calls.append(1) or real(*a, **k))
+    w = NF4Weight.quantize(torch.randn(30, 128, device=DEVICE), blocksize=64)
+    x = torch.randn(70, 128, device=DEVICE, requires_grad=True)
+    A = (torch.randn(4, 128, device=DEVICE) / 12).requires_grad_()
+    B = torch.randn(30, 4, device=DEVICE).requires_grad_()
+    for p in (0.0, 0.1):
+        calls.clear()
+        y = qlora_linear(x, w, A, B, 1.5, dropout=p)
+        y.sum().backward()
+        assert len(calls) == (2 if limit > 30 * 128 and p == 0 else 0), (limit, p)
+        if p == 0:
+            ref = x.double() @ oracle_nf4_weight(w).t() + 1.5 * (x.double() @ A.double().t()) @ B.double().t()
+            assert rel_err(y, ref) <= TOL[torch.float32]
