@@ -156,8 +156,8 @@ def _one_launch_branch(M, keep) -> bool:
 # so that y = x @ W'.T + bias and dX = dY @ W' are plain cuBLAS GEMMs: no [M, N] LoRA term is written and re-read
 # (bench/results/profile-layer-gpu-h100.txt: that pass and the beta = 1 GEMM were 7-16% of a layer's fwd+bwd). The
 # merge kernel takes 1.4-1.7x the plain dequantization's time, so it pays at large M only: on the H100 at M = 8192
-# fwd+bwd took 0.948-0.975x the kernel time of the previous path, at M = 2048 0.96-1.00x, at M = 256 1.09-1.17x
-# (bench/results/merge-ab-h100.txt).
+# fwd+bwd took 0.948-0.975x the kernel time of the previous path, at M = 2048 0.96-1.00x and at M = 256 1.09-1.17x
+# (with a slower first tile; bench/results/merge-ab-h100.txt).
 MERGE_LORA = True
 MERGE_MIN_M = 8192
 MERGE_MAX_ELEMENTS = 2**31 - 2**16  # the merge kernel's int32 element indices (kernels.lora_matmul.MAX_ELEMENTS)
