@@ -290,6 +290,20 @@ def _resolve_config(M, N, K, dtype, nf4, aligned, device, config):
     return cfg
 
 
+def nf4_tile_args(nf4: dict, w_cols: int):
+    """``(pointers, meta)`` of an NF4 state for :func:`_nf4_tile`: the six pointer arguments (``packed, absmax,
+    absmax2, code2, offset, code``; ``code`` stands in for the nested ones when there are none) and the constexprs
+    ``NESTED, BLOCKSIZE, NESTED_BLOCKSIZE, ALIGNED`` (rows of whole 32-bit words and scale blocks) for a stored
+    weight of ``w_cols`` columns."""
+    nested = nf4.get("absmax2") is not None
+    code, packed, blocksize = nf4["code"], nf4["packed"], nf4["blocksize"]
+    pointers = (packed, nf4["absmax"], nf4["absmax2"] if nested else code, nf4["code2"] if nested else code,
+                nf4["offset"].reshape(1) if nested else code, code)
+    aligned = w_cols % blocksize == 0 and packed.data_ptr() % 4 == 0 and packed.is_contiguous()
+    return pointers, dict(NESTED=nested, BLOCKSIZE=blocksize,
+                          NESTED_BLOCKSIZE=nf4["nested_blocksize"] if nested else 1, ALIGNED=aligned)
+
+
 def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=False, keep=None, keep_scale=1.0,
                 config=None):
     """``out [M, N] = a @ op(W) + keep * keep_scale * (lora_l @ lora_r) + bias`` in ``a.dtype`` (module docstring).
@@ -315,16 +329,10 @@ def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=Fal
         if w_rows * w_cols > MAX_ELEMENTS:
             raise ValueError(f"weight: {w_rows * w_cols} elements, over the int32-indexed kernel limit "
                              f"{MAX_ELEMENTS}")
-        nested = nf4.get("absmax2") is not None
-        code = nf4["code"]
-        w_args = (nf4["packed"], nf4["absmax"],
-                  nf4["absmax2"] if nested else code, nf4["code2"] if nested else code,
-                  nf4["offset"].reshape(1) if nested else code, code)
+        w_args, tile_meta = nf4_tile_args(nf4, w_cols)
         w_strides = (0, 0)
-        blocksize = nf4["blocksize"]
-        aligned = w_cols % blocksize == 0 and nf4["packed"].data_ptr() % 4 == 0  # rows of whole 32-bit words
-        nf4_meta = dict(NF4=True, NESTED=nested, BLOCKSIZE=blocksize,
-                        NESTED_BLOCKSIZE=nf4["nested_blocksize"] if nested else 1, ALIGNED=aligned)
+        nf4_meta = dict(NF4=True, **tile_meta)
+        aligned = tile_meta["ALIGNED"]
     else:
         if tuple(weight.shape) != (w_rows, w_cols):
             raise ValueError(f"weight: shape {tuple(weight.shape)} does not fit a [{M}, {K}] operand "

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from lowrank_kernels.kernels.dot import dot as _dot
 from lowrank_kernels.kernels.launch import INTERPRET, cdiv, launch, next_pow2
-from lowrank_kernels.kernels.lora_matmul import MAX_ELEMENTS, _nf4_tile
+from lowrank_kernels.kernels.lora_matmul import MAX_ELEMENTS, _nf4_tile, nf4_tile_args
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
 
@@ -64,18 +64,13 @@ def nf4_merge(nf4: dict, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: fl
     R = lora_A.shape[0]
     if N * K > MAX_ELEMENTS:
         raise ValueError(f"weight: {N * K} elements, over the int32-indexed kernel limit {MAX_ELEMENTS}")
-    packed = nf4["packed"]
-    out = packed.new_empty((N, K), dtype=dtype)
+    out = nf4["packed"].new_empty((N, K), dtype=dtype)
     if N == 0 or K == 0:
         return out
-    nested = nf4.get("absmax2") is not None
-    code = nf4["code"]
-    blocksize = nf4["blocksize"]
-    aligned = K % blocksize == 0 and packed.data_ptr() % 4 == 0 and packed.is_contiguous()
-    args = (packed, nf4["absmax"], nf4["absmax2"] if nested else code, nf4["code2"] if nested else code,
-            nf4["offset"].reshape(1) if nested else code, code, lora_A, lora_B, out, N, K, R, float(scaling),
+    pointers, meta = nf4_tile_args(nf4, K)
+    args = (*pointers, lora_A, lora_B, out, N, K, R, float(scaling),
             lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-            blocksize, nested, nf4["nested_blocksize"] if nested else 1, aligned, not INTERPRET,
+            meta["BLOCKSIZE"], meta["NESTED"], meta["NESTED_BLOCKSIZE"], meta["ALIGNED"], not INTERPRET,
             max(16, next_pow2(R)), block_n, block_k, INTERPRET and dtype == torch.bfloat16,
             "ieee" if dtype == torch.float32 else "tf32")
     launch(nf4_merge_kernel, (cdiv(N, block_n), cdiv(K, block_k)), args, num_warps=num_warps,
