@@ -35,7 +35,7 @@ class LoraLinearFunction(torch.autograd.Function):
         keep = dropout_keep(x.shape, dropout, seed, x.device) if dropout > 0 else None
         keep_scale = 1.0 / (1.0 - dropout)
         y, S, A, B = dispatch.lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias, keep, keep_scale,
-                                                  backend, config)
+                                                  backend, config, need_S=ctx.needs_input_grad[2])
         dense = isinstance(weight, torch.Tensor)
         need_x_saved = ctx.needs_input_grad[1] or (dense and ctx.needs_input_grad[4])
         ctx.save_for_backward(x if need_x_saved else None, A, B,  # as the forward used them (copies not redone)

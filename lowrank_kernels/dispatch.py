@@ -175,7 +175,7 @@ def _merged_weight(weight, lora_A, lora_B, scaling, dtype):
 
 
 def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, keep_scale=1.0, backend=None,
-                        config=None):
+                        config=None, need_S=True):
     """``(Y [M, N], S [M, r], A, B)``: ``Y = x @ W.T + scaling * S @ lora_B.T + bias``, ``S = Xd @ lora_A.T``;
     ``A``, ``B``: ``lora_A``, ``lora_B`` as the products used them (copies rounded to ``x.dtype`` where the path
     made them; else the tensors given), for :func:`lora_linear_backward` to take.
@@ -185,6 +185,8 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
     ``Xd = x * keep * keep_scale`` with ``keep`` a bool ``[M, K]`` tensor (``None``: no dropout). All products in
     ``x.dtype`` with fp32 accumulation. ``config``: tile overrides of the tiled Triton GEMM
     (``kernels.lora_matmul.default_config``); passing one selects that GEMM also at decode sizes.
+    ``need_S=False`` (inference, or ``lora_B`` needs no gradient) lets the merged path skip ``S`` (a pass over
+    ``x``); ``S`` is then ``None`` there.
 
     Decode (NF4, at most ``GEMV_MAX_M`` rows, no dropout): the NF4 GEMV kernels, two launches in all (the
     adapters are read and rounded in the kernels). The fused Triton path runs one GEMM (NF4 tiles dequantized in
@@ -207,7 +209,7 @@ def lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None
     if _merge(weight, keep, triton_, fused, x.shape[0]):
         A, B = cast(lora_A, x.dtype), cast(lora_B, x.dtype)
         w = _merged_weight(weight, A, B, scaling, x.dtype)
-        return F.linear(x, w, cast(bias, x.dtype)), F.linear(x, A), A, B
+        return F.linear(x, w, cast(bias, x.dtype)), F.linear(x, A) if need_S else None, A, B
     if triton_ and not fused and _one_launch_branch(x.shape[0], keep):
         # The LoRA term (and bias) first, in one launch that also writes S; then the big GEMM accumulates into it
         # (beta = 1): cuBLAS reads it in the epilogue of a compute-bound GEMM, where an addmm_ after the GEMM would

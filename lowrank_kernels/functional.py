@@ -84,7 +84,7 @@ def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
         else:  # inference: nothing is saved
             keep = dropout_keep(x2.shape, p, seed, x.device) if p > 0 else None
             y, *_ = dispatch.lora_linear_forward(x2, weight, lora_A, lora_B, s, bias, keep, 1.0 / (1.0 - p),
-                                                backend, config)
+                                                backend, config, need_S=False)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 

@@ -106,3 +106,37 @@ def test_dispatch_merges_only_where_it_may(limit, monkeypatch):
         if p == 0:
             ref = x.double() @ oracle_nf4_weight(w).t() + 1.5 * (x.double() @ A.double().t()) @ B.double().t()
             assert rel_err(y, ref) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("grads", ["inference", "x and A only"])
+def test_merged_path_skips_S_where_unneeded(grads, monkeypatch):
+    """The merged forward computes ``S = x @ A.T`` (a pass over x) only when lora_B needs a gradient: not under
+    ``torch.no_grad()``, not when lora_B is frozen. Outputs and the gradients asked for still match the oracle."""
+    from lowrank_kernels import dispatch, qlora_linear
+    from tests.test_lora_forward import TOL, oracle_nf4_weight, rel_err
+
+    if not HAS_CUDA:
+        choose = dispatch.choose_backend
+        monkeypatch.setattr(dispatch, "choose_backend",
+                            lambda device, backend=None: "triton" if backend is None else choose(device, backend))
+    monkeypatch.setattr(dispatch, "MERGE_MIN_M", 64)
+    linears = []
+    real_linear = dispatch.F.linear
+    monkeypatch.setattr(dispatch.F, "linear", lambda x, w, b=None: linears.append(w.shape) or real_linear(x, w, b))
+    w = NF4Weight.quantize(torch.randn(30, 128, device=DEVICE), blocksize=64)
+    x = torch.randn(70, 128, device=DEVICE, requires_grad=grads != "inference")
+    A = (torch.randn(4, 128, device=DEVICE) / 12).requires_grad_(grads != "inference")
+    B = torch.randn(30, 4, device=DEVICE)
+    with torch.no_grad() if grads == "inference" else torch.enable_grad():
+        y = qlora_linear(x, w, A, B, 1.5)
+    assert linears == [(30, 128)]  # the GEMM with the merged weight, no S = x @ A.T
+    xd, Ad = x.detach().double(), A.detach().double()
+    ref = xd @ oracle_nf4_weight(w).t() + 1.5 * (xd @ Ad.t()) @ B.double().t()
+    assert rel_err(y, ref) <= TOL[torch.float32]
+    if grads != "inference":
+        g = torch.randn_like(y)
+        y.backward(g)
+        gd = g.double()
+        dS = 1.5 * gd @ B.double()
+        assert rel_err(x.grad, gd @ (oracle_nf4_weight(w) + 1.5 * B.double() @ Ad)) <= TOL[torch.float32]
+        assert rel_err(A.grad, dS.t() @ xd) <= TOL[torch.float32]
