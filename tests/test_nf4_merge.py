@@ -70,6 +70,62 @@ def test_merge_llama_shape_gpu(dtype):
     assert bool((err <= _ulp(ref, dtype) + fp32_sum).all())
 
 
+# (N, K, r, blocksize, nested, dtype, adapter dtype, transposed A, warps)
+CUDA_CASES = [
+    (33, 256, 16, 64, True, BF16, F32, False, 8),  # ragged N (partial 16-row steps), fp32 adapters cast
+    (300, 192, 8, 64, False, F16, F16, True, 2),  # fp32 absmax, A with non-unit stride along K, many blocks
+    (529, 320, 20, 128, True, BF16, BF16, False, 4),  # r = 20 (two chunks, zero-padded), a warp past K
+    (70, 128, 1, 256, True, F16, F32, False, 1),  # r = 1, blocksize 256
+    (100, 512, 32, 64, True, BF16, F32, True, 8),  # r = 32 (two chunks), transposed A
+    (17, 64, 24, 64, False, BF16, BF16, False, 8),  # one strip (7 warps past K), r = 24
+]
+
+
+def _cuda_kernel_available():
+    if not HAS_CUDA:
+        return False
+    from lowrank_kernels.kernels import nf4_merge_cuda
+
+    w = NF4Weight.quantize(torch.randn(16, 64, device=DEVICE), blocksize=64)
+    return nf4_merge_cuda.supported(_nf4_state(w), 16, BF16)
+
+
+@pytest.mark.skipif(not _cuda_kernel_available(), reason="the CUDA merge kernel needs a GPU and nvcc")
+@pytest.mark.parametrize("case", CUDA_CASES, ids=str)
+def test_cuda_merge_matches_fp64_reference(case):
+    from lowrank_kernels.kernels import nf4_merge_cuda
+
+    N, K, r, bs, nested, dtype, adt, trans_a, warps = case
+    w = NF4Weight.quantize(torch.randn(N, K, device=DEVICE), blocksize=bs, double_quant=nested)
+    A = (torch.randn(K, r, device=DEVICE) * 0.3).to(adt).t() if trans_a else \
+        (torch.randn(r, K, device=DEVICE) * 0.3).to(adt)
+    B = (torch.randn(N, r, device=DEVICE) * 0.3).to(adt)
+    state = _nf4_state(w)
+    assert nf4_merge_cuda.supported(state, r, dtype)
+    out = nf4_merge_cuda.merge(state, A, B, 0.7, dtype, warps=warps)
+    assert out.dtype == dtype and out.shape == (N, K)
+    ref = _reference(w, A, B, 0.7, dtype)
+    err = (out.double() - ref).abs()
+    fp32_sum = 2.0**-20 * 0.7 * B.to(dtype).double().abs() @ A.to(dtype).double().abs()
+    assert bool((err <= _ulp(ref, dtype) + fp32_sum).all()), (err / _ulp(ref, dtype)).max().item()
+    assert (out != w.dequantize(dtype)).float().mean() > 0.5
+    # the default entry point takes it, and the Triton kernel agrees within the same bound
+    assert torch.equal(nf4_merge(state, A, B, 0.7, dtype), out)
+    tri = nf4_merge(state, A, B, 0.7, dtype, cuda=False)
+    assert bool(((tri.double() - out.double()).abs() <= 2 * _ulp(ref, dtype) + 2 * fp32_sum).all())
+
+
+def test_cuda_merge_refuses_what_it_does_not_support():
+    w = NF4Weight.quantize(torch.randn(16, 96, device=DEVICE), blocksize=32)  # K % 64 != 0, blocksize 32
+    A, B = torch.randn(4, 96, device=DEVICE), torch.randn(16, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="cuda=True"):
+        nf4_merge(_nf4_state(w), A, B, 1.0, F16, cuda=True)
+    w = NF4Weight.quantize(torch.randn(16, 128, device=DEVICE), blocksize=64)
+    A, B = torch.randn(64, 128, device=DEVICE), torch.randn(16, 64, device=DEVICE)  # r = 64
+    with pytest.raises(ValueError, match="cuda=True"):
+        nf4_merge(_nf4_state(w), A, B, 1.0, BF16, cuda=True)
+
+
 def test_dispatch_limit_is_the_kernels():
     from lowrank_kernels import dispatch
     from lowrank_kernels.kernels import lora_matmul
@@ -140,3 +196,14 @@ def test_merged_path_skips_S_where_unneeded(grads, monkeypatch):
         dS = 1.5 * gd @ B.double()
         assert rel_err(x.grad, gd @ (oracle_nf4_weight(w) + 1.5 * B.double() @ Ad)) <= TOL[torch.float32]
         assert rel_err(A.grad, dS.t() @ xd) <= TOL[torch.float32]
+
+
+@pytest.mark.skipif(not _cuda_kernel_available(), reason="the CUDA merge kernel needs a GPU and nvcc")
+@pytest.mark.parametrize("warps", [0, 9, 2.0])
+def test_cuda_merge_rejects_bad_warps(warps):
+    from lowrank_kernels.kernels import nf4_merge_cuda
+
+    w = NF4Weight.quantize(torch.randn(16, 64, device=DEVICE), blocksize=64)
+    with pytest.raises(ValueError, match="warps"):
+        nf4_merge_cuda.merge(_nf4_state(w), torch.randn(4, 64, device=DEVICE), torch.randn(16, 4, device=DEVICE), 1.0,
+                             BF16, warps=warps)

@@ -11,12 +11,16 @@ that dequantize + cuBLAS writes anyway carries the LoRA term, so neither product
 LoRA term (see ``dispatch.lora_linear_forward``).
 
 A program dequantizes a ``[BLOCK_N, BLOCK_K]`` tile; ``K`` need not be a multiple of anything (``_nf4_tile``'s
-generic path runs where rows do not start on whole 32-bit words and scale blocks).
+generic path runs where rows do not start on whole 32-bit words and scale blocks). Where it applies (bf16 / fp16,
+``K % 64 == 0``, blocksize >= 64, r <= 32) :func:`nf4_merge` runs the CUDA C++ kernel of ``csrc/nf4_merge.cu``
+instead (:mod:`.nf4_merge_cuda`): same contract, 0.81-0.91x this kernel's time on the H100 at r = 16
+(``bench/results/merge-cuda-h100.txt``).
 """
 import torch
 import triton
 import triton.language as tl
 
+from lowrank_kernels.kernels import nf4_merge_cuda
 from lowrank_kernels.kernels.dot import dot as _dot
 from lowrank_kernels.kernels.launch import INTERPRET, cdiv, launch, next_pow2
 from lowrank_kernels.kernels.lora_matmul import MAX_ELEMENTS, _nf4_tile, nf4_tile_args
@@ -56,12 +60,23 @@ BLOCK_N, BLOCK_K, NUM_WARPS = 32, 128, 4  # fastest of 7 tiles on the H100 (benc
 
 
 def nf4_merge(nf4: dict, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype, *,
-              block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS) -> torch.Tensor:
+              cuda: bool | None = None, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
+              num_warps: int = NUM_WARPS) -> torch.Tensor:
     """``W' [N, K]`` in ``dtype`` (bf16, fp16 or fp32; module docstring). ``nf4``: the NF4 state of ``W``
     (``dispatch._nf4_state``); ``lora_A [r, K]``, ``lora_B [N, r]`` in any float dtype and strides, on W's device
-    (inputs validated by the caller). fp32 takes the rank-r product with IEEE fp32 dots."""
+    (inputs validated by the caller). fp32 takes the rank-r product with IEEE fp32 dots.
+
+    ``cuda``: the tensor-core kernel of ``csrc/nf4_merge.cu`` (:mod:`.nf4_merge_cuda`), by default (``None``)
+    wherever it is supported; ``False`` forces this Triton kernel (``block_n``, ``block_k``, ``num_warps``: its
+    tile), ``True`` the CUDA kernel (an error where it is not supported)."""
     N, K = nf4["shape"]
     R = lora_A.shape[0]
+    use_cuda = not INTERPRET and nf4_merge_cuda.supported(nf4, R, dtype) if cuda is not False else False
+    if cuda and not use_cuda:
+        raise ValueError("nf4_merge: cuda=True, but the CUDA kernel does not support this call (it needs bf16 / "
+                         "fp16 output, K % 64 == 0, blocksize >= 64, r <= 64, a CUDA device and nvcc)")
+    if use_cuda:
+        return nf4_merge_cuda.merge(nf4, lora_A, lora_B, scaling, dtype)
     if N * K > MAX_ELEMENTS:
         raise ValueError(f"weight: {N * K} elements, over the int32-indexed kernel limit {MAX_ELEMENTS}")
     out = nf4["packed"].new_empty((N, K), dtype=dtype)
