@@ -143,7 +143,8 @@ __device__ __forceinline__ void load_step(Step<RCH, NESTED>& st, const NF4& f, c
 
 // A block: blockDim.x / 32 warps on adjacent 64-column strips, walking down rows_per_block rows in chunks of kSteps
 // 16-row steps, the loads of the next chunk in flight while one is computed. A (the B operand) is loaded once per
-// block (reloading it per 64 rows cost 1-2 µs of 18-20 on 4096 x 4096: bench/results/merge-cuda-h100.txt).
+// block (this layout took 4096 x 4096 from 18.6-20.0 to 17.4-17.9 µs against blocks of 64 rows that reloaded it,
+// with all their loads up front: bench/results/merge-cuda-h100.txt).
 template <typename T, int RCH, bool NESTED>
 __global__ void __launch_bounds__(32 * kMaxWarps, LK_MERGE_MIN_BLOCKS) nf4_merge_kernel(
     NF4 f, Adapters ad, float scaling, uint16_t* __restrict__ out, int N, int K, int rows_per_block) {

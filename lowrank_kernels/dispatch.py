@@ -154,12 +154,13 @@ def _one_launch_branch(M, keep) -> bool:
 # Without LoRA dropout, an NF4 layer of at least MERGE_MIN_M rows on the default CUDA path merges the LoRA update
 # into the temporary bf16 copy of W that it dequantizes anyway (kernels.nf4_merge: W' = round(deq(W) + s * B @ A)),
 # so that y = x @ W'.T + bias and dX = dY @ W' are plain cuBLAS GEMMs: no [M, N] LoRA term is written and re-read
-# (bench/results/profile-layer-gpu-h100.txt: that pass and the beta = 1 GEMM were 7-16% of a layer's fwd+bwd). The
-# merge kernel takes 1.4-1.7x the plain dequantization's time, so it pays at large M only: on the H100 at M = 8192
-# fwd+bwd took 0.948-0.975x the kernel time of the previous path, at M = 2048 0.96-1.00x and at M = 256 1.09-1.17x
-# (with a slower first tile; bench/results/merge-ab-h100.txt).
+# (bench/results/profile-layer-gpu-h100.txt: that pass and the beta = 1 GEMM were 7-16% of a layer's fwd+bwd), and
+# an inference forward needs no S at all. The merge kernel (CUDA C++ where it applies, 1.15-1.3x a plain
+# dequantization's time) pays from M = 2048 on the H100: merge vs unmerged kernel time at M = 2048 / 4096 / 8192,
+# inference forward 0.85-0.92x, fwd+bwd 0.92-0.97x (bench/results/merge-cuda-h100.txt); at M = 256 it cost
+# 1.09-1.17x (merge-ab-h100.txt).
 MERGE_LORA = True
-MERGE_MIN_M = 8192
+MERGE_MIN_M = 2048
 MERGE_MAX_ELEMENTS = 2**31 - 2**16  # the merge kernel's int32 element indices (kernels.lora_matmul.MAX_ELEMENTS)
 
 
