@@ -155,12 +155,14 @@ def _one_launch_branch(M, keep) -> bool:
 # into the temporary bf16 copy of W that it dequantizes anyway (kernels.nf4_merge: W' = round(deq(W) + s * B @ A)),
 # so that y = x @ W'.T + bias and dX = dY @ W' are plain cuBLAS GEMMs: no [M, N] LoRA term is written and re-read
 # (bench/results/profile-layer-gpu-h100.txt: that pass and the beta = 1 GEMM were 7-16% of a layer's fwd+bwd), and
-# an inference forward needs no S at all. The merge kernel (CUDA C++ where it applies, 1.15-1.3x a plain
-# dequantization's time) pays from M = 2048 on the H100: merge vs unmerged kernel time at M = 2048 / 4096 / 8192,
-# inference forward 0.85-0.92x, fwd+bwd 0.92-0.97x (bench/results/merge-cuda-h100.txt); at M = 256 it cost
-# 1.09-1.17x (merge-ab-h100.txt).
+# an inference forward needs no S at all. The merge kernel (CUDA C++ where it applies, 1.14-1.26x a plain
+# dequantization's time) saves GPU time from M = 2048 on the H100: merged vs unmerged kernel time at M = 2048 / 4096
+# / 8192, inference forward 0.85-0.92x, fwd+bwd 0.92-0.97x (bench/results/merge-cuda-h100.txt); at M = 256 it
+# cost 1.09-1.17x (merge-ab-h100.txt). But at M = 2048 the end-to-end training step (host-bound at batch 1) measured
+# 9-10% slower with it (merge-small-m-h100.txt), so it starts at 4096 (eager fwd+bwd wall time there: QLoRA layers
+# 0.89-0.97x, AdaLoRA 0.96-1.12x).
 MERGE_LORA = True
-MERGE_MIN_M = 2048
+MERGE_MIN_M = 4096
 MERGE_MAX_ELEMENTS = 2**31 - 2**16  # the merge kernel's int32 element indices (kernels.lora_matmul.MAX_ELEMENTS)
 
 
