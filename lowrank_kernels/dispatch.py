@@ -243,7 +243,8 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=Non
     ``dW`` are in ``grad_y.dtype``; ``dA``, ``dB`` (and ``db`` on CUDA) may come back in fp32 (sums over M),
     and do where ``adapter_dtypes`` (the dtypes wanted for ``dA``, ``dB``) asks for fp32 on CUDA.
     Formulas (``python_ref.lora``): ``dS = s * dY @ B``, ``dX = dY @ W + (dS @ A) * mask``, ``dA = dS.T @ Xd``,
-    ``dB = s * dY.T @ S``, ``db = sum_m dY``, ``dW = dY.T @ x``.
+    ``dB = s * dY.T @ S``, ``db = sum_m dY``, ``dW = dY.T @ x``. On the merged path (``_merge``) ``dS`` and ``dB``
+    come from one pass over dY when both are needed (``kernels.lowrank_proj.lowrank_dual``).
     """
     need_x, need_A, need_B, need_bias, need_w = needs
     dx = dA = dB = db = dw = None
@@ -252,7 +253,13 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=Non
     dS = None
     if (need_x or need_A) and _merge(weight, keep, triton_, fused, grad_y.shape[0]):
         lora_A, lora_B = cast(lora_A, grad_y.dtype), cast(lora_B, grad_y.dtype)
-        if need_A:
+        if need_A and need_B:  # both skinny products over dY in one pass
+            from lowrank_kernels.kernels.lowrank_proj import lowrank_dual
+
+            dS, dB = lowrank_dual(grad_y, lora_B, S, scaling, db_dtype=torch.float32 if _fp32_out(
+                adapter_dtypes[1], grad_y) else grad_y.dtype)
+            need_B = False
+        elif need_A:
             dS = _mm(grad_y, lora_B, scaling)
         if need_x:
             dx = torch.mm(grad_y, _merged_weight(weight, lora_A, lora_B, scaling, grad_y.dtype))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lowrank_kernels.kernels.lowrank_proj import lowrank_project, lowrank_reduce
+from lowrank_kernels.kernels.lowrank_proj import lowrank_dual, lowrank_project, lowrank_reduce
 from tests.conftest import DEVICE
 from tests.test_lora_forward import TOL, rel_err
 
@@ -64,6 +64,28 @@ def test_reduce(M, K, r, split, dtype, dropout):
     assert rel_err(out, ref) <= 1e-5 if dtype == F32 else rel_err(out, ref) <= TOL[dtype] / 4
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,r,split,tile", [(300, 50, 16, None, None), (300, 70, 16, 3, (16, 32)),
+                                              (33, 130, 1, None, None), (129, 64, 64, 2, None),
+                                              (70, 300, 5, None, (32, 64)), (1, 20, 8, None, None)])
+def test_dual(M, N, r, split, tile, dtype):
+    """dS = s * dY @ B and dB = s * dY.T @ S from one pass over dY: B in fp32 (rounded as read), S and dY
+    transposed (non-contiguous), dB in fp32 and in dY's dtype."""
+    dy = torch.randn(N, M, device=DEVICE).to(dtype).t()
+    b = torch.randn(N, r, device=DEVICE)
+    s = torch.randn(r, M, device=DEVICE).to(dtype).t()
+    knobs = {} if tile is None else dict(block_m=tile[0], block_n=tile[1], num_warps=4)
+    for db_dtype in (F32, dtype):
+        ds, db = lowrank_dual(dy, b, s, 0.5, db_dtype=db_dtype, split_m=split, **knobs)
+        ds_ref = 0.5 * dy.double() @ b.to(dtype).double()
+        db_ref = 0.5 * dy.double().t() @ s.double()
+        assert ds.dtype == dtype and ds.shape == (M, r) and rel_err(ds, ds_ref) <= TOL[dtype]
+        assert db.dtype == db_dtype and db.shape == (N, r)
+        assert rel_err(db, db_ref) <= (1e-5 if db_dtype == F32 else TOL[dtype])
+    again = lowrank_dual(dy, b, s, 0.5, split_m=split, **knobs)  # fixed-order sums: bit-reproducible
+    assert all(torch.equal(u, v) for u, v in zip(again, lowrank_dual(dy, b, s, 0.5, split_m=split, **knobs)))
+
+
 def test_empty_and_bad_input():
     assert lowrank_project(torch.randn(0, 8, device=DEVICE), torch.randn(4, 8, device=DEVICE)).shape == (0, 4)
     assert torch.count_nonzero(lowrank_reduce(torch.randn(0, 4, device=DEVICE), torch.randn(0, 8, device=DEVICE))) == 0
@@ -77,3 +99,6 @@ def test_empty_and_bad_input():
                         keep_y=True)
     with pytest.raises(ValueError, match="rank"):
         lowrank_project(torch.randn(4, 8, device=DEVICE), torch.randn(300, 8, device=DEVICE))
+    ds, db = lowrank_dual(torch.randn(0, 8, device=DEVICE), torch.randn(8, 4, device=DEVICE),
+                          torch.randn(0, 4, device=DEVICE))
+    assert ds.shape == (0, 4) and db.shape == (8, 4) and torch.count_nonzero(db) == 0

@@ -3,6 +3,7 @@
     project   out [M, r] = alpha * a_d [M, K] @ P.T          P [r, K]  (S = Xd @ A.T,  dS = s * dY @ B)
       + expand  y [M, N] = alpha_y * out @ E.T (+ bias)        E [N, r]  (s * S @ B.T + b,  dS @ A)
     reduce    out [r, K] = alpha * L.T [r, M] @ a_d [M, K]   L [M, r]  (dA = dS.T @ Xd,  dB.T = s * S.T @ dY)
+    dual      dS [M, r] = alpha * dY @ B,  dB [N, r] = alpha * dY.T @ S     (both from one pass over dY [M, N])
 
 ``project`` with ``expand`` is the whole LoRA branch of a layer's forward (or of its dX) in one launch, reading
 the adapters in their own dtype (peft keeps them in fp32) and rounding them to ``a``'s as they are read: what
@@ -14,7 +15,10 @@ LoRA rank), so both are memory-bound: time is the bytes of ``a`` (and ``keep``) 
 
 ``project`` gives every program ``BLOCK_M`` rows and loops over K (fp32 ``[BLOCK_M, R_PAD]`` accumulator).
 ``reduce`` reduces over M, which is long: a grid of K tiles times ``SPLIT_M`` slices of M, each slice writing
-fp32 partial sums that a second pass adds in a fixed order (deterministic), scales and rounds.
+fp32 partial sums that a second pass adds in a fixed order (deterministic), scales and rounds. ``dual`` reads
+each ``[BLOCK_M, BLOCK_N]`` tile of ``dY`` once for both of a layer's backward products over it: a grid of column
+bands of ``BLOCK_N`` times slices of M; each program writes ``dS`` partial sums over its band (per row block) and
+``dB`` partial sums over its slice, and the same fixed-order second pass adds each set.
 Operands of ``tl.dot`` are fp32-upcast under the interpreter for bf16 (its bf16 dot is wrong). fp32 inputs
 use full-precision FMA dots (``"ieee"``), or TF32 where torch allows it for fp32 matmuls; the kernels are
 memory-bound either way.
@@ -111,6 +115,42 @@ def reduce_kernel(l_ptr, a_ptr, keep_ptr, ws_ptr, M, K, R, keep_scale, M_PER_SPL
         acc = dot(lt, a, acc, DOT_FP32, PRECISION)
     ws = ws_ptr + split.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :]
     tl.store(ws, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def dual_kernel(dy_ptr, b_ptr, s_ptr, ws_ds_ptr, ws_db_ptr, M, N, R, M_PER_SPLIT,
+                stride_ym, stride_yn, stride_bn, stride_br, stride_sm, stride_sr,
+                R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """For the band of columns ``BLOCK_N * pid(0) ..`` and this split's rows: ``ws_ds[band, m, r] = sum_n dY[m, n]
+    * round(B[n, r])`` and ``ws_db[split, n, r] = sum_m dY[m, n] * round(S[m, r])`` (fp32), each dY tile read
+    once."""
+    dtype: tl.constexpr = dy_ptr.dtype.element_ty
+    band = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = band * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+    b = round_fp32_to(b.to(tl.float32), dtype)  # [BLOCK_N, R_PAD]
+    db = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    m_start = split * M_PER_SPLIT
+    m_end = tl.minimum(M, m_start + M_PER_SPLIT)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        m_ok = offs_m < m_end
+        y = tl.load(dy_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        sm = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        db = dot(tl.trans(y), round_fp32_to(sm.to(tl.float32), dtype), db, DOT_FP32, PRECISION)
+        ds = dot(y, b, tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), DOT_FP32, PRECISION)
+        tl.store(ws_ds_ptr + band.to(tl.int64) * M * R + offs_m[:, None] * R + offs_r[None, :], ds,
+                 mask=m_ok[:, None] & r_ok[None, :])
+    tl.store(ws_db_ptr + split.to(tl.int64) * N * R + offs_n[:, None].to(tl.int64) * R + offs_r[None, :], db,
+             mask=n_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -226,3 +266,37 @@ def lowrank_reduce(l, a, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=torch.f
     block = 1024
     launch(sum_splits_kernel, (cdiv(R * K, block),), (ws, out, R * K, float(alpha), split_m, block), num_warps=4)
     return out
+
+
+def lowrank_dual(dy, b, s, alpha=1.0, ds_dtype=None, db_dtype=torch.float32, split_m=None, *, block_m=None,
+                 block_n=None, num_warps=8, num_stages=3):
+    """``(dS, dB)`` = ``(alpha * dy @ b, alpha * dy.T @ s)`` from one pass over ``dy``: ``dy [M, N]`` (bf16 / fp16 /
+    fp32, any strides), ``b [N, r]`` and ``s [M, r]`` (any float dtype, rounded to ``dy``'s as read) -> ``dS [M, r]``
+    in ``ds_dtype`` (default ``dy.dtype``) and ``dB [N, r]`` in ``db_dtype`` (fp32 by default), each summed in fp32
+    in a fixed order and rounded once. ``split_m``: slices of M (default: about two waves of programs);
+    ``block_m``, ``block_n``, ``num_warps``, ``num_stages``: tuning knobs."""
+    M, N = dy.shape
+    R = b.shape[1]
+    r_pad = _rank_pad(R)
+    ds = torch.empty((M, R), dtype=ds_dtype or dy.dtype, device=dy.device)
+    db = torch.empty((N, R), dtype=db_dtype, device=dy.device)
+    if M == 0 or N == 0:
+        return ds.zero_(), db.zero_()
+    block_n = block_n or (256 if r_pad <= 32 else 128)  # 64 x 256, 8 warps: the fastest of six tiles at r = 16
+    block_m = block_m or 64  # (bench/results/dual-ab-h100.txt)
+    bands = cdiv(N, block_n)
+    if split_m is None:
+        split_m = max(1, min(cdiv(2 * _num_sms(dy.device), bands), cdiv(M, 4 * block_m), 64))
+    m_per_split = cdiv(cdiv(M, split_m), block_m) * block_m
+    split_m = cdiv(M, m_per_split)  # no empty slices
+    ws_ds = torch.empty((bands, M, R), dtype=torch.float32, device=dy.device)
+    ws_db = torch.empty((split_m, N, R), dtype=torch.float32, device=dy.device)
+    dot_fp32 = INTERPRET and dy.dtype == torch.bfloat16
+    launch(dual_kernel, (bands, split_m),
+           (dy, b, s, ws_ds, ws_db, M, N, R, m_per_split, dy.stride(0), dy.stride(1), b.stride(0), b.stride(1),
+            s.stride(0), s.stride(1), r_pad, block_m, block_n, dot_fp32, _precision(dy.dtype, INTERPRET)),
+           num_warps=num_warps, num_stages=num_stages)
+    block = 1024
+    launch(sum_splits_kernel, (cdiv(M * R, block),), (ws_ds, ds, M * R, float(alpha), bands, block), num_warps=4)
+    launch(sum_splits_kernel, (cdiv(N * R, block),), (ws_db, db, N * R, float(alpha), split_m, block), num_warps=4)
+    return ds, db
