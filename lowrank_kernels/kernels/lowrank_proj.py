@@ -269,7 +269,7 @@ def lowrank_reduce(l, a, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=torch.f
 
 
 def lowrank_dual(dy, b, s, alpha=1.0, ds_dtype=None, db_dtype=torch.float32, split_m=None, *, block_m=None,
-                 block_n=None, num_warps=8, num_stages=3):
+                 block_n=None, num_warps=4, num_stages=3):
     """``(dS, dB)`` = ``(alpha * dy @ b, alpha * dy.T @ s)`` from one pass over ``dy``: ``dy [M, N]`` (bf16 / fp16 /
     fp32, any strides), ``b [N, r]`` and ``s [M, r]`` (any float dtype, rounded to ``dy``'s as read) -> ``dS [M, r]``
     in ``ds_dtype`` (default ``dy.dtype``) and ``dB [N, r]`` in ``db_dtype`` (fp32 by default), each summed in fp32
@@ -282,8 +282,8 @@ def lowrank_dual(dy, b, s, alpha=1.0, ds_dtype=None, db_dtype=torch.float32, spl
     db = torch.empty((N, R), dtype=db_dtype, device=dy.device)
     if M == 0 or N == 0:
         return ds.zero_(), db.zero_()
-    block_n = block_n or (256 if r_pad <= 32 else 128)  # 64 x 256, 8 warps: the fastest of six tiles at r = 16
-    block_m = block_m or 64  # (bench/results/dual-ab-h100.txt)
+    block_n = block_n or (256 if r_pad <= 32 else 128)  # 64 x 256, 4 warps: the fastest of 11 tiles at r = 16
+    block_m = block_m or 64  # (bench/results/dual-ab-h100.txt, second run)
     bands = cdiv(N, block_n)
     if split_m is None:
         split_m = max(1, min(cdiv(2 * _num_sms(dy.device), bands), cdiv(M, 4 * block_m), 64))
