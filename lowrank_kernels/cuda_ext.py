@@ -62,3 +62,18 @@ def library(name: str, capability: tuple):
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         warnings.warn(f"lowrank_kernels: could not build csrc/{name}.cu ({e}); using the Triton kernels instead")
         return None
+
+
+def function(name: str, symbol: str, argtypes, device_index: int):
+    """The host entry point ``symbol`` of ``csrc/<name>.cu`` (``argtypes``, returning a ``cudaError_t`` as int) for
+    CUDA device ``device_index`` (callers cache it), or ``None``: compute capability below 8.0 (the kernels here
+    use mma.m16n8k16 with bf16 operands) or no build (:func:`library`)."""
+    import torch
+
+    cap = torch.cuda.get_device_capability(device_index)
+    lib = library(name, cap) if cap[0] >= 8 else None
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+    return fn

@@ -19,22 +19,14 @@ GROUP_K = 256  # K per pipeline stage of the kernel: K and every K slice are mul
 WARPS = (1, 2, 4, 8)  # warps per thread block (16 W rows each)
 MAX_M = 16
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_ARGTYPES = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 6
-             + [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-             + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 7 + [ctypes.c_void_p])
+_ARGTYPES = ((ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int) + (ctypes.c_void_p,) * 6
+             + (ctypes.c_int,) * 2 + (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+             + (ctypes.c_void_p,) * 2 + (ctypes.c_int,) * 7 + (ctypes.c_void_p,))
 
 
 @functools.lru_cache(maxsize=None)
 def _entry(device_index: int):
-    cap = torch.cuda.get_device_capability(device_index)
-    if cap[0] < 8:  # mma.m16n8k16 with bf16 operands: Ampere or newer
-        return None
-    lib = cuda_ext.library("nf4_mma_gemv", cap)
-    if lib is None:
-        return None
-    fn = lib.lk_nf4_mma_gemv
-    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
-    return fn
+    return cuda_ext.function("nf4_mma_gemv", "lk_nf4_mma_gemv", _ARGTYPES, device_index)
 
 
 def available(device) -> bool:

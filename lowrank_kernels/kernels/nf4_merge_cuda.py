@@ -17,22 +17,14 @@ STRIP = 64  # W columns per warp step: K must be a multiple of it
 MAX_R = 32  # two rank chunks of 16 (r = 64 would keep 64 more fragment registers per thread: the Triton kernel)
 WARPS = 4  # a block: 4 warps on adjacent 64-column strips (fastest of 2, 4, 8: bench/results/merge-cuda-h100.txt)
 _DTYPES = {torch.float16: 1, torch.bfloat16: 2}
-_ARGTYPES = ([ctypes.c_void_p] * 6 + [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-             + [ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p] + [ctypes.c_int] * 5
-             + [ctypes.c_void_p])
+_ARGTYPES = ((ctypes.c_void_p,) * 6 + (ctypes.c_int,) * 2 + (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+             + (ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p) + (ctypes.c_int,) * 5
+             + (ctypes.c_void_p,))
 
 
 @functools.lru_cache(maxsize=None)
 def _entry(device_index: int):
-    cap = torch.cuda.get_device_capability(device_index)
-    if cap[0] < 8:  # mma.m16n8k16 with bf16 operands: Ampere or newer
-        return None
-    lib = cuda_ext.library("nf4_merge", cap)
-    if lib is None:
-        return None
-    fn = lib.lk_nf4_merge
-    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
-    return fn
+    return cuda_ext.function("nf4_merge", "lk_nf4_merge", _ARGTYPES, device_index)
 
 
 def _index(device) -> int:
