@@ -57,7 +57,7 @@ def merge(nf4: dict, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
     if r_pad != R or not B.is_contiguous() or B.data_ptr() % 8 != 0:
         B = torch.nn.functional.pad(B, (0, r_pad - R)).contiguous()
     out = torch.empty((N, K), dtype=dtype, device=packed.device)
-    if N == 0:
+    if N == 0 or K == 0:
         return out
     nested = nf4.get("absmax2") is not None
     fn = _entry(_index(packed.device))
