@@ -258,7 +258,6 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=Non
 
             dS, dB = lowrank_dual(grad_y, lora_B, S, scaling, db_dtype=torch.float32 if _fp32_out(
                 adapter_dtypes[1], grad_y) else grad_y.dtype)
-            need_B = False
         elif need_A:
             dS = _mm(grad_y, lora_B, scaling)
         if need_x:
@@ -285,7 +284,7 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, scaling, S, keep=Non
             dx.addmm_(grad_y, dense_weight(weight, grad_y.dtype, backend))
     if need_A:
         dA = _reduce(dS, x, keep, keep_scale, triton_, adapter_dtypes[0])
-    if need_B:  # [N, r] directly (the layout of lora_B: autograd then takes it as the .grad without a copy)
+    if need_B and dB is None:  # [N, r] directly (lora_B's layout: autograd takes it as the .grad without a copy)
         dB = (_mm_fp32 if _fp32_out(adapter_dtypes[1], grad_y) else _mm)(grad_y.t(), S, scaling)
     if need_bias:
         db = grad_y.sum(0, dtype=torch.float32) if triton_ else grad_y.sum(0)
