@@ -8,9 +8,7 @@
 // Same contract as the Triton kernel of kernels/nf4_merge.py, which covers what this one does not (fp32 output,
 // K % 64 != 0, blocksize < 64, r > 32).
 //
-// W is bitsandbytes' NF4 layout: byte j of row n holds element 2j in its high nibble and 2j + 1 in its low
-// nibble; the scale of element (n, k) is absmax[(n*K + k) / blocksize], fp32, or when double-quantized
-// fp32(fp32(code2[q] * absmax2[b / nested_blocksize]) + offset) with q the uint8 code of block b.
+// W is bitsandbytes' NF4 layout (nf4_common.cuh).
 //
 // Why not only the Triton kernel: there the tl.dot result and the dequantized tile live in different register
 // layouts (Triton converts the tile and the sum through shared memory), and the A tile is reloaded for every 32
@@ -25,13 +23,11 @@
 // block, and stays in registers; the 16-entry code table is one register per lane, read by shuffle. The grid is
 // about one wave: each block's warps take adjacent strips and a run of rows, the loads of the next two steps in
 // flight while two are computed (bench/results/merge-cuda-h100.txt).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
+#include "nf4_common.cuh"
 
 namespace {
+
+using namespace lk;
 
 constexpr int kStrip = 64;    // W columns per warp
 constexpr int kMaxWarps = 8;  // warps per block, on adjacent strips of the same rows
@@ -51,7 +47,6 @@ constexpr int kSteps = LK_MERGE_STEPS;
 constexpr int kResidentWarps = LK_MERGE_RESIDENT_WARPS;
 constexpr unsigned kFull = 0xffffffffu;
 
-enum DType : int { kF16 = 1, kBF16 = 2 };
 
 
 // (lo, hi) rounded to T, lo in the low 16 bits
@@ -73,33 +68,6 @@ template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v)
 template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
   return __half22float2(*reinterpret_cast<const __half2*>(&v));
 }
-
-// D = A (16 x 16, row) . B (16 x 8, col) + D, fp32 accumulators
-template <typename T> __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
-template <> __device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                               const uint32_t (&b)[2]) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <> __device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-struct NF4 {
-  const uint8_t* packed;  // [N * K / 2]
-  const void* absmax;     // uint8 [blocks] (nested) or fp32 [blocks]
-  const float* absmax2;   // fp32 [cdiv(blocks, nested_blocksize)] (nested only)
-  const float* code2;     // fp32 [256] (nested only)
-  const float* offset;    // fp32 [1] (nested only)
-  const float* code;      // fp32 [16]
-  int blocksize_log2;     // >= 6: a 64-column strip of a row lies in one scale block
-  int nested_log2;        // log2(nested_blocksize) (nested only)
-};
 
 struct Adapters {
   const uint16_t* a;  // lora_A [r, K] in the output type (bits), any strides
@@ -212,7 +180,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, LK_MERGE_MIN_BLOCKS) nf4_merge
 #pragma unroll
         for (int kc = 0; kc < RCH; ++kc) {
           const uint32_t a[4] = {st.b[kc][0].x, st.b[kc][1].x, st.b[kc][0].y, st.b[kc][1].y};
-          mma<T>(d, a, bf[kc][j]);
+          mma<T>(d, a, bf[kc][j][0], bf[kc][j][1]);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {

@@ -6,9 +6,7 @@
 // The LoRA term, the bias, the sum over slices and the rounding are left to the finish kernel (Triton,
 // nf4_gemv_finish_kernel), which reads the two workspaces in a fixed order.
 //
-// W is bitsandbytes' NF4 layout: byte j of row n holds element 2j in its high nibble and 2j + 1 in its low
-// nibble; the scale of element (n, k) is absmax[(n*K + k) / blocksize], fp32, or when double-quantized
-// fp32(fp32(code2[q] * absmax2[b / nested_blocksize]) + offset) with q the uint8 code of block b.
+// W is bitsandbytes' NF4 layout (nf4_common.cuh).
 //
 // Dequantization: one lookup yields two elements. A byte of W indexes a 256-entry table of packed pairs
 // (code[hi], code[lo]) in x's 16-bit type, replicated once per lane so that lane l always reads bank l (no bank
@@ -29,19 +27,15 @@
 // built.
 // The first s_blocks blocks compute the partial S instead, a (rank, up to 8 x rows) item per warp: they come first
 // so that their long serial K loops start with the grid instead of trailing it.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
+#include "nf4_common.cuh"
 
 namespace {
+
+using namespace lk;
 
 constexpr int kGroupK = 256;  // K per pipeline stage: 4 steps of 64 elements
 constexpr int kMaxThreads = 256;
 constexpr unsigned kFull = 0xffffffffu;
-
-enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 template <typename T> __device__ __forceinline__ uint16_t bits_of(float v);
 template <> __device__ __forceinline__ uint16_t bits_of<__nv_bfloat16>(float v) {
@@ -64,34 +58,6 @@ __device__ __forceinline__ float load_any(const void* p, int dtype, int64_t i) {
   if (dtype == kF16) return __half2float(static_cast<const __half*>(p)[i]);
   return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
-
-// D = A (16 x 16, row) . B (16 x 8, col) + D, fp32 accumulators
-template <typename T> __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <> __device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                               uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <> __device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                        uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-struct NF4 {
-  const uint8_t* packed;  // [N * K / 2]
-  const void* absmax;     // uint8 [blocks] (nested) or fp32 [blocks]
-  const float* absmax2;   // fp32 [cdiv(blocks, nested_blocksize)] (nested only)
-  const float* code2;     // fp32 [256] (nested only)
-  const float* offset;    // fp32 [1] (nested only)
-  const float* code;      // fp32 [16]
-  int blocksize_log2;     // >= 6
-  int nested_log2;        // log2(nested_blocksize) (nested only)
-};
 
 // The raw loads of one 256-element group for rows g and g + 8: 4 steps x 8 bytes of W per row, and the row's
 // scale data (SPG = 256 / blocksize scale blocks, 1 when blocksize >= 256).

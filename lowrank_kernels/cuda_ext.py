@@ -1,7 +1,8 @@
 """Builds and loads the CUDA C++ kernels of ``csrc/``: ``nvcc`` compiles a source file into a shared library for
 the current GPU's architecture on first use (a few seconds), cached under ``$LOWRANK_KERNELS_CACHE`` (default
-``~/.cache/lowrank_kernels``) by a hash of the source, the nvcc version and the architecture; the kernels are
-called through ``ctypes`` on PyTorch's current stream (so CUDA-graph capture works as for any launch).
+``~/.cache/lowrank_kernels``) by a hash of the source and the headers of ``csrc/``, the nvcc version and the
+architecture; the kernels are called through ``ctypes`` on PyTorch's current stream (so CUDA-graph capture works
+as for any launch).
 
 ``LOWRANK_KERNELS_NVCC_FLAGS`` adds nvcc flags (e.g. ``-G`` for cuda-gdb). Without ``nvcc`` (looked up as
 ``$CUDA_HOME/bin/nvcc``, then on ``PATH``), or with ``LOWRANK_KERNELS_CUDA=0``, :func:`library` returns ``None``
@@ -44,8 +45,9 @@ def library(name: str, capability: tuple):
     try:
         version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
         flags = os.environ.get("LOWRANK_KERNELS_NVCC_FLAGS", "").split()
-        key = hashlib.sha256(src.read_bytes() + version.encode() + arch.encode() + " ".join(flags).encode()
-                             ).hexdigest()[:16]
+        headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.cuh")))  # what the sources include
+        key = hashlib.sha256(src.read_bytes() + headers + version.encode() + arch.encode()
+                             + " ".join(flags).encode()).hexdigest()[:16]
         cache = Path(os.environ.get("LOWRANK_KERNELS_CACHE", Path.home() / ".cache" / "lowrank_kernels"))
         lib = cache / f"{name}-sm{arch}-{key}.so"
         if not lib.is_file():

@@ -202,3 +202,23 @@ def test_kernel_source_builds(monkeypatch, tmp_path):
         assert lib is not None and hasattr(lib, "lk_nf4_mma_gemv")
     finally:
         cuda_ext.library.cache_clear()
+
+
+@pytest.mark.skipif(cuda_ext._nvcc() is None, reason="needs nvcc")
+def test_header_change_rebuilds(monkeypatch, tmp_path):
+    """A library is cached by its source and the headers of csrc/ too: editing a header builds a new one."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "k.cu").write_text('#include "h.cuh"\nextern "C" int lk_value() { return VALUE; }\n')
+    monkeypatch.setattr(cuda_ext, "CSRC", src)
+    monkeypatch.setenv("LOWRANK_KERNELS_CACHE", str(tmp_path / "cache"))
+    values = []
+    try:
+        for v in (1, 2):
+            (src / "h.cuh").write_text(f"#define VALUE {v}\n")
+            cuda_ext.library.cache_clear()
+            values.append(cuda_ext.library("k", (9, 0)).lk_value())
+    finally:
+        cuda_ext.library.cache_clear()
+    assert values == [1, 2]
+    assert len(list((tmp_path / "cache").glob("k-sm90-*.so"))) == 2
