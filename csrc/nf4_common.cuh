@@ -12,6 +12,8 @@ namespace lk {
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
+constexpr unsigned kFull = 0xffffffffu;  // all lanes of a warp (shuffles)
+
 // W is bitsandbytes' NF4 layout: byte j of row n holds element 2j in its high nibble and 2j + 1 in its low
 // nibble; the scale of element (n, k) is absmax[(n*K + k) / blocksize], fp32, or when double-quantized
 // fp32(fp32(code2[q] * absmax2[b / nested_blocksize]) + offset) with q the uint8 code of block b.

@@ -45,7 +45,6 @@ constexpr int kMaxWarps = 8;  // warps per block, on adjacent strips of the same
 #endif
 constexpr int kSteps = LK_MERGE_STEPS;
 constexpr int kResidentWarps = LK_MERGE_RESIDENT_WARPS;
-constexpr unsigned kFull = 0xffffffffu;
 
 
 

@@ -35,7 +35,6 @@ using namespace lk;
 
 constexpr int kGroupK = 256;  // K per pipeline stage: 4 steps of 64 elements
 constexpr int kMaxThreads = 256;
-constexpr unsigned kFull = 0xffffffffu;
 
 template <typename T> __device__ __forceinline__ uint16_t bits_of(float v);
 template <> __device__ __forceinline__ uint16_t bits_of<__nv_bfloat16>(float v) {
