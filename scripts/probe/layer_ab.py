@@ -1,7 +1,7 @@
 """Paired (interleaved) timing of the M = 8192 layer targets: ours against dense and peft+bnb, round by round.
 
 The layer benchmarks (``pytest bench``) time each provider's rounds back to back; on the H100 the GEMM-bound rounds
-then run at clocks that drift with power and temperature (dense's own median and minimum differ by up to 12% in
+then run at clocks that drift with power and temperature (dense's own median and minimum differ by 7-13% in
 bench-h100-forward.json), so a ratio of two providers' medians carries that drift. Here every round replays each
 provider's CUDA graph once, in a rotated order, each from behind a spin kernel (``bench.timing.hold_gpu``), and the
 ratio is taken within the round: its median and interquartile range over the rounds are the paired ratio.
