@@ -19,17 +19,20 @@ masking steps. Here a pruned triplet is not computed at all: its A, E and B get 
 nonzero values left in its E are ignored (the layer never writes its parameters). The mask is installed by
 ``set_rank_mask`` (``RankAllocator`` calls it whenever a layer's mask changes).
 """
+import contextlib
 import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_kernels import nf4_module
+from lowrank_kernels.checks import check_finite, check_float_dtype, check_rank
 from lowrank_kernels.functional import lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
-__all__ = ["AdaLoraLinear", "adalora_linear", "pack_mask", "unpack_mask"]
+__all__ = ["AdaLoraLinear", "adalora_linear", "active_indices", "check_active", "check_mask", "pack_mask", "unpack_mask"]
 
 _BITS = 32
 
@@ -37,7 +40,45 @@ _BITS = 32
 def active_indices(mask: torch.Tensor, device) -> torch.Tensor:
     """Sorted int64 indices of the True entries of bool ``mask``, on ``device``; computed where ``mask`` lives
     (no device sync for a CPU mask: the copy to the device is asynchronous)."""
-    return mask.nonzero().flatten().to(device, non_blocking=True)
+    active = mask.nonzero().flatten().to(device, non_blocking=True)
+    _CHECKED_ACTIVE[active] = (_version(active), mask.shape[0])  # valid by construction: no check needed
+    return active
+
+
+# Index tensors ``active`` whose values were checked (sorted, unique, in [0, r)): tensor -> (its _version, r).
+# Reading values of a CUDA tensor syncs the device, so each tensor is checked once, not at every forward.
+_CHECKED_ACTIVE = WeakIdKeyDictionary()
+
+
+def _version(t) -> int:
+    """``t``'s version counter (inference tensors have none: -1)."""
+    return -1 if t.is_inference() else t._version
+
+
+def check_active(active, r: int, device) -> None:
+    """Raises unless ``active`` is a 1-D int64 tensor on ``device`` of sorted, distinct rank indices in ``[0, r)``
+    (the form ``active_indices`` returns). The values are read once per tensor and version (a device sync)."""
+    if not isinstance(active, torch.Tensor):
+        raise TypeError(f"active: expected an int64 tensor of rank indices, got {type(active).__name__}")
+    if active.dtype == torch.bool:
+        raise TypeError("active: got a bool mask; pass its sorted int64 indices (active_indices(mask, device)), "
+                        "or install the mask with set_rank_mask")
+    if active.dtype != torch.int64 or active.dim() != 1:
+        raise TypeError(f"active: expected a 1-D int64 tensor of rank indices, got {active.dtype} "
+                        f"{tuple(active.shape)}")
+    if active.device != device:
+        raise ValueError(f"active: on {active.device}, but lora_A is on {device}")
+    if active.numel() > r:
+        raise ValueError(f"active: {active.numel()} indices for r={r} ranks")
+    if active.is_meta or _CHECKED_ACTIVE.get(active, (None, None)) == (_version(active), r):
+        return
+    if active.numel():
+        lo, hi, increasing = int(active.min()), int(active.max()), bool((active[1:] > active[:-1]).all())
+        if lo < 0 or hi >= r:
+            raise ValueError(f"active: rank indices must lie in [0, {r}), got values in [{lo}, {hi}]")
+        if not increasing:
+            raise ValueError("active: rank indices must be sorted and distinct (as active_indices returns them)")
+    _CHECKED_ACTIVE[active] = (_version(active), r)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -45,9 +86,9 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     A 2-D ``[L, r]`` mask packs row by row into ``[L, ceil(r / 32)]``."""
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         for row in mask[:1]:
-            _check_mask(row, None, "mask")
+            check_mask(row, None, "mask")
     else:
-        _check_mask(mask, None, "mask")
+        check_mask(mask, None, "mask")
     r = mask.shape[-1]
     bits = torch.zeros(*mask.shape[:-1], -(-r // _BITS) * _BITS, dtype=torch.int64, device=mask.device)
     bits[..., :r] = mask.to(torch.int64)
@@ -68,7 +109,7 @@ def unpack_mask(words: torch.Tensor, r: int) -> torch.Tensor:
     return bits.reshape(-1)[:r].bool()
 
 
-def _check_mask(mask, r, what):
+def check_mask(mask, r, what):
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{what}: expected a bool tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
@@ -99,10 +140,18 @@ def adalora_linear(x, weight, lora_A, lora_E, lora_B, scaling, bias=None, *, act
     ``active``: int64 ``[ρ]`` sorted indices of the ranks to compute, or ``None`` for all ``r``.
     ``dropout``, ``backend``, ``config``: as in :func:`~lowrank_kernels.functional.lora_linear`.
     """
+    for name, t in (("lora_A", lora_A), ("lora_E", lora_E), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+    if lora_A.dim() != 2:
+        raise ValueError(f"lora_A: expected shape [r, in_features], got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
     if lora_E.shape != (r, 1):
         raise ValueError(f"lora_E: expected shape [{r}, 1] (r of lora_A), got {tuple(lora_E.shape)}")
-    if active is not None and active.numel() < r:
+    if active is not None:
+        check_active(active, r, lora_A.device)
+    if active is not None and active.numel() < r:  # else (sorted, distinct, r of them) all ranks, in order
         A = lora_A.index_select(0, active) * lora_E.index_select(0, active)
         B = lora_B.index_select(1, active)
     else:
@@ -111,8 +160,9 @@ def adalora_linear(x, weight, lora_A, lora_E, lora_B, scaling, bias=None, *, act
         fn = qlora_linear if isinstance(weight, NF4Weight) else lora_linear
         return fn(x, weight, A, B, scaling, bias, dropout=dropout, backend=backend, config=config)
     # ρ = 0: the base product alone, in the compute dtype the functional would use.
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    with torch.autocast(x.device.type, enabled=False):
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # no autocast on meta
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         w = weight.dequantize(dtype) if isinstance(weight, NF4Weight) else weight.to(dtype)
         y = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
     params = (lora_A, lora_E, lora_B)
@@ -137,10 +187,9 @@ class AdaLoraLinear(nn.Module):
 
     def __init__(self, weight, bias=None, init_r=12, lora_alpha=8, lora_dropout=0.0, lora_dtype=torch.float32):
         super().__init__()
-        if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r < 1:
-            raise ValueError(f"init_r: expected a positive int, got {init_r!r}")
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
-            raise TypeError(f"lora_alpha: expected a real number, got {type(lora_alpha).__name__}")
+        init_r = check_rank(init_r, "init_r")
+        lora_alpha = check_finite(lora_alpha, "lora_alpha")
+        check_float_dtype(lora_dtype, "lora_dtype")
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) \
                 or not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {lora_dropout!r}")
@@ -191,7 +240,7 @@ class AdaLoraLinear(nn.Module):
         """Installs bool ``mask [r]`` (True = rank computed). A device mask costs one device sync (the count of
         active ranks), a CPU mask none. ``words`` (``pack_mask(mask)``) and ``active`` (its indices) may be passed
         precomputed on the layer's device: ``RankAllocator`` packs every changed layer in one batch."""
-        _check_mask(mask, self.r, "mask")
+        check_mask(mask, self.r, "mask")
         device = self.rank_mask_words.device
         if words is None:
             self.rank_mask_words.copy_(pack_mask(mask), non_blocking=True)
@@ -212,6 +261,8 @@ class AdaLoraLinear(nn.Module):
     # ------------------------------------------------------------------ compute
     def _ranknum_denominator(self) -> float:
         """``float(ranknum) + 1e-5``, read from the device once per change of ``ranknum``."""
+        if self.ranknum.is_meta:  # shapes only: no value to read, none needed
+            return 1.0
         key = (self.ranknum.data_ptr(), self.ranknum._version)
         cached = self.__dict__.get("_denominator")
         if cached is None or cached[0] != key:
@@ -238,9 +289,10 @@ class AdaLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ NF4 weight and mask in the state dict
     def _apply(self, fn, recurse=True):
+        nf4 = nf4_module.moved(self.weight, fn) if isinstance(self.weight, NF4Weight) else None  # first: all or nothing
         super()._apply(fn, recurse)
-        if isinstance(self.weight, NF4Weight):
-            self.weight = nf4_module.moved(self.weight, fn)
+        if nf4 is not None:
+            self.weight = nf4
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -251,7 +303,8 @@ class AdaLoraLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         if isinstance(self.weight, NF4Weight):
-            self.weight, state_dict = nf4_module.load(self.weight, state_dict, prefix, missing_keys, error_msgs)
+            self.weight, state_dict = nf4_module.load(self.weight, state_dict, prefix, local_metadata,
+                                                      missing_keys, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self.active_idx = self.rank_mask.nonzero().flatten()

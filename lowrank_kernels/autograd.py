@@ -14,7 +14,10 @@ from lowrank_kernels import dispatch
 
 
 def dropout_keep(shape, p: float, seed: int, device) -> torch.Tensor:
-    """Bool keep-mask (``True`` with probability ``1 - p``), a pure function of ``(shape, p, seed, device)``."""
+    """Bool keep-mask (``True`` with probability ``1 - p``), a pure function of ``(shape, p, seed, device)``
+    (on the meta device: an empty one)."""
+    if torch.device(device).type == "meta":
+        return torch.empty(shape, dtype=torch.bool, device=device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=gen)

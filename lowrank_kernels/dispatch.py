@@ -4,6 +4,10 @@ Callers pass format objects and plain tensors; this module unpacks them for the 
 ``backend=None`` picks by device; ``"torch"`` or ``"triton"`` force one (``"triton"`` on CPU tensors needs
 ``TRITON_INTERPRET=1`` set before Triton is imported, as the tests do).
 """
+import functools
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -36,11 +40,32 @@ def choose_backend(device, backend=None) -> str:
         return "triton" if device.type == "cuda" else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton":
+        _check_triton(device)
     return backend
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _check_triton(device):
+    """Raises unless Triton kernels can run on ``device``: CUDA, or CPU tensors under Triton's interpreter."""
+    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        if not _triton_installed():
+            raise RuntimeError("backend='triton': the `triton` package is not installed (pip install triton)")
+        return
+    hint = ("set TRITON_INTERPRET=1 before Triton is imported to run the kernels in Triton's interpreter (slow, "
+            "for tests), or use backend='torch' / None") if device.type == "cpu" else "use backend='torch' or None"
+    raise ValueError(f"backend='triton': the Triton kernels run on CUDA tensors, got tensors on {device}; {hint}")
+
+
 def nf4_dequantize(w, dtype, backend=None):
-    """``[*w.shape]`` tensor of ``dtype`` holding the dequantized NF4 weight ``w`` (an ``NF4Weight``)."""
+    """``[*w.shape]`` tensor of ``dtype`` holding the dequantized NF4 weight ``w`` (an ``NF4Weight``); on the meta
+    device an empty one."""
+    if w.device.type == "meta":
+        return torch.empty(w.shape, dtype=dtype, device="meta")
     if choose_backend(w.device, backend) == "triton":
         from lowrank_kernels.kernels.nf4_dequant import nf4_dequantize as launch
 

@@ -24,6 +24,7 @@ import torch
 
 from lowrank_kernels import dispatch
 from lowrank_kernels.autograd import LoraLinearFunction, dropout_keep
+from lowrank_kernels.checks import check_finite
 from lowrank_kernels.nf4 import NF4Weight
 
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -68,7 +69,7 @@ def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
 
             check_config(config)
     dtype = x.dtype
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # no autocast on meta
     if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
     x2 = dispatch.cast(x if x.dim() == 2 else x.reshape(-1, K), dtype)
@@ -117,8 +118,7 @@ def _validate(x, N, K, weight_device, lora_A, lora_B, scaling, bias, dropout):
         _check_tensor(bias, "bias", dims=1)
         if bias.shape[0] != N:
             raise ValueError(f"bias: expected shape [{N}], got {tuple(bias.shape)}")
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"scaling: expected a real number, got {type(scaling).__name__}")
+    check_finite(scaling, "scaling")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
         raise TypeError(f"dropout: expected a probability (float), got {type(dropout).__name__}")
     if not 0.0 <= dropout < 1.0:

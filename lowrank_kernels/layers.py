@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_kernels import nf4_module
+from lowrank_kernels.checks import FLOAT_DTYPES, check_finite, check_float_dtype, check_rank
 from lowrank_kernels.functional import lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
@@ -31,15 +32,14 @@ class _LoraAdapter(nn.Module):
 
     def _init_adapter(self, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                       device, dtype):
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r: expected a positive int, got {r!r}")
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
-            raise TypeError(f"lora_alpha: expected a real number, got {type(lora_alpha).__name__}")
+        r = check_rank(r, "r")
+        lora_alpha = check_finite(lora_alpha, "lora_alpha")
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) \
                 or not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {lora_dropout!r}")
         if init_lora_weights not in _INITS:
             raise ValueError(f"init_lora_weights: expected one of {_INITS}, got {init_lora_weights!r}")
+        check_float_dtype(dtype, "lora_dtype")
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.lora_alpha, self.use_rslora = lora_alpha, bool(use_rslora)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
@@ -86,6 +86,7 @@ class LoraLinear(_LoraAdapter):
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                  bias=True, init_lora_weights="kaiming", device=None, dtype=None, lora_dtype=torch.float32):
         super().__init__()
+        check_float_dtype(dtype, "dtype")
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
                                    requires_grad=False)
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -100,6 +101,9 @@ class LoraLinear(_LoraAdapter):
         """Wraps ``linear``, sharing its ``weight`` and ``bias`` Parameters (frozen)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"linear.weight: expected dtype bfloat16, float16, float32 or float64, got "
+                            f"{linear.weight.dtype}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.weight = linear.weight.requires_grad_(False)
@@ -223,8 +227,9 @@ class QLoraLinear(_LoraAdapter):
 
     # -- the NF4 weight is not a Parameter: move it with the module, (de)serialize it as bitsandbytes does
     def _apply(self, fn, recurse=True):
+        nf4 = nf4_module.moved(self.nf4, fn)  # first: if moving the NF4 weight fails, nothing has moved
         super()._apply(fn, recurse)
-        self.nf4 = nf4_module.moved(self.nf4, fn)
+        self.nf4 = nf4
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -233,6 +238,7 @@ class QLoraLinear(_LoraAdapter):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        self.nf4, rest = nf4_module.load(self.nf4, state_dict, prefix, missing_keys, error_msgs)
+        self.nf4, rest = nf4_module.load(self.nf4, state_dict, prefix, local_metadata, missing_keys,
+                                         error_msgs)
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

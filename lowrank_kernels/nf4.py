@@ -6,6 +6,7 @@ written by ``bnb.nn.Linear4bit`` loads here and back, and ``dequantize()`` equal
 """
 import json
 import math
+import numbers
 
 import torch
 
@@ -48,7 +49,7 @@ class NF4Weight:
         self.shape = torch.Size(shape)
         self.dtype = dtype
         self.blocksize = blocksize
-        self.code = python_ref.NF4_CODE.to(packed.device) if code is None else code
+        self.code = _nf4_code(packed.device) if code is None else code
         self.absmax2 = absmax2
         self.code2 = code2
         self.offset = offset
@@ -58,22 +59,45 @@ class NF4Weight:
     # ------------------------------------------------------------------ construction
     @classmethod
     def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> "NF4Weight":
-        """Quantize a bf16/fp16/fp32 tensor: nearest NF4 code per element (ties to the lower code)."""
+        """Quantize a bf16/fp16/fp32 tensor: nearest NF4 code per element (ties to the lower code).
+
+        A tensor on the meta device gives an ``NF4Weight`` of meta tensors of the right shapes (no values: for
+        ``init_empty_weights``-style loading, filled later by ``load_state_dict``)."""
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
         if weight.dtype not in DTYPES:
             raise TypeError(f"weight: expected dtype bfloat16, float16 or float32, got {weight.dtype}")
         if weight.numel() == 0:
             raise ValueError("weight: cannot quantize an empty tensor")
+        blocksize = _check_blocksize(blocksize, "blocksize")
+        if not isinstance(double_quant, bool):
+            raise TypeError(f"double_quant: expected a bool, got {type(double_quant).__name__}")
+        if weight.is_meta:
+            return cls.empty(weight.shape, weight.dtype, blocksize, double_quant, device="meta")
         if not torch.isfinite(weight).all():
             raise ValueError("weight: contains inf or NaN, which NF4 cannot represent")
-        _check_blocksize(blocksize, "blocksize")
         packed, absmax = python_ref.quantize_nf4(weight.detach(), blocksize)
         if not double_quant:
             return cls(packed, absmax, weight.shape, weight.dtype, blocksize)
         qabsmax, absmax2, code2, offset = python_ref.double_quantize_absmax(absmax, 256)
         return cls(packed, qabsmax, weight.shape, weight.dtype, blocksize, absmax2=absmax2, code2=code2,
                    offset=offset, nested_blocksize=256)
+
+    @classmethod
+    def empty(cls, shape, dtype, blocksize: int = 64, double_quant: bool = True, device=None) -> "NF4Weight":
+        """An ``NF4Weight`` of ``shape`` with uninitialized storage (``torch.empty``-like; the code tables hold
+        their constant values), e.g. on the meta device, to be filled by ``load_state_dict``."""
+        shape = torch.Size(shape)
+        n = math.prod(shape)
+        blocksize = _check_blocksize(blocksize, "blocksize")
+        nblocks = math.ceil(n / blocksize)
+        packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device)
+        if not double_quant:
+            return cls(packed, torch.empty(nblocks, dtype=torch.float32, device=device), shape, dtype, blocksize)
+        return cls(packed, torch.empty(nblocks, dtype=torch.uint8, device=device), shape, dtype, blocksize,
+                   absmax2=torch.empty(math.ceil(nblocks / 256), dtype=torch.float32, device=device),
+                   code2=_dynamic_map(packed.device), offset=torch.empty((), dtype=torch.float32, device=device),
+                   nested_blocksize=256)
 
     @classmethod
     def from_bnb(cls, packed, quant_state=None) -> "NF4Weight":
@@ -126,7 +150,10 @@ class NF4Weight:
             out[f"{key}.nested_absmax"] = self.absmax2
             out[f"{key}.nested_quant_map"] = self.code2.clone()
             meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
-                        nested_offset=self.offset.item())
+                        nested_offset=None if self.device.type == "meta" else self.offset.item())
+        if self.device.type == "meta":  # no values to write (the offset is one): an empty placeholder
+            out[f"{key}.quant_state.bitsandbytes__nf4"] = torch.empty(0, dtype=torch.uint8, device="meta")
+            return out
         blob = json.dumps(meta).encode("utf-8")
         out[f"{key}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(blob), dtype=torch.uint8)
         return out
@@ -140,9 +167,28 @@ class NF4Weight:
             if other:
                 raise ValueError(f"state_dict: {other[0]!r} is not NF4; only 'nf4' is supported")
             raise KeyError(f"state_dict: missing {meta_key!r}")
-        meta = json.loads(bytes(state_dict[meta_key].cpu().tolist()).decode("utf-8"))
-        if meta.get("quant_type") != "nf4":
-            raise ValueError(f"{meta_key}: quant_type must be 'nf4', got {meta.get('quant_type')!r}")
+        blob = state_dict[meta_key]
+        if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
+            raise ValueError(f"state_dict[{meta_key!r}]: expected a 1-D uint8 tensor (bitsandbytes' JSON blob), got "
+                             f"{getattr(blob, 'dtype', type(blob).__name__)} {tuple(getattr(blob, 'shape', ()))}")
+        if blob.is_meta:
+            raise ValueError(f"state_dict[{meta_key!r}]: on the meta device; the quantization metadata it holds "
+                             "cannot be read (load a checkpoint with real tensors)")
+        try:
+            meta = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"state_dict[{meta_key!r}]: not a bitsandbytes quant_state JSON blob ({e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"state_dict[{meta_key!r}]: expected a JSON object, got {type(meta).__name__}")
+        for field in ("quant_type", "blocksize", "dtype", "shape"):
+            if field not in meta:
+                raise ValueError(f"state_dict[{meta_key!r}]: missing field {field!r}")
+        if meta["quant_type"] != "nf4":
+            raise ValueError(f"{meta_key}: quant_type must be 'nf4', got {meta['quant_type']!r}")
+        shape = meta["shape"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"state_dict[{meta_key!r}]: field 'shape' must be a list of non-negative ints, got "
+                             f"{shape!r}")
 
         def get(name):
             full = key if name is None else f"{key}.{name}"
@@ -155,12 +201,14 @@ class NF4Weight:
         if "nested_offset" in meta:
             if meta.get("nested_dtype", "float32") != "float32":
                 raise ValueError(f"{meta_key}: nested_dtype must be 'float32', got {meta['nested_dtype']!r}")
+            offset, nested_blocksize = meta["nested_offset"], meta.get("nested_blocksize")
+            if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+                raise ValueError(f"state_dict[{meta_key!r}]: field 'nested_offset' must be a number, got {offset!r}")
             absmax2 = get("nested_absmax")
             kwargs = dict(absmax2=absmax2, code2=get("nested_quant_map"),
-                          offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32,
-                                              device=absmax2.device),
-                          nested_blocksize=meta["nested_blocksize"])
-        return cls(get(None), get("absmax"), meta["shape"], _dtype_from_name(meta["dtype"], meta_key),
+                          offset=torch.tensor(float(offset), dtype=torch.float32, device=absmax2.device),
+                          nested_blocksize=nested_blocksize)
+        return cls(get(None), get("absmax"), shape, _dtype_from_name(meta["dtype"], meta_key),
                    meta["blocksize"], code=get("quant_map"), **kwargs)
 
     # ------------------------------------------------------------------ use
@@ -180,8 +228,34 @@ class NF4Weight:
         return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
     def to(self, device) -> "NF4Weight":
-        """A copy on ``device``."""
-        moved = {k: t.to(device) for k, t in self._tensors().items()}
+        """A copy on ``device`` (the same object if it is there already). From the meta device there is nothing
+        to copy: as for a tensor, that raises; use ``apply`` with ``torch.empty_like`` (``Module.to_empty``)."""
+        return self.apply(lambda t: t.to(device))
+
+    def apply(self, fn) -> "NF4Weight":
+        """``fn`` applied to every stored tensor as raw bytes, all or nothing: ``fn`` (e.g. ``Module._apply``'s,
+        for ``.to()``, ``.cuda()``, ``.to_empty()``, ``.half()``) may move them, never change their values or dtype
+        (each tensor goes through ``fn`` as a uint8 view, which dtype casts leave alone). Leaving the meta
+        device, the code tables get their constant values back (``to_empty``); the rest stays uninitialized."""
+        moved = {}
+        for name, t in self._tensors().items():
+            raw = t.reshape(-1).view(torch.uint8)
+            out = fn(raw)
+            if not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or out.shape != raw.shape:
+                raise ValueError(f"fn: must keep {name}'s bytes (uint8 {tuple(raw.shape)}), got "
+                                 f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+            moved[name] = out.view(t.dtype).reshape(t.shape)
+        devices = {t.device for t in moved.values()}
+        if len(devices) != 1:
+            raise ValueError(f"fn: moved the NF4 tensors to several devices {sorted(map(str, devices))}")
+        device = devices.pop()
+        if device == self.device and all(moved[k] is t or moved[k].data_ptr() == t.data_ptr()
+                                         for k, t in self._tensors().items()):
+            return self
+        if self.device.type == "meta" and device.type != "meta":
+            moved["code"] = _nf4_code(device)
+            if self.nested:
+                moved["code2"] = _dynamic_map(device)
         return NF4Weight(shape=self.shape, dtype=self.dtype, blocksize=self.blocksize,
                          nested_blocksize=self.nested_blocksize, **moved)
 
@@ -189,6 +263,7 @@ class NF4Weight:
         """The tensor ``[*shape]`` in ``dtype`` (default: the original dtype), bit-identical to bitsandbytes.
 
         ``backend``: ``None`` chooses per device (Triton on CUDA, torch on CPU); ``"torch"`` or ``"triton"`` force one.
+        On the meta device: an empty meta tensor of that shape and dtype.
         """
         dtype = self.dtype if dtype is None else dtype
         if dtype not in DTYPES:
@@ -206,9 +281,11 @@ class NF4Weight:
         return {k: getattr(self, k) for k in names}
 
     def _validate(self):
-        if self.dtype not in DTYPES:
-            raise TypeError(f"dtype: expected bfloat16, float16 or float32, got {self.dtype}")
-        _check_blocksize(self.blocksize, "blocksize")
+        if not isinstance(self.dtype, torch.dtype) or self.dtype not in DTYPES:
+            raise TypeError(f"dtype: expected bfloat16, float16 or float32, got {self.dtype!r}")
+        self.blocksize = _check_blocksize(self.blocksize, "blocksize")
+        if not isinstance(self.packed, torch.Tensor):
+            raise TypeError(f"packed: expected a torch.Tensor, got {type(self.packed).__name__}")
         nested_parts = (self.absmax2 is None, self.code2 is None, self.offset is None)
         if len(set(nested_parts)) != 1:
             raise ValueError("absmax2, code2 and offset: give all three (double quantization) or none")
@@ -226,16 +303,21 @@ class NF4Weight:
         if self.packed.numel() != (n + 1) // 2:
             raise ValueError(f"packed: {self.packed.numel()} bytes, but shape {tuple(self.shape)} needs "
                              f"{(n + 1) // 2}")
+        if not self.packed.is_contiguous():
+            raise ValueError("packed: must be contiguous (the kernels read it as one flat byte array; pass "
+                             "packed.contiguous())")
         _expect(self.code, torch.float32, (16,), "code (quant_map)")
-        if not torch.equal(self.code.cpu(), python_ref.NF4_CODE):
+        if not self.code.is_meta and not torch.equal(self.code.cpu(), python_ref.NF4_CODE):
             raise ValueError("code (quant_map): is not the NF4 code table (fp4 or a custom map is not supported)")
         nblocks = math.ceil(n / self.blocksize)
         if not self.nested:
             _expect(self.absmax, torch.float32, (nblocks,), "absmax")
             return
         _expect(self.absmax, torch.uint8, (nblocks,), "absmax (nested: second-level indices)")
-        if not isinstance(self.nested_blocksize, int) or self.nested_blocksize < 1 or \
-                self.nested_blocksize & (self.nested_blocksize - 1):
+        nested_blocksize = self.nested_blocksize
+        if isinstance(nested_blocksize, numbers.Integral) and not isinstance(nested_blocksize, bool):
+            nested_blocksize = self.nested_blocksize = int(nested_blocksize)
+        if type(nested_blocksize) is not int or nested_blocksize < 1 or nested_blocksize & (nested_blocksize - 1):
             raise ValueError(f"nested_blocksize: expected a positive power of two, got {self.nested_blocksize!r}")
         _expect(self.absmax2, torch.float32, (math.ceil(nblocks / self.nested_blocksize),), "absmax2 (nested_absmax)")
         _expect(self.code2, torch.float32, (256,), "code2 (nested_quant_map)")
@@ -245,9 +327,21 @@ class NF4Weight:
         self.offset = self.offset.reshape(())
 
 
-def _check_blocksize(blocksize, name):
-    if type(blocksize) is not int or blocksize not in BLOCKSIZES:
-        raise ValueError(f"{name}: expected one of {BLOCKSIZES}, got {blocksize!r}")
+def _check_blocksize(blocksize, name) -> int:
+    """``blocksize`` as an int (any integral type, e.g. ``numpy.int64``, but not bool), if it is one of BLOCKSIZES."""
+    if isinstance(blocksize, numbers.Integral) and not isinstance(blocksize, bool) and int(blocksize) in BLOCKSIZES:
+        return int(blocksize)
+    raise ValueError(f"{name}: expected one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+def _nf4_code(device) -> torch.Tensor:
+    """The NF4 code table (fp32 ``[16]``) on ``device``: a constant of the format."""
+    return python_ref.NF4_CODE.to(device)
+
+
+def _dynamic_map(device) -> torch.Tensor:
+    """The signed dynamic map of double quantization (fp32 ``[256]``) on ``device``: a constant of the format."""
+    return python_ref.dynamic_map_signed().to(device)
 
 
 def _expect(t, dtype, numel_shape, name):

@@ -24,15 +24,25 @@ forward still computes them: see ``lowrank_kernels.adalora``). The mask is a pla
 dict; it applies while its adapter is the single active one and its ``lora_A`` Parameter is unchanged. Layers
 that peft trimmed to rank 0 when loading a ``rank_pattern`` run the base product alone.
 
+Hooks: peft's forward calls ``base_layer(x)``, ``lora_A``, ``lora_B`` and ``lora_dropout`` as modules, so their
+forward / backward hooks fire, and accelerate's device-map and offload hooks (which replace ``forward`` on the
+instance) move weights in and out around them. Our fused forward calls none of them, so a layer whose base layer
+or adapter modules carry hooks (or while global module hooks are registered) runs peft's own forward, and the hooks
+fire exactly as under peft: ``convert`` leaves such layers unconverted (and says why); a converted layer that
+gets hooks later falls back to peft's forward while they are registered (warned once per layer).
+
 Layers that cannot be converted (DoRA and other LoRA variants, ``lora_bias``, ``fan_in_fan_out``, FP4 or
-unquantized bitsandbytes weights, several active adapters) are left as they are and listed in a warning.
+unquantized bitsandbytes weights, several active adapters, hooked layers, a base layer that is a subclass with its
+own ``forward``, a dense weight of another dtype than bf16 / fp16 / fp32 / fp64 (fp8, say) or a tensor subclass)
+are left to peft and listed in one warning: what the model computes never changes.
 """
 import warnings
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
-from lowrank_kernels.adalora import _check_mask, active_indices, adalora_linear
+from lowrank_kernels.adalora import active_indices, adalora_linear, check_mask
 from lowrank_kernels.functional import lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
@@ -42,8 +52,9 @@ except ImportError as e:  # pragma: no cover - peft is an optional dependency
     raise ImportError("lowrank_kernels.peft needs the `peft` package (pip install peft)") from e
 try:
     from peft.tuners.lora.bnb import Linear4bit as _PeftLinear4bit
+    from bitsandbytes.nn import Linear4bit as _Bnb4bit
 except ImportError:  # bitsandbytes missing: peft defines no 4-bit LoRA layer
-    _PeftLinear4bit = None
+    _PeftLinear4bit = _Bnb4bit = None
 
 try:
     from peft.tuners.adalora import SVDLinear as _PeftSVDLinear
@@ -54,12 +65,63 @@ try:
 except ImportError:
     _PeftSVDLinear4bit = None
 
+_DENSE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
 __all__ = ["convert", "revert", "PeftLoraLinear", "PeftLoraLinear4bit", "PeftAdaLoraLinear",
            "PeftAdaLoraLinear4bit"]
 
 
+def _own_forward(module) -> bool:
+    """Whether ``module.forward`` is its class's (not replaced on the instance, as accelerate's hooks do)."""
+    bound = module.__dict__.get("forward")
+    return bound is None or (getattr(bound, "__self__", None) is module
+                             and getattr(bound, "__func__", None) is type(module).forward)
+
+
+_HOOK_KINDS = ("forward_pre", "forward", "backward_pre", "backward")
+
+
+def _hooked(module) -> bool:
+    """Whether anything would run around ``module``'s forward under peft that our fused forward would skip: its
+    forward / backward hooks or a ``forward`` replaced on the instance (accelerate's ``add_hook_to_module``:
+    device-map and offload hooks); global module hooks: ``_global_hooks``. The hot path: a few dict lookups."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks or not _own_forward(module))
+
+
+def _global_hooks() -> bool:
+    return any(getattr(_torch_module, f"_global_{kind}_hooks", None) for kind in _HOOK_KINDS)
+
+
+def _hooks(module) -> str:
+    """The hooks ``_hooked`` found on ``module``, in words (``""``: none)."""
+    words = {"forward_pre": "forward pre-hooks", "forward": "forward hooks", "backward_pre": "backward pre-hooks",
+             "backward": "backward hooks"}
+    found = [words[kind] for kind in _HOOK_KINDS if getattr(module, f"_{kind}_hooks", None)]
+    found += [f"global {words[kind]}" for kind in _HOOK_KINDS if getattr(_torch_module, f"_global_{kind}_hooks", None)]
+    if not _own_forward(module):
+        found.append("accelerate hooks (_hf_hook)" if hasattr(module, "_hf_hook") else "a forward set on the instance")
+    return ", ".join(found)
+
+
+def _runtime_hooks(layer, adapter_modules) -> bool:
+    """True while ``layer``'s base layer or one of ``adapter_modules`` is hooked (``_hooked``): the layer then runs
+    peft's own forward, so that the hooks fire exactly as under peft; warned once per layer."""
+    modules = (layer.base_layer, *adapter_modules)
+    hooked = modules[0] if _global_hooks() else next((m for m in modules if _hooked(m)), None)
+    if hooked is None:
+        return False
+    if not layer.__dict__.get("_lowrank_hooks_warned"):
+        layer.__dict__["_lowrank_hooks_warned"] = True
+        which = "its base layer" if hooked is layer.base_layer else f"its {type(hooked).__name__} adapter module"
+        warnings.warn(f"lowrank_kernels: {type(layer).__name__} runs peft's forward while {which} has "
+                      f"{_hooks(hooked)} (they fire exactly as under peft; our kernels would skip them)")
+    return True
+
+
 class _FusedForward:
-    """Mixin for a peft LoRA layer: our forward whenever exactly one plain LoRA adapter is active."""
+    """Mixin for a peft LoRA layer: our forward whenever exactly one plain LoRA adapter is active and nothing
+    peft's forward would run around the base product or the adapters (hooks) would be skipped."""
 
     def _lowrank_adapter(self):
         """The active adapter's name if our kernels cover the layer's current state, else ``None``."""
@@ -67,6 +129,8 @@ class _FusedForward:
             return None
         name = self.active_adapters[0]
         if name not in self.lora_A or name in self.lora_variant or self.lora_bias.get(name, False):
+            return None
+        if _runtime_hooks(self, (self.lora_A[name], self.lora_B[name], self.lora_dropout[name])):
             return None
         return name
 
@@ -126,12 +190,37 @@ def _unsupported(module) -> str:
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out=True is not supported"
     base = module.get_base_layer()
-    if type(module) in (_PeftLinear, _PeftSVDLinear):
-        if not isinstance(base, nn.Linear) or getattr(base.weight, "quant_state", None) is not None \
-                or not base.weight.is_floating_point():
-            return f"base layer {type(base).__name__} is not a dense nn.Linear"
-        return ""
+    if module.base_layer is not base:
+        return f"base layer {type(module.base_layer).__name__} wraps another layer (nested adapters)"
+    adapters = [module.lora_dropout[name]]
+    if type(module) not in _ADALORA:
+        adapters += [module.lora_A[name], module.lora_B[name]]
+        if any(type(m) is not nn.Linear for m in adapters[1:]):
+            return "lora_A / lora_B are not plain nn.Linear modules"
+    if type(adapters[0]) not in (nn.Dropout, nn.Identity):
+        return f"lora_dropout is a {type(adapters[0]).__name__} (nn.Dropout or nn.Identity is supported)"
+    hooked = next((m for m in (base, *adapters) if _hooked(m)), None)
+    if hooked is not None or _global_hooks():
+        hooked = base if hooked is None else hooked
+        which = "the base layer" if hooked is base else f"the {type(hooked).__name__} adapter module"
+        return f"{which} has {_hooks(hooked)}, which peft's forward runs and ours would skip"
+    dense = type(module) in (_PeftLinear, _PeftSVDLinear)
+    expected = nn.Linear if dense else _Bnb4bit
+    if not isinstance(base, expected):
+        return f"base layer {type(base).__name__} is not a{' dense' if dense else ''} {expected.__name__}"
+    if type(base).forward is not expected.forward:
+        return (f"base layer {type(base).__name__} overrides {expected.__name__}.forward (what it computes is "
+                "unknown to our kernels)")
     weight = base.weight
+    if dense:
+        if getattr(weight, "quant_state", None) is not None:
+            return f"base layer {type(base).__name__} holds a quantized weight"
+        if type(weight) not in (nn.Parameter, torch.Tensor):
+            return f"base weight is a {type(weight).__name__} (a tensor subclass our kernels do not compute)"
+        if weight.dtype not in _DENSE_DTYPES:
+            return (f"base weight dtype {weight.dtype} (our kernels compute bfloat16, float16, float32 and float64 "
+                    "weights exactly)")
+        return ""
     if getattr(weight, "quant_state", None) is None:
         return "the bitsandbytes weight is not quantized yet (move the model to the GPU first)"
     if getattr(weight.quant_state, "quant_type", None) != "nf4":
@@ -175,7 +264,7 @@ def revert(model: nn.Module) -> int:
     for module in model.modules():
         original = _ORIGINAL.get(type(module))
         if original is not None:
-            for key in ("_lowrank_nf4_cache", "_lowrank_rank_masks", "_lowrank_denominators"):
+            for key in ("_lowrank_nf4_cache", "_lowrank_rank_masks", "_lowrank_denominators", "_lowrank_hooks_warned"):
                 module.__dict__.pop(key, None)
             module.__class__ = original
             reverted += 1
@@ -198,7 +287,7 @@ class _AdaFusedForward:
         if adapter_name not in self.lora_A:
             raise ValueError(f"adapter_name: {adapter_name!r} has no AdaLoRA weights in this layer")
         A = self.lora_A[adapter_name]
-        _check_mask(mask, A.shape[0], "mask")
+        check_mask(mask, A.shape[0], "mask")
         idx = active_indices(mask, A.device) if active is None else active  # ``words``: unused (no buffer here)
         self.__dict__.setdefault("_lowrank_rank_masks", {})[adapter_name] = (A, idx)
 
@@ -214,6 +303,8 @@ class _AdaFusedForward:
     def _lowrank_denominator(self, name) -> float:
         """``float(ranknum) + 1e-5``, read from the device once per change of peft's ``ranknum`` Parameter."""
         ranknum = self.ranknum[name]
+        if ranknum.is_meta:  # shapes only: no value to read, none needed
+            return 1.0
         key = (ranknum.data_ptr(), ranknum._version)
         cache = self.__dict__.setdefault("_lowrank_denominators", {})
         if name not in cache or cache[name][0] != key:
@@ -222,7 +313,8 @@ class _AdaFusedForward:
 
     def forward(self, x, *args, **kwargs):
         if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1 \
-                or self.active_adapters[0] not in self.lora_A:
+                or self.active_adapters[0] not in self.lora_A \
+                or _runtime_hooks(self, (self.lora_dropout[self.active_adapters[0]],)):
             return super().forward(x, *args, **kwargs)
         name = self.active_adapters[0]
         dropout = self.lora_dropout[name]

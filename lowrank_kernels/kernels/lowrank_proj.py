@@ -38,7 +38,9 @@ from lowrank_kernels.kernels.rounding import round_fp32_to
 def _dropout(a, keep_ptr, offs_m, offs_k, stride_km, stride_kk, ok, keep_scale, HAS_KEEP: tl.constexpr):
     if HAS_KEEP:
         keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + offs_k[None, :] * stride_kk, mask=ok, other=0)
-        a = tl.where(keep != 0, round_fp32_to(a.to(tl.float32) * keep_scale, a.dtype), 0.0).to(a.dtype)
+        # round(a * keep_scale) * keep, the 0/1 mask multiplied (not selected): a NaN or inf in a dropped
+        # position gives NaN, as torch's dropout (and the torch path) does
+        a = (round_fp32_to(a.to(tl.float32) * keep_scale, a.dtype).to(tl.float32) * keep.to(tl.float32)).to(a.dtype)
     return a
 
 
