@@ -211,6 +211,26 @@ class NF4Weight:
         return cls(get(None), get("absmax"), shape, _dtype_from_name(meta["dtype"], meta_key),
                    meta["blocksize"], code=get("quant_map"), **kwargs)
 
+    # ------------------------------------------------------------------ state-dict key names
+    # The attribute path of every key state_dict writes (``quant_map``, ``nested_absmax``, ``nested_quant_map``,
+    # ``quant_state.bitsandbytes__nf4``), as bitsandbytes' ``Params4bit`` has it: torch's distributed state-dict
+    # helpers (``get_model_state_dict``) resolve keys by ``getattr`` along them.
+    @property
+    def quant_map(self) -> torch.Tensor:
+        return self.code
+
+    @property
+    def nested_absmax(self):
+        return self.absmax2
+
+    @property
+    def nested_quant_map(self):
+        return self.code2
+
+    @property
+    def quant_state(self) -> "_StateKey":
+        return _StateKey(self)
+
     # ------------------------------------------------------------------ use
     @property
     def nested(self) -> bool:
@@ -325,6 +345,17 @@ class NF4Weight:
         if self.offset.numel() != 1:
             raise ValueError(f"offset: expected one element, got shape {tuple(self.offset.shape)}")
         self.offset = self.offset.reshape(())
+
+
+class _StateKey:
+    """``NF4Weight.quant_state``: the path of the ``quant_state.bitsandbytes__nf4`` key (the JSON blob)."""
+
+    def __init__(self, nf4: NF4Weight):
+        self._nf4 = nf4
+
+    @property
+    def bitsandbytes__nf4(self) -> torch.Tensor:
+        return self._nf4.state_dict("w")["w.quant_state.bitsandbytes__nf4"]
 
 
 def _check_blocksize(blocksize, name) -> int:

@@ -157,14 +157,15 @@ if _PeftLinear4bit is not None:
 
         def _lowrank_forward(self, x, A, B, scaling, p):
             base = self.get_base_layer()
-            return qlora_linear(x, self._lowrank_nf4(base.weight), A, B, scaling, base.bias, dropout=p)
+            return qlora_linear(x, self._lowrank_weight(base), A, B, scaling, base.bias, dropout=p)
 
-        def _lowrank_nf4(self, weight) -> NF4Weight:
+        def _lowrank_weight(self, base) -> NF4Weight:
             """``NF4Weight`` view of the bitsandbytes weight (shared storage), rebuilt when the weight changes."""
-            key = (weight.data_ptr(), id(weight.quant_state), weight.device)
+            weight, quant_state = base.weight, _quant_state(base)
+            key = (weight.data_ptr(), id(quant_state), weight.device)
             cached = self.__dict__.get("_lowrank_nf4_cache")
             if cached is None or cached[0] != key:
-                cached = (key, NF4Weight.from_bnb(weight))
+                cached = (key, NF4Weight.from_bnb(weight, quant_state))
                 self.__dict__["_lowrank_nf4_cache"] = cached
             return cached[1]
 else:
@@ -174,6 +175,13 @@ _OURS = {_PeftLinear: PeftLoraLinear}
 if _PeftLinear4bit is not None:
     _OURS[_PeftLinear4bit] = PeftLoraLinear4bit
 _ORIGINAL = {ours: theirs for theirs, ours in _OURS.items()}
+
+
+def _quant_state(base):
+    """The bitsandbytes ``QuantState`` of a ``Linear4bit``: its weight's, or (a weight that lost it, as FSDP2's
+    sharding of a ``Params4bit`` does) the one the layer keeps, which bitsandbytes' own forward falls back to."""
+    state = getattr(base.weight, "quant_state", None)
+    return state if state is not None else getattr(base, "quant_state", None)
 
 
 def _unsupported(module) -> str:
@@ -221,12 +229,13 @@ def _unsupported(module) -> str:
             return (f"base weight dtype {weight.dtype} (our kernels compute bfloat16, float16, float32 and float64 "
                     "weights exactly)")
         return ""
-    if getattr(weight, "quant_state", None) is None:
+    quant_state = _quant_state(base)
+    if quant_state is None:
         return "the bitsandbytes weight is not quantized yet (move the model to the GPU first)"
-    if getattr(weight.quant_state, "quant_type", None) != "nf4":
-        return f"quant_type {weight.quant_state.quant_type!r} (only nf4 is supported)"
+    if getattr(quant_state, "quant_type", None) != "nf4":
+        return f"quant_type {quant_state.quant_type!r} (only nf4 is supported)"
     try:
-        NF4Weight.from_bnb(weight)
+        NF4Weight.from_bnb(weight, quant_state)
     except (TypeError, ValueError) as e:
         return f"weight not readable as NF4: {e}"
     return ""
@@ -320,7 +329,7 @@ class _AdaFusedForward:
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         A, base = self.lora_A[name], self.get_base_layer()
-        return adalora_linear(x, self._lowrank_weight(base.weight), A, self.lora_E[name], self.lora_B[name],
+        return adalora_linear(x, self._lowrank_weight(base), A, self.lora_E[name], self.lora_B[name],
                               self.scaling[name] / self._lowrank_denominator(name), base.bias,
                               active=self._lowrank_active(name, A), dropout=p)
 
@@ -330,8 +339,8 @@ if _PeftSVDLinear is not None:
         """peft's ``adalora.SVDLinear`` (dense ``nn.Linear`` base) with the forward/backward of
         ``adalora_linear``."""
 
-        def _lowrank_weight(self, weight):
-            return weight
+        def _lowrank_weight(self, base):
+            return base.weight
 else:  # pragma: no cover
     PeftAdaLoraLinear = None
 
@@ -339,7 +348,7 @@ if _PeftSVDLinear4bit is not None:
     class PeftAdaLoraLinear4bit(_AdaFusedForward, _PeftSVDLinear4bit):
         """peft's ``adalora.bnb.SVDLinear4bit`` (NF4 base) with the forward/backward of ``adalora_linear``."""
 
-        _lowrank_weight = PeftLoraLinear4bit._lowrank_nf4
+        _lowrank_weight = PeftLoraLinear4bit._lowrank_weight
 else:
     PeftAdaLoraLinear4bit = None
 
