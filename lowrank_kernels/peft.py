@@ -252,6 +252,11 @@ def convert(model: nn.Module) -> int:
     for name, module in model.named_modules():
         ours = _OURS.get(type(module))
         if ours is None:
+            converted_already = type(module) in _ORIGINAL or _wrapped_class(module, _ORIGINAL) is not None
+            wrapped = None if converted_already else _wrapped_class(module, _OURS)
+            if wrapped is not None:
+                skipped.append(f"{name}: its class {type(module).__name__} subclasses peft's {wrapped.__name__} "
+                               "(as a wrapper such as FSDP2's fully_shard makes one): convert before wrapping")
             continue
         reason = _unsupported(module)
         if reason:
@@ -269,15 +274,26 @@ def revert(model: nn.Module) -> int:
     """Turns converted layers back into peft's own classes; returns how many were reverted."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    reverted = 0
-    for module in model.modules():
+    reverted, left = 0, []
+    for name, module in model.named_modules():
         original = _ORIGINAL.get(type(module))
+        if original is None and _wrapped_class(module, _ORIGINAL) is not None:
+            left.append(name)
         if original is not None:
             for key in ("_lowrank_nf4_cache", "_lowrank_rank_masks", "_lowrank_denominators", "_lowrank_hooks_warned"):
                 module.__dict__.pop(key, None)
             module.__class__ = original
             reverted += 1
+    if left:
+        warnings.warn(f"lowrank_kernels.peft.revert left {len(left)} converted layer(s) whose class another library "
+                      f"wrapped (as FSDP2's fully_shard does): {', '.join(left)}; revert before wrapping")
     return reverted
+
+
+def _wrapped_class(module, classes):
+    """The class of ``classes`` that ``type(module)`` subclasses without being it (a wrapper's dynamic subclass,
+    e.g. FSDP2's ``FSDP<name>``), or ``None``."""
+    return next((c for c in type(module).__mro__[1:] if c in classes), None)
 
 
 # ---------------------------------------------------------------------------------------------------- AdaLoRA

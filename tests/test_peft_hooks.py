@@ -201,3 +201,19 @@ def test_adalora_hooked_base_runs_peft_forward():
     with pytest.warns(UserWarning, match="runs peft's forward while its base layer has forward hooks"):
         y = ours(x)
     assert rel_err(y, model(x).double()) <= 1e-5
+
+
+def test_wrapped_classes_are_reported():
+    """A wrapper that subclasses the layer's class (FSDP2's ``fully_shard`` makes ``FSDP<name>``) hides it from
+    convert / revert: both say so instead of skipping it silently; converting twice is quiet."""
+    model = lora_tiny()
+    layer = model.base_model.model.up
+    layer.__class__ = type("FSDPLinear", (type(layer),), {})
+    with pytest.warns(UserWarning, match="up: its class FSDPLinear subclasses peft's Linear"):
+        assert lk_peft.convert(model) == 1
+    with pytest.warns(UserWarning, match=r"left 1 layer\(s\) unconverted:\n  base_model.model.up: its class"):
+        assert lk_peft.convert(model) == 0  # down, already converted, is not listed
+    down = model.base_model.model.down
+    down.__class__ = type("FSDPPeftLoraLinear", (type(down),), {})
+    with pytest.warns(UserWarning, match="revert left 1 converted layer.*down"):
+        assert lk_peft.revert(model) == 0
