@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lowrank_kernels import nf4_module
+from lowrank_kernels import dispatch, nf4_module
 from lowrank_kernels.checks import check_finite, check_float_dtype, check_rank
-from lowrank_kernels.functional import lora_linear, qlora_linear
-from lowrank_kernels.nf4 import NF4Weight
+from lowrank_kernels.functional import check_inputs, lora_linear, qlora_linear
+from lowrank_kernels.nf4 import DTYPES as NF4_DTYPES, NF4Weight
 
 __all__ = ["AdaLoraLinear", "adalora_linear", "active_indices", "check_active", "check_mask", "pack_mask", "unpack_mask"]
 
@@ -149,6 +149,8 @@ def adalora_linear(x, weight, lora_A, lora_E, lora_B, scaling, bias=None, *, act
     r = lora_A.shape[0]
     if lora_E.shape != (r, 1):
         raise ValueError(f"lora_E: expected shape [{r}, 1] (r of lora_A), got {tuple(lora_E.shape)}")
+    if lora_E.device != lora_A.device:
+        raise ValueError(f"lora_E: on {lora_E.device}, but lora_A is on {lora_A.device}")
     if active is not None:
         check_active(active, r, lora_A.device)
     if active is not None and active.numel() < r:  # else (sorted, distinct, r of them) all ranks, in order
@@ -159,11 +161,12 @@ def adalora_linear(x, weight, lora_A, lora_E, lora_B, scaling, bias=None, *, act
     if A.shape[0] > 0:
         fn = qlora_linear if isinstance(weight, NF4Weight) else lora_linear
         return fn(x, weight, A, B, scaling, bias, dropout=dropout, backend=backend, config=config)
-    # ρ = 0: the base product alone, in the compute dtype the functional would use.
+    # ρ = 0: the base product alone, in the compute dtype the functional would use, after the functional's checks
+    check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config, min_rank=0)
     autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # no autocast on meta
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        w = weight.dequantize(dtype) if isinstance(weight, NF4Weight) else weight.to(dtype)
+        w = dispatch.dense_weight(weight, dtype, backend if dtype in NF4_DTYPES else "torch")
         y = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
     params = (lora_A, lora_E, lora_B)
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):

@@ -10,7 +10,7 @@ NF4) gets no gradient unless it is a dense tensor that requires one.
 """
 import torch
 
-from lowrank_kernels import dispatch
+from lowrank_kernels import dispatch, policy
 
 
 def dropout_keep(shape, p: float, seed: int, device) -> torch.Tensor:
@@ -24,8 +24,8 @@ def dropout_keep(shape, p: float, seed: int, device) -> torch.Tensor:
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """``apply(x [M, K], lora_A [r, K], lora_B [N, r], bias [N] | None, weight, scaling, dropout, seed,
-    backend, config) -> Y [M, N]``.
+    """``apply(x [M, K], lora_A [r, K], lora_B [N, r], bias [N] | None, weight, scaling, dropout, seed, plan,
+    backend, config) -> Y [M, N]``; ``plan``: the forward's ``policy.LayerPlan`` (the backward makes its own).
 
     ``x`` sets the compute dtype; ``lora_A``, ``lora_B``, ``bias`` and a dense ``weight`` (``[N, K]``) may have
     any float dtype: they are rounded to ``x.dtype`` for the products, and each gradient comes back in its own
@@ -34,11 +34,11 @@ class LoraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, weight, scaling, dropout, seed, backend, config):
+    def forward(ctx, x, lora_A, lora_B, bias, weight, scaling, dropout, seed, plan, backend, config):
         keep = dropout_keep(x.shape, dropout, seed, x.device) if dropout > 0 else None
         keep_scale = 1.0 / (1.0 - dropout)
         y, S, A, B = dispatch.lora_linear_forward(x, weight, lora_A, lora_B, scaling, bias, keep, keep_scale,
-                                                  backend, config, need_S=ctx.needs_input_grad[2])
+                                                  plan, config, need_S=ctx.needs_input_grad[2])
         dense = isinstance(weight, torch.Tensor)
         need_x_saved = ctx.needs_input_grad[1] or (dense and ctx.needs_input_grad[4])
         ctx.save_for_backward(x if need_x_saved else None, A, B,  # as the forward used them (copies not redone)
@@ -56,9 +56,11 @@ class LoraLinearFunction(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:5])
         keep = dropout_keep(x_shape, dropout, seed, grad_y.device) if dropout > 0 else None
         a_dtype, b_dtype, bias_dtype, x_dtype = ctx.dtypes
+        grad_y = dispatch.cast(grad_y, x_dtype)
+        plan = policy.backward_plan(grad_y, weight, dropout > 0, needs[1], needs[2], backend)
         dx, dA, dB, db, dw = dispatch.lora_linear_backward(
-            dispatch.cast(grad_y, x_dtype), x, weight, A, B, scaling, S, keep, keep_scale, needs, backend, config,
+            grad_y, x, weight, A, B, scaling, S, keep, keep_scale, needs, plan, config,
             adapter_dtypes=(a_dtype, b_dtype))
         cast = dispatch.cast
         return (dx, cast(dA, a_dtype), cast(dB, b_dtype), cast(db, bias_dtype),
-                cast(dw, None if dense_w is None else dense_w.dtype), None, None, None, None, None)
+                cast(dw, None if dense_w is None else dense_w.dtype), None, None, None, None, None, None)

@@ -7,22 +7,15 @@ own dtype; the NF4 weight never gets one. Arithmetic happens in ``x``'s dtype (b
 ``torch.autocast``, the autocast dtype) with fp32 accumulation: ``lora_A``, ``lora_B`` and ``bias`` are cast to
 it, as peft does with fp32 adapters on bf16 activations.
 
-On CUDA, an NF4 forward with at most ``dispatch.GEMV_MAX_M`` rows and no dropout runs the NF4 GEMV kernels (the
-4-bit weight read once; ``S``, the LoRA term, the bias and the adapters' rounding inside; two launches in all);
-NF4 ones of ``dispatch.MERGE_MIN_M`` rows or more without dropout dequantize with the LoRA update merged into the
-weight (``W' = deq(W) + s * B @ A``, one rounding) and run plain cuBLAS GEMMs with it (forward and dX); other
-ones dequantize with our bit-exact kernel and run cuBLAS, the LoRA branch in one Triton launch at
-``dispatch.BRANCH_MIN_M`` rows or more and with dropout, else in cuBLAS products.
-``backend="triton"`` selects the tiled fused Triton GEMMs above that size (forward and dX: the NF4 weight is
-dequantized in registers, never materialized, the LoRA term in the same accumulator); they are correct but not
-yet faster (``dispatch.FUSED_BY_DEFAULT``). On CPU the torch path runs.
+Which kernels run (decode GEMV, merged weight, one-launch LoRA branch, cuBLAS, the opt-in fused GEMM with
+``backend="triton"``; the torch path on CPU) is ``policy.forward_plan`` / ``policy.backward_plan``'s choice.
 """
 import contextlib
 import numbers
 
 import torch
 
-from lowrank_kernels import dispatch
+from lowrank_kernels import dispatch, policy
 from lowrank_kernels.autograd import LoraLinearFunction, dropout_keep
 from lowrank_kernels.checks import check_finite
 from lowrank_kernels.nf4 import NF4Weight
@@ -41,9 +34,6 @@ def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, dropout=0.0, 
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight: expected an NF4Weight, got {type(weight).__name__} "
                         "(use lora_linear for a dense weight)")
-    if len(weight.shape) != 2:
-        raise ValueError(f"weight: expected a 2-D [out_features, in_features] NF4 weight, got shape "
-                         f"{tuple(weight.shape)}")
     return _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config)
 
 
@@ -51,16 +41,25 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, dropout=0.0, b
     """As :func:`qlora_linear` with a dense ``weight [N, K]`` (bf16 / fp16 / fp32; rounded to the compute dtype)."""
     if isinstance(weight, NF4Weight):
         raise TypeError("weight: got an NF4Weight; use qlora_linear for NF4 weights")
-    _check_tensor(weight, "weight", dims=2)
-    if weight.dtype not in _X_DTYPES + _TORCH_ONLY_DTYPES:
-        raise TypeError(f"weight: expected dtype bfloat16, float16, float32 or float64, got {weight.dtype}")
     return _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config)
 
 
-def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
+def check_inputs(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, backend=None, config=None, *,
+                 min_rank=1):
+    """Raises a ``TypeError`` / ``ValueError`` naming the argument unless the arguments of :func:`qlora_linear`
+    (an ``NF4Weight``) or :func:`lora_linear` (a dense tensor) are valid together (``min_rank``: the least rank
+    ``r`` of the adapters; AdaLoRA layers that peft trimmed have 0)."""
+    if isinstance(weight, NF4Weight):
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight: expected a 2-D [out_features, in_features] NF4 weight, got shape "
+                             f"{tuple(weight.shape)}")
+    else:
+        _check_tensor(weight, "weight", dims=2)
+        if weight.dtype not in _X_DTYPES + _TORCH_ONLY_DTYPES:
+            raise TypeError(f"weight: expected dtype bfloat16, float16, float32 or float64, got {weight.dtype}")
     N, K = weight.shape
-    _validate(x, N, K, weight.device, lora_A, lora_B, scaling, bias, dropout)
-    if dispatch.choose_backend(x.device, backend) != "torch":
+    _validate(x, N, K, weight.device, lora_A, lora_B, scaling, bias, dropout, min_rank)
+    if policy.choose_backend(x.device, backend) != "torch":
         if x.dtype in _TORCH_ONLY_DTYPES:
             raise TypeError(f"x: dtype {x.dtype} runs on the torch backend only (pass backend='torch'); the Triton "
                             "kernels take bfloat16, float16 or float32")
@@ -68,6 +67,11 @@ def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
             from lowrank_kernels.kernels.lora_matmul import check_config
 
             check_config(config)
+
+
+def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
+    check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config)
+    N, K = weight.shape
     dtype = x.dtype
     autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # no autocast on meta
     if autocast:
@@ -79,13 +83,14 @@ def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
     # The dropout mask is a function of a seed drawn from the CPU RNG, which torch.utils.checkpoint saves and
     # restores: a recomputed forward (and the backward) sees the same mask.
     seed = int(torch.randint(0, 2**62, ()).item()) if p > 0 else 0
+    plan = policy.forward_plan(x2, weight, p > 0, backend, config)
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-            y = LoraLinearFunction.apply(x2, lora_A, lora_B, bias, weight, s, p, seed, backend, config)
+            y = LoraLinearFunction.apply(x2, lora_A, lora_B, bias, weight, s, p, seed, plan, backend, config)
         else:  # inference: nothing is saved
             keep = dropout_keep(x2.shape, p, seed, x.device) if p > 0 else None
-            y, *_ = dispatch.lora_linear_forward(x2, weight, lora_A, lora_B, s, bias, keep, 1.0 / (1.0 - p),
-                                                backend, config, need_S=False)
+            y, *_ = dispatch.lora_linear_forward(x2, weight, lora_A, lora_B, s, bias, keep, 1.0 / (1.0 - p), plan,
+                                                config, need_S=False)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 
@@ -98,7 +103,7 @@ def _check_tensor(t, name, dims=None):
         raise ValueError(f"{name}: expected {dims} dimension(s), got shape {tuple(t.shape)}")
 
 
-def _validate(x, N, K, weight_device, lora_A, lora_B, scaling, bias, dropout):
+def _validate(x, N, K, weight_device, lora_A, lora_B, scaling, bias, dropout, min_rank=1):
     _check_tensor(x, "x")
     if x.dtype not in _X_DTYPES + _TORCH_ONLY_DTYPES:
         raise TypeError(f"x: expected dtype bfloat16, float16 or float32 (float64: torch backend only), got "
@@ -109,8 +114,8 @@ def _validate(x, N, K, weight_device, lora_A, lora_B, scaling, bias, dropout):
     _check_tensor(lora_A, "lora_A", dims=2)
     _check_tensor(lora_B, "lora_B", dims=2)
     r = lora_A.shape[0]
-    if r < 1 or lora_A.shape[1] != K:
-        raise ValueError(f"lora_A: expected shape [r, {K}] with r >= 1, got {tuple(lora_A.shape)}")
+    if r < min_rank or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A: expected shape [r, {K}] with r >= {min_rank}, got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B: expected shape [{N}, {r}] (out_features, r of lora_A), got "
                          f"{tuple(lora_B.shape)}")

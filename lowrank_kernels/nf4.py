@@ -315,6 +315,8 @@ class NF4Weight:
             if t.device != self.packed.device:
                 raise ValueError(f"{name}: on {t.device}, but packed is on {self.packed.device}; "
                                  "all NF4 tensors must be on one device")
+        if not all(type(d) is int and d >= 0 for d in self.shape):
+            raise ValueError(f"shape: expected non-negative ints, got {tuple(self.shape)}")
         n = self.numel()
         if n == 0:
             raise ValueError(f"shape: {tuple(self.shape)} has no elements")

@@ -12,8 +12,9 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="the direct launch exists o
 
 
 def _dequant(w, packed, out_dtype=torch.float32):
-    return nf4_dequantize(packed, w.absmax, w.code, (w.numel(),), w.blocksize, out_dtype, w.absmax2, w.code2,
-                          w.offset, w.nested_blocksize, kernel="words")
+    w = NF4Weight(packed, w.absmax, w.shape, w.dtype, w.blocksize, absmax2=w.absmax2, code2=w.code2,
+                  offset=w.offset, nested_blocksize=w.nested_blocksize)
+    return nf4_dequantize(w, out_dtype, tune=dict(kernel="words")).view(-1)
 
 
 def test_launch_checks_the_number_of_arguments():

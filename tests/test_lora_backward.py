@@ -96,17 +96,16 @@ def test_lora_grads_match_oracle(case, backend):
 def default_cuda_path(request, monkeypatch):
     """``backend=None`` takes the CUDA default path (our Triton dequantize kernel, the big GEMM by torch) on CPU
     too, through the interpreter (on a GPU it is that path already): NF4 without dropout with the LoRA update
-    merged into the dequantized weight (``dispatch.MERGE_LORA``, at every M), else (and with the merge off) the
+    merged into the dequantized weight (``policy.MERGE_MIN_M`` 0: at every M), else (the merge off) the
     LoRA branch in one launch at every M, or in torch calls unless there is dropout (``BRANCH_MIN_M``)."""
-    from lowrank_kernels import dispatch
+    from lowrank_kernels import policy
 
     if not HAS_CUDA:
-        choose = dispatch.choose_backend
-        monkeypatch.setattr(dispatch, "choose_backend",
+        choose = policy.choose_backend
+        monkeypatch.setattr(policy, "choose_backend",
                             lambda device, backend=None: "triton" if backend is None else choose(device, backend))
-    monkeypatch.setattr(dispatch, "MERGE_LORA", request.param == "merged")
-    monkeypatch.setattr(dispatch, "MERGE_MIN_M", 0)
-    monkeypatch.setattr(dispatch, "BRANCH_MIN_M", 0 if request.param == "one-launch branch" else 10**9)
+    monkeypatch.setattr(policy, "MERGE_MIN_M", 0 if request.param == "merged" else 10**9)
+    monkeypatch.setattr(policy, "BRANCH_MIN_M", 0 if request.param == "one-launch branch" else 10**9)
 
 
 # (M, N, K, r, x dtype, blocksize, bias, dropout): M > 64, or dropout, so that the GEMV path does not take them

@@ -125,8 +125,10 @@ def test_dequantize_triton_bit_identical_to_reference(case, nested):
 def _launch(w, out_dtype, kernel, packed=None):
     from lowrank_kernels.kernels.nf4_dequant import nf4_dequantize
 
-    return nf4_dequantize(w.packed if packed is None else packed, w.absmax, w.code, (w.numel(),), w.blocksize,
-                          out_dtype, w.absmax2, w.code2, w.offset, w.nested_blocksize, kernel=kernel)
+    if packed is not None:
+        w = NF4Weight(packed, w.absmax, w.shape, w.dtype, w.blocksize, absmax2=w.absmax2, code2=w.code2,
+                      offset=w.offset, nested_blocksize=w.nested_blocksize)
+    return nf4_dequantize(w, out_dtype, tune=dict(kernel=kernel)).view(-1)
 
 
 # n % 8 == 0 (the word kernel applies) with rows that straddle blocks, partial last blocks, every blocksize

@@ -9,8 +9,8 @@ import torch
 
 import python_ref
 from lowrank_kernels import NF4Weight
-from lowrank_kernels.dispatch import _nf4_state
-from lowrank_kernels.kernels.nf4_gemv import MAX_ELEMENTS, default_config, nf4_gemv
+from lowrank_kernels.kernels.launch import MAX_ELEMENTS
+from lowrank_kernels.kernels.nf4_gemv import default_config, nf4_gemv
 from tests.conftest import DEVICE, HAS_CUDA
 from tests.test_lora_forward import TOL, oracle_nf4_weight, rel_err
 
@@ -117,7 +117,7 @@ def _check(case, **extra):
     scale = 0.05 if K >= 1000 else 1.0  # realistic weight scale on the big GPU shapes
     w = make_weight(N, K, bs, nested, scale)
     x, A, B, b = make_inputs(M, N, K, r, dtype, bias)
-    out, S = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, **KNOBS[knobs], **extra)
+    out, S = nf4_gemv(x, w, A, B, SCALING, b, tune=dict(**KNOBS[knobs], **extra))
     assert out.dtype == dtype and out.shape == (M, N) and S.dtype == dtype and S.shape == (M, r)
     y_ref, S_ref = oracle(x, oracle_nf4_weight(w), A, B, b)
     assert rel_err(S, S_ref) <= TOL[dtype]
@@ -185,14 +185,13 @@ def test_nf4_gemv_operand_is_bit_exact(dtype, N, K, bs, nested, knobs):
     in-register dequantization equals ``dequantize()`` (bitsandbytes' values) bit for bit."""
     w = _exact_weight(N, K, bs, nested)
     ref = w.dequantize(dtype, backend="torch")
-    state = _nf4_state(w)
     eye = torch.eye(K, device=DEVICE, dtype=dtype)
     A = torch.zeros(4, K, device=DEVICE, dtype=dtype)
     B = torch.randn(N, 4, device=DEVICE).to(dtype)
     precision = "ieee" if dtype == F32 else None  # tf32 splits fp32 operands; ieee products are exact
     for k0 in range(0, K, 64):
         x = eye[k0:k0 + 64]
-        out, _ = nf4_gemv(x, state, A, B, 1.0, None, input_precision=precision, **KNOBS[knobs])
+        out, _ = nf4_gemv(x, w, A, B, 1.0, None, tune=dict(input_precision=precision, **KNOBS[knobs]))
         assert torch.equal(out, ref[:, k0:k0 + 64].t()), k0
 
 
@@ -201,9 +200,9 @@ def test_nf4_gemv_split_k_is_deterministic_and_matches_single_slice():
     w = make_weight(N, K, 64, True)
     x, A, B, b = make_inputs(M, N, K, r, F32, True)
     knobs = dict(block_n=16, block_k=128, num_warps=1)
-    one, s_one = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, split_k=1, input_precision="ieee", **knobs)
-    a, s_a = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, split_k=4, input_precision="ieee", **knobs)
-    again, s_again = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, split_k=4, input_precision="ieee", **knobs)
+    one, s_one = nf4_gemv(x, w, A, B, SCALING, b, tune=dict(split_k=1, input_precision="ieee", **knobs))
+    a, s_a = nf4_gemv(x, w, A, B, SCALING, b, tune=dict(split_k=4, input_precision="ieee", **knobs))
+    again, s_again = nf4_gemv(x, w, A, B, SCALING, b, tune=dict(split_k=4, input_precision="ieee", **knobs))
     assert torch.equal(a, again) and torch.equal(s_a, s_again)
     assert rel_err(a, one.double()) <= 1e-6 and rel_err(s_a, s_one.double()) <= 1e-6
 
@@ -216,8 +215,8 @@ def test_nf4_gemv_tma_matches_register_double_buffer(fma):
     w = make_weight(N, K, 64, True)
     x, A, B, b = make_inputs(1 if fma else 3, N, K, r, F32, True)
     knobs = dict(block_n=16, block_k=256, split_k=2, num_warps=2, fma=fma, input_precision="ieee")
-    y_tma, s_tma = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, tma=True, num_stages=3, **knobs)
-    y_reg, s_reg = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, tma=False, **knobs)
+    y_tma, s_tma = nf4_gemv(x, w, A, B, SCALING, b, tune=dict(tma=True, num_stages=3, **knobs))
+    y_reg, s_reg = nf4_gemv(x, w, A, B, SCALING, b, tune=dict(tma=False, **knobs))
     assert torch.equal(s_tma, s_reg)
     assert rel_err(y_tma, y_reg.double()) <= 1e-6
 
@@ -230,12 +229,11 @@ def test_nf4_gemv_default_under_graph_capture(M):
     N, K, r = 1000, 4096, 16
     w = make_weight(N, K, 64, True, 0.05)
     x, A, B, b = make_inputs(M, N, K, r, BF16, True)
-    state = _nf4_state(w)
-    eager, s_eager = nf4_gemv(x, state, A, B, SCALING, b)
+    eager, s_eager = nf4_gemv(x, w, A, B, SCALING, b)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, S = nf4_gemv(x, state, A, B, SCALING, b)
+        out, S = nf4_gemv(x, w, A, B, SCALING, b)
     graph.replay()
     torch.cuda.synchronize()
     y_ref, S_ref = oracle(x, oracle_nf4_weight(w), A, B, b)
@@ -250,8 +248,8 @@ def test_nf4_gemv_fma_matches_tensor_core_path():
     w = make_weight(N, K, 64, True)
     x, A, B, b = make_inputs(1, N, K, r, F32, True)
     knobs = dict(block_n=16, block_k=256, split_k=2, num_warps=2, input_precision="ieee")
-    y_fma, s_fma = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, fma=True, **knobs)
-    y_dot, s_dot = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b, fma=False, **knobs)
+    y_fma, s_fma = nf4_gemv(x, w, A, B, SCALING, b, tune=dict(fma=True, **knobs))
+    y_dot, s_dot = nf4_gemv(x, w, A, B, SCALING, b, tune=dict(fma=False, **knobs))
     assert rel_err(s_fma, s_dot.double()) <= 1e-6
     assert rel_err(y_fma, y_dot.double()) <= 1e-5
 
@@ -261,22 +259,22 @@ def test_nf4_gemv_fma_matches_tensor_core_path():
 def test_nf4_gemv_pdl_launch_matches_plain_launch(M, monkeypatch):
     """The finish kernel launched early (PDL, waiting on the main kernel) gives bit-identical results to the
     plainly serialized launch; on Hopper or newer the PDL path must actually be taken."""
-    from lowrank_kernels.kernels import nf4_gemv as mod
+    from lowrank_kernels import policy
 
     N, K, r = 200, 512, 16
     w = make_weight(N, K, 64, True)
     x, A, B, b = make_inputs(M, N, K, r, BF16, True, adapter_dtype=F32)
     out = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("LOWRANK_KERNELS_PDL", flag)
-        mod._pdl.cache_clear()
-        out[flag] = nf4_gemv(x, _nf4_state(w), A, B, SCALING, b)
-        if flag == "1" and torch.cuda.get_device_capability()[0] >= 9:
-            assert mod._pdl(x.device), "PDL should be available on this GPU and Triton"
-    mod._pdl.cache_clear()
-    assert torch.equal(out["1"][0], out["0"][0]) and torch.equal(out["1"][1], out["0"][1])
+    for flag in (True, False):
+        monkeypatch.setattr(policy, "USE_PDL", flag)
+        plan = policy.gemv_plan(x, w)
+        if flag and torch.cuda.get_device_capability()[0] >= 9:
+            assert plan.pdl, "PDL should be available on this GPU and Triton"
+        assert flag or not plan.pdl
+        out[flag] = nf4_gemv(x, w, A, B, SCALING, b, plan=plan)
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
     y_ref, S_ref = oracle(x, oracle_nf4_weight(w), A, B, b)
-    assert rel_err(out["1"][0], y_ref) <= TOL[BF16]
+    assert rel_err(out[True][0], y_ref) <= TOL[BF16]
 
 
 def test_nf4_gemv_strided_operands():
@@ -288,14 +286,14 @@ def test_nf4_gemv_strided_operands():
     B = torch.randn(r, N, device=DEVICE).t()  # column-major view
     b = torch.randn(2 * N, device=DEVICE)[::2]
     for knobs in ("fast_split", "fast_fma"):
-        out, S = nf4_gemv(x[:1] if knobs == "fast_fma" else x, _nf4_state(w), A, B, SCALING, b, **KNOBS[knobs])
+        out, S = nf4_gemv(x[:1] if knobs == "fast_fma" else x, w, A, B, SCALING, b, tune=KNOBS[knobs])
         y_ref, S_ref = oracle(x[:out.shape[0]], oracle_nf4_weight(w), A, B, b)
         assert rel_err(out, y_ref) <= TOL[F16] and rel_err(S, S_ref) <= TOL[F16]
 
 
 def test_nf4_gemv_empty_batch():
     w = make_weight(8, 64, 64, True)
-    out, S = nf4_gemv(torch.randn(0, 64, device=DEVICE).to(F16), _nf4_state(w), torch.randn(4, 64, device=DEVICE),
+    out, S = nf4_gemv(torch.randn(0, 64, device=DEVICE).to(F16), w, torch.randn(4, 64, device=DEVICE),
                       torch.randn(8, 4, device=DEVICE), SCALING)
     assert out.shape == (0, 8) and S.shape == (0, 4)
 
@@ -320,7 +318,7 @@ def test_default_config_is_sane():
 
 def _bad_inputs():
     w = make_weight(8, 64, 64, True)
-    return dict(x=torch.randn(2, 64, device=DEVICE).to(F16), nf4=_nf4_state(w),
+    return dict(x=torch.randn(2, 64, device=DEVICE).to(F16), nf4=w,
                 lora_A=torch.randn(4, 64, device=DEVICE), lora_B=torch.randn(8, 4, device=DEVICE), scaling=SCALING,
                 bias=None)
 
@@ -349,7 +347,7 @@ def _bad_inputs():
 def test_nf4_gemv_rejects_bad_input(change, knobs, exc, name):
     args = {**_bad_inputs(), **change}
     with pytest.raises(exc, match=name):
-        nf4_gemv(**args, **knobs)
+        nf4_gemv(**args, tune=knobs)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a second device")
@@ -362,6 +360,11 @@ def test_nf4_gemv_rejects_operands_on_another_device():
 def test_nf4_gemv_rejects_weights_past_int32_indexing():
     """N*K past the int32 flat-index limit is refused (before any launch), naming the weight."""
     args = _bad_inputs()
-    big = {**args["nf4"], "shape": (MAX_ELEMENTS // 64 + 1, 64)}
+
+    class Big:  # only the shape is read before the check
+        shape = (MAX_ELEMENTS // 64 + 1, 64)
+        packed = args["nf4"].packed
+
+    big = Big()
     with pytest.raises(ValueError, match="weight"):
         nf4_gemv(args["x"], big, args["lora_A"], args["lora_B"], SCALING)

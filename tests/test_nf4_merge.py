@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from lowrank_kernels import NF4Weight
-from lowrank_kernels.dispatch import _nf4_state
 from lowrank_kernels.kernels.nf4_merge import nf4_merge
 from tests.conftest import DEVICE, HAS_CUDA
 
@@ -52,7 +51,7 @@ def test_merge_matches_fp64_reference(case):
     w = NF4Weight.quantize(torch.randn(N, K, device=DEVICE), blocksize=bs, double_quant=nested)
     A = (torch.randn(r, K, device=DEVICE) * 0.3).to(adt)
     B = (torch.randn(N, r, device=DEVICE) * 0.3).to(adt)
-    out = nf4_merge(_nf4_state(w), A, B, 0.7, dtype, block_n=bn, block_k=bk)
+    out = nf4_merge(w, A, B, 0.7, dtype, block_n=bn, block_k=bk)
     _assert_one_rounding(out, w, A, B, 0.7, dtype)
 
 
@@ -60,7 +59,7 @@ def test_merge_with_zero_update_is_the_dequantized_weight():
     w = NF4Weight.quantize(torch.randn(24, 192, device=DEVICE), blocksize=64)
     A = torch.randn(4, 192, device=DEVICE)
     B = torch.zeros(24, 4, device=DEVICE)
-    assert torch.equal(nf4_merge(_nf4_state(w), A, B, 2.0, F16), w.dequantize(F16))
+    assert torch.equal(nf4_merge(w, A, B, 2.0, F16), w.dequantize(F16))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="a Llama-sized weight")
@@ -70,7 +69,7 @@ def test_merge_llama_shape_gpu(dtype):
     A = torch.randn(16, 4096, device=DEVICE) / 64
     B = torch.randn(4096, 16, device=DEVICE) * 0.01
     ref = _reference(w, A, B, 2.0, dtype)
-    err = (nf4_merge(_nf4_state(w), A, B, 2.0, dtype).double() - ref).abs()
+    err = (nf4_merge(w, A, B, 2.0, dtype).double() - ref).abs()
     fp32_sum = 2.0**-20 * 2.0 * B.to(dtype).double().abs() @ A.to(dtype).double().abs()
     assert bool((err <= _ulp(ref, dtype) + fp32_sum).all())
 
@@ -87,50 +86,96 @@ CUDA_CASES = [
 
 
 def _cuda_kernel_available():
+    """The CUDA merge kernel (csrc/nf4_merge_mma.cu, kernels/nf4_merge_mma.py) runs here (built on first use)."""
     if not HAS_CUDA:
         return False
-    from lowrank_kernels.kernels import nf4_merge_cuda
+    from lowrank_kernels.kernels import nf4_merge_mma
 
     w = NF4Weight.quantize(torch.randn(16, 64, device=DEVICE), blocksize=64)
-    return nf4_merge_cuda.supported(_nf4_state(w), 16, BF16)
+    return nf4_merge_mma.supported(w, 16, BF16)
 
 
-@pytest.mark.skipif(not _cuda_kernel_available(), reason="the CUDA merge kernel needs a GPU and nvcc")
+needs_cuda_merge = pytest.mark.skipif(
+    not _cuda_kernel_available(), reason="the CUDA merge kernel needs a GPU (sm >= 80), a CUDA PyTorch, nvcc, ninja")
+
+
+@needs_cuda_merge
 @pytest.mark.parametrize("case", CUDA_CASES, ids=str)
 def test_cuda_merge_matches_fp64_reference(case):
-    from lowrank_kernels.kernels import nf4_merge_cuda
+    from lowrank_kernels.kernels import nf4_merge_mma
 
     N, K, r, bs, nested, dtype, adt, trans_a, warps = case
     w = NF4Weight.quantize(torch.randn(N, K, device=DEVICE), blocksize=bs, double_quant=nested)
     A = (torch.randn(K, r, device=DEVICE) * 0.3).to(adt).t() if trans_a else \
         (torch.randn(r, K, device=DEVICE) * 0.3).to(adt)
     B = (torch.randn(N, r, device=DEVICE) * 0.3).to(adt)
-    state = _nf4_state(w)
-    assert nf4_merge_cuda.supported(state, r, dtype)
-    out = nf4_merge_cuda.merge(state, A, B, 0.7, dtype, warps=warps)
+    assert nf4_merge_mma.supported(w, r, dtype)
+    out = nf4_merge_mma.merge(w, A, B, 0.7, dtype, warps=warps)
     ref, bound = _assert_one_rounding(out, w, A, B, 0.7, dtype)
+    assert out.is_contiguous()
     # the default entry point takes it, and the Triton kernel agrees within twice the bound
-    assert torch.equal(nf4_merge(state, A, B, 0.7, dtype), out)
-    tri = nf4_merge(state, A, B, 0.7, dtype, cuda=False)
+    assert torch.equal(nf4_merge(w, A, B, 0.7, dtype), out)
+    tri = nf4_merge(w, A, B, 0.7, dtype, cuda=False)
     assert bool(((tri.double() - out.double()).abs() <= 2 * bound).all())
+
+
+@needs_cuda_merge
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "flat"])
+def test_cuda_merge_opcheck(nested):
+    """torch.library.opcheck of torch.ops.lowrank_kernels.nf4_merge_mma: schema, fake implementation (shape, dtype,
+    strides of W'), autograd registration, AOT dispatch."""
+    from lowrank_kernels.kernels import nf4_merge_mma
+
+    w = NF4Weight.quantize(torch.randn(48, 192, device=DEVICE), blocksize=64, double_quant=nested)
+    B = torch.nn.functional.pad(torch.randn(48, 8, device=DEVICE), (0, 8)).to(BF16)
+    op = nf4_merge_mma._op(torch.cuda.current_device())
+    assert op is torch.ops.lowrank_kernels.nf4_merge_mma.default
+    for A in (torch.randn(8, 192, device=DEVICE).to(BF16), torch.randn(192, 8, device=DEVICE).to(BF16).t()):
+        torch.library.opcheck(op, (w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.code, w.blocksize,
+                                   w.nested_blocksize if nested else 0, A, B, 0.7, 4))
+
+
+@needs_cuda_merge
+@pytest.mark.parametrize("change", ["fp32", "B_unpadded", "r40", "K_not_64", "warps9", "packed_size"])
+def test_cuda_merge_operator_checks_its_inputs(change):
+    """Called directly, the operator refuses what the kernel cannot run (RuntimeError) instead of launching it."""
+    w = NF4Weight.quantize(torch.randn(32, 128, device=DEVICE), blocksize=64)
+    A = torch.randn(8, 128, device=DEVICE).to(BF16)
+    B = torch.nn.functional.pad(torch.randn(32, 8, device=DEVICE), (0, 8)).to(BF16)
+    args = [w.packed, w.absmax, None, None, None, w.code, 64, 0, A, B, 1.0, 4]
+    if change == "fp32":
+        args[8], args[9] = A.float(), B.float()
+    elif change == "B_unpadded":
+        args[9] = B[:, :8].contiguous()
+    elif change == "r40":
+        args[8] = torch.randn(40, 128, device=DEVICE).to(BF16)
+        args[9] = torch.zeros(32, 48, device=DEVICE).to(BF16)
+    elif change == "K_not_64":
+        args[8] = A[:, :96].contiguous()
+    elif change == "warps9":
+        args[11] = 9
+    elif change == "packed_size":
+        args[0] = w.packed[:10]
+    with pytest.raises(RuntimeError, match="nf4_merge_mma"):
+        torch.ops.lowrank_kernels.nf4_merge_mma(*args)
 
 
 def test_cuda_merge_refuses_what_it_does_not_support():
     w = NF4Weight.quantize(torch.randn(16, 96, device=DEVICE), blocksize=32)  # K % 64 != 0, blocksize 32
     A, B = torch.randn(4, 96, device=DEVICE), torch.randn(16, 4, device=DEVICE)
     with pytest.raises(ValueError, match="cuda=True"):
-        nf4_merge(_nf4_state(w), A, B, 1.0, F16, cuda=True)
+        nf4_merge(w, A, B, 1.0, F16, cuda=True)
     w = NF4Weight.quantize(torch.randn(16, 128, device=DEVICE), blocksize=64)
     A, B = torch.randn(64, 128, device=DEVICE), torch.randn(16, 64, device=DEVICE)  # r = 64
     with pytest.raises(ValueError, match="cuda=True"):
-        nf4_merge(_nf4_state(w), A, B, 1.0, BF16, cuda=True)
+        nf4_merge(w, A, B, 1.0, BF16, cuda=True)
 
 
-def test_dispatch_limit_is_the_kernels():
-    from lowrank_kernels import dispatch
-    from lowrank_kernels.kernels import lora_matmul
+def test_policy_limit_is_the_kernels():
+    from lowrank_kernels import policy
+    from lowrank_kernels.kernels import launch
 
-    assert dispatch.MERGE_MAX_ELEMENTS == lora_matmul.MAX_ELEMENTS
+    assert policy.MERGE_MAX_ELEMENTS == launch.MAX_ELEMENTS
 
 
 @pytest.mark.parametrize("limit", [10**9, 100], ids=["merged", "over the limit"])
@@ -138,15 +183,15 @@ def test_dispatch_merges_only_where_it_may(limit, monkeypatch):
     """At M >= MERGE_MIN_M without dropout the default CUDA path (forced here on CPU through the interpreter)
     merges; a weight over MERGE_MAX_ELEMENTS, or dropout, takes the unmerged path. Both match the oracle."""
     import lowrank_kernels.kernels.nf4_merge as merge_mod
-    from lowrank_kernels import dispatch, qlora_linear
+    from lowrank_kernels import dispatch, policy, qlora_linear
     from tests.test_lora_forward import TOL, oracle_nf4_weight, rel_err
 
     if not HAS_CUDA:
-        choose = dispatch.choose_backend
-        monkeypatch.setattr(dispatch, "choose_backend",
+        choose = policy.choose_backend
+        monkeypatch.setattr(policy, "choose_backend",
                             lambda device, backend=None: "triton" if backend is None else choose(device, backend))
-    monkeypatch.setattr(dispatch, "MERGE_MIN_M", 64)
-    monkeypatch.setattr(dispatch, "MERGE_MAX_ELEMENTS", limit)
+    monkeypatch.setattr(policy, "MERGE_MIN_M", 64)
+    monkeypatch.setattr(policy, "MERGE_MAX_ELEMENTS", limit)
     calls = []
     real = merge_mod.nf4_merge
     monkeypatch.setattr(merge_mod, "nf4_merge", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -168,14 +213,14 @@ def test_dispatch_merges_only_where_it_may(limit, monkeypatch):
 def test_merged_path_skips_S_where_unneeded(grads, monkeypatch):
     """The merged forward computes ``S = x @ A.T`` (a pass over x) only when lora_B needs a gradient: not under
     ``torch.no_grad()``, not when lora_B is frozen. Outputs and the gradients asked for still match the oracle."""
-    from lowrank_kernels import dispatch, qlora_linear
+    from lowrank_kernels import dispatch, policy, qlora_linear
     from tests.test_lora_forward import TOL, oracle_nf4_weight, rel_err
 
     if not HAS_CUDA:
-        choose = dispatch.choose_backend
-        monkeypatch.setattr(dispatch, "choose_backend",
+        choose = policy.choose_backend
+        monkeypatch.setattr(policy, "choose_backend",
                             lambda device, backend=None: "triton" if backend is None else choose(device, backend))
-    monkeypatch.setattr(dispatch, "MERGE_MIN_M", 64)
+    monkeypatch.setattr(policy, "MERGE_MIN_M", 64)
     linears = []
     real_linear = dispatch.F.linear
     monkeypatch.setattr(dispatch.F, "linear", lambda x, w, b=None: linears.append(w.shape) or real_linear(x, w, b))
@@ -198,12 +243,12 @@ def test_merged_path_skips_S_where_unneeded(grads, monkeypatch):
         assert rel_err(A.grad, dS.t() @ xd) <= TOL[torch.float32]
 
 
-@pytest.mark.skipif(not _cuda_kernel_available(), reason="the CUDA merge kernel needs a GPU and nvcc")
+@needs_cuda_merge
 @pytest.mark.parametrize("warps", [0, 9, 2.0])
 def test_cuda_merge_rejects_bad_warps(warps):
-    from lowrank_kernels.kernels import nf4_merge_cuda
+    from lowrank_kernels.kernels import nf4_merge_mma
 
     w = NF4Weight.quantize(torch.randn(16, 64, device=DEVICE), blocksize=64)
     with pytest.raises(ValueError, match="warps"):
-        nf4_merge_cuda.merge(_nf4_state(w), torch.randn(4, 64, device=DEVICE), torch.randn(16, 4, device=DEVICE), 1.0,
-                             BF16, warps=warps)
+        nf4_merge_mma.merge(w, torch.randn(4, 64, device=DEVICE), torch.randn(16, 4, device=DEVICE), 1.0, BF16,
+                            warps=warps)

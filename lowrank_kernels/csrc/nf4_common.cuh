@@ -1,5 +1,5 @@
-// Shared by the CUDA kernels of csrc/: the dtype codes of the ctypes entry points, the NF4 weight as the kernels
-// read it, and the tensor-core product they use.
+// Shared by the CUDA kernels of csrc/: the dtype codes of the host entry points (nf4_entry.h), the NF4 weight as
+// the kernels read it, and the tensor-core product they use.
 #pragma once
 
 #include <cuda_bf16.h>

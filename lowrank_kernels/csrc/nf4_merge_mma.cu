@@ -24,6 +24,10 @@
 // about one wave: each block's warps take adjacent strips and a run of rows, the loads of the next two steps in
 // flight while two are computed (bench/results/merge-cuda-h100.txt).
 #include "nf4_common.cuh"
+#include "nf4_entry.h"
+
+static_assert(lk::kF32 == LK_DTYPE_F32 && lk::kF16 == LK_DTYPE_F16 && lk::kBF16 == LK_DTYPE_BF16,
+              "nf4_entry.h: dtype codes");
 
 namespace {
 
@@ -240,9 +244,10 @@ cudaError_t launch_r(const NF4& f, const Adapters& ad, float scaling, uint16_t* 
 
 }  // namespace
 
-// The host entry point (ctypes). dtype: 1 fp16, 2 bf16 (W', lora_A and lora_B all in it); nested_log2 < 0: not
+// The host entry point (nf4_entry.h; called by the torch operator lowrank_kernels::nf4_merge_mma of
+// nf4_merge_mma_op.cpp). dtype: 1 fp16, 2 bf16 (W', lora_A and lora_B all in it); nested_log2 < 0: not
 // double-quantized; b: lora_B as a contiguous [N, 16 * cdiv(R, 16)] tensor, 8-byte aligned, ranks past R zero.
-// Preconditions (checked by the Python launcher): K % 64 == 0, blocksize >= 64, 1 <= R <= 32, packed 4-byte and
+// Preconditions (checked by the operator): K % 64 == 0, blocksize >= 64, 1 <= R <= 32, packed 4-byte and
 // out 16-byte aligned and contiguous, 1 <= warps <= 8, all tensors on CUDA device `device`.
 extern "C" int lk_nf4_merge(const void* packed, const void* absmax, const void* absmax2, const void* code2,
                             const void* offset, const void* code, int blocksize_log2, int nested_log2, const void* a,

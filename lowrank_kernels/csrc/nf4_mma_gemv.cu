@@ -28,6 +28,10 @@
 // The first s_blocks blocks compute the partial S instead, a (rank, up to 8 x rows) item per warp: they come first
 // so that their long serial K loops start with the grid instead of trailing it.
 #include "nf4_common.cuh"
+#include "nf4_entry.h"
+
+static_assert(lk::kF32 == LK_DTYPE_F32 && lk::kF16 == LK_DTYPE_F16 && lk::kBF16 == LK_DTYPE_BF16,
+              "nf4_entry.h: dtype codes");
 
 namespace {
 
@@ -349,8 +353,9 @@ cudaError_t launch_nt(int nt, const void* x, int64_t stride_xm, int M, const NF4
 
 }  // namespace
 
-// The host entry point (ctypes). x_dtype: 1 fp16, 2 bf16; nested_log2 < 0: not double-quantized. Preconditions
-// (checked by the Python launcher): K % 256 == 0, k_per_split % 256 == 0, blocksize >= 64, x rows 16-byte
+// The host entry point (nf4_entry.h; called by the torch operator lowrank_kernels::nf4_mma_gemv of
+// nf4_mma_gemv_op.cpp). x_dtype: 1 fp16, 2 bf16; nested_log2 < 0: not double-quantized. Preconditions
+// (checked by the operator): K % 256 == 0, k_per_split % 256 == 0, blocksize >= 64, x rows 16-byte
 // aligned with unit stride along K, packed 8-byte aligned, absmax 16-byte aligned, 1 <= M <= 16, warps in
 // {1, 2, 4, 8}, all tensors on CUDA device `device`.
 extern "C" int lk_nf4_mma_gemv(const void* x, int x_dtype, int64_t stride_xm, int M, const void* packed,

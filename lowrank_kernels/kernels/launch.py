@@ -4,16 +4,29 @@ times and an eager decode step once per layer per token.
 ``cdiv`` and ``next_pow2`` give the values of ``triton.cdiv`` and ``triton.next_power_of_2`` as plain Python
 (recent Triton wraps those in constexpr-function objects whose call costs a few µs of host time each; a decode
 call used nine). ``INTERPRET`` says whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``,
-which must be set before Triton is imported, as the tests do; read once here). ``launch`` is ``kernel[grid](...)``
+which must be set before Triton is imported, as the tests do; read once here). ``MAX_ELEMENTS`` and
+``num_sms`` are the limits and device facts every launcher shares. ``launch`` is ``kernel[grid](...)``
 without Triton's per-call argument binding once a call signature has been seen.
 """
 import contextlib
+import functools
 import operator
 import os
 
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Flat element indices (n * K + k) are int32 inside the kernels; this leaves room for a tile's overhang.
+MAX_ELEMENTS = 2**31 - 2**16
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device``; elsewhere an H100's 132 (it only shapes an interpreted
+    grid)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
 
 
 def cdiv(a: int, b: int) -> int:

@@ -47,46 +47,17 @@ several times slower).
 Triton's interpreter computes ``tl.dot`` on bf16 operands wrongly; with ``TRITON_INTERPRET=1`` bf16 operands
 are upcast (exactly) to fp32 before the dot (``DOT_FP32``).
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from lowrank_kernels import policy
 from lowrank_kernels.kernels.dot import dot as _dot
-from lowrank_kernels.kernels.launch import INTERPRET, cdiv, device_of, next_pow2
-from lowrank_kernels.kernels.nf4_code import nf4_word_values
-from lowrank_kernels.kernels.nf4_dequant import nf4_block_scale, nf4_tile_even_odd
+from lowrank_kernels.kernels.launch import INTERPRET, MAX_ELEMENTS, cdiv, device_of, next_pow2, num_sms
+from lowrank_kernels.kernels.nf4_tile import nf4_tile, nf4_tile_args
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
-MAX_ELEMENTS = 2**31 - 2**16  # int32 flat NF4 element indices (n*K + k) inside the kernel
-
-
-@triton.jit
-def _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-              offs_n, n_ok, k0, K, dtype: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-              NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ALIGNED: tl.constexpr, SHFL: tl.constexpr):
-    """The ``[BLOCK_N, BLOCK_K]`` tile ``W[offs_n, k0:k0+BLOCK_K]`` dequantized to ``dtype`` (0 where masked)."""
-    row_elem = offs_n * K  # flat index of W[n, 0]; int32 (launcher checks N*K < 2**31)
-    if ALIGNED:
-        SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE  # elements of one tile row per scale
-        SPT: tl.constexpr = BLOCK_K // SUB  # scales per tile row
-        WPS: tl.constexpr = SUB // 8  # packed words per scale
-        t = tl.arange(0, SPT)
-        kw = k0 // 8 + t[:, None] * WPS + tl.arange(0, WPS)[None, :]  # [SPT, WPS] word column within the row
-        ptrs = packed_ptr.to(tl.pointer_type(tl.uint32)) + (row_elem // 8)[:, None, None] + kw[None, :, :]
-        words = tl.load(ptrs, mask=n_ok[:, None, None] & (kw < K // 8)[None, :, :], other=0)
-        am = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                             ((row_elem + k0) // BLOCKSIZE)[:, None] + t[None, :],
-                             n_ok[:, None] & (k0 + t * SUB < K)[None, :], NESTED, NESTED_BLOCKSIZE)
-        # [BLOCK_N, SPT, WPS, 2, 2, 2]: element 8 (WPS s + c) + 4i + 2j + l of the tile row at [n, s, c, i, j, l]
-        w = tl.reshape(nf4_word_values(words, am[:, :, None], code_ptr, dtype, SHFL), (BLOCK_N, BLOCK_K))
-    else:  # any K (see nf4_tile_even_odd)
-        w_ev, w_od = nf4_tile_even_odd(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_n,
-                                       n_ok, k0, K, dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)
-        w = tl.reshape(tl.join(w_ev, w_od), (BLOCK_N, BLOCK_K))
-    return w
 
 
 @triton.jit
@@ -142,11 +113,11 @@ def lora_matmul_kernel(
         a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if NF4:
             if TRANS_W:  # stored W [K, N]: dequantize the [BLOCK_K, BLOCK_N] tile at (k0, pid_n * BLOCK_N)
-                w = tl.trans(_nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_k,
+                w = tl.trans(nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_k,
                                        k_ok, pid_n * BLOCK_N, W_COLS, dtype, BLOCK_K, BLOCK_N, BLOCKSIZE, NESTED,
                                        NESTED_BLOCKSIZE, ALIGNED, SHFL))
             else:  # stored W [N, K]: the [BLOCK_N, BLOCK_K] tile at (pid_n * BLOCK_N, k0)
-                w = _nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_n, n_ok, k0,
+                w = nf4_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_n, n_ok, k0,
                               W_COLS, dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED, SHFL)
         else:
             w = tl.load(w_ptr + offs_n64[:, None] * stride_wn + offs_k[None, :] * stride_wk,
@@ -205,23 +176,8 @@ _PRECISIONS = ("ieee", "tf32", "tf32x3")
 SMALL_M = 64  # M at or below this uses the small-M (split-K) configuration
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device) -> int:
-    if device is not None and device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # H100 SXM; only shapes the (interpreted) grid on CPU
-
-
 def _pow2_at_least(n: int, floor: int) -> int:
     return max(floor, next_pow2(n))
-
-
-def default_input_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision for fp32 operands: ``"tf32"`` where torch allows TF32 for fp32 matmuls, else
-    ``"tf32x3"`` (three TF32 products, about fp32 accuracy, on tensor cores). 16-bit operands ignore it."""
-    if dtype != torch.float32:
-        return "tf32"  # Triton's default; has no effect on bf16 / fp16 dots
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def default_config(M: int, N: int, K: int, dtype: torch.dtype, nf4: bool, aligned: bool = True,
@@ -235,7 +191,7 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype, nf4: bool, aligne
     fp32 with ``input_precision="ieee"`` (a CUDA-core FMA dot) uses smaller tiles that fit in registers.
     ``aligned``: NF4 with ``K % blocksize == 0``; the unaligned (any-K) NF4 path uses one stage less.
     """
-    precision = input_precision or default_input_precision(dtype)
+    precision = input_precision or policy.fp32_dot_precision(dtype, "tf32x3")
     fp32 = dtype == torch.float32
     ieee32 = fp32 and precision == "ieee"
     if M <= SMALL_M:
@@ -245,8 +201,7 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype, nf4: bool, aligne
     if ieee32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, SPLIT_K=1, num_warps=8, num_stages=3,
                     input_precision=precision)
-    # 16-bit NF4: 256-row x tiles halve how often each W tile is dequantized (sweep-fused-h100.txt: 2.3-2.6x cuBLAS
-    # against 3.5-4.2x with 128)
+    # 16-bit NF4: 256-row x tiles halve how often each W tile is dequantized (docs/perf-log.md)
     return dict(BLOCK_M=256 if nf4 and not fp32 else 128, BLOCK_N=128, BLOCK_K=32 if fp32 else 64, GROUP_M=8,
                 SPLIT_K=1, num_warps=8, num_stages=3 if (nf4 or fp32) else 4, input_precision=precision)
 
@@ -254,7 +209,7 @@ def default_config(M: int, N: int, K: int, dtype: torch.dtype, nf4: bool, aligne
 def _auto_split_k(M, N, K, cfg, device) -> int:
     tiles = max(1, cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]))
     k_iters = cdiv(K, cfg["BLOCK_K"])
-    want = cdiv(2 * _num_sms(device), tiles)
+    want = cdiv(2 * num_sms(device), tiles)
     return max(1, min(want, k_iters // 2, 16))
 
 
@@ -290,20 +245,6 @@ def _resolve_config(M, N, K, dtype, nf4, aligned, device, config):
     return cfg
 
 
-def nf4_tile_args(nf4: dict, w_cols: int):
-    """``(pointers, meta)`` of an NF4 state for :func:`_nf4_tile`: the six pointer arguments (``packed, absmax,
-    absmax2, code2, offset, code``; ``code`` stands in for the nested ones when there are none) and the constexprs
-    ``NESTED, BLOCKSIZE, NESTED_BLOCKSIZE, ALIGNED`` (rows of whole 32-bit words and scale blocks) for a stored
-    weight of ``w_cols`` columns."""
-    nested = nf4.get("absmax2") is not None
-    code, packed, blocksize = nf4["code"], nf4["packed"], nf4["blocksize"]
-    pointers = (packed, nf4["absmax"], nf4["absmax2"] if nested else code, nf4["code2"] if nested else code,
-                nf4["offset"].reshape(1) if nested else code, code)
-    aligned = w_cols % blocksize == 0 and packed.data_ptr() % 4 == 0 and packed.is_contiguous()
-    return pointers, dict(NESTED=nested, BLOCKSIZE=blocksize,
-                          NESTED_BLOCKSIZE=nf4["nested_blocksize"] if nested else 1, ALIGNED=aligned)
-
-
 def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=False, keep=None, keep_scale=1.0,
                 config=None):
     """``out [M, N] = a @ op(W) + keep * keep_scale * (lora_l @ lora_r) + bias`` in ``a.dtype`` (module docstring).
@@ -311,8 +252,7 @@ def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=Fal
     Inputs are already validated and on one CUDA device (or CPU under ``TRITON_INTERPRET=1``), all in
     ``a.dtype`` (any strides): ``a [M, K]``, ``lora_l [M, r]``, ``lora_r [r, N]``, ``bias [N]``; ``keep [M, N]`` a
     bool dropout mask or ``None``.
-    Exactly one of ``weight`` (a dense float tensor) and ``nf4`` (a dict with ``packed, absmax, code, blocksize,
-    shape`` and, when double-quantized, ``absmax2, code2, offset, nested_blocksize``) is given; the stored
+    Exactly one of ``weight`` (a dense float tensor) and ``nf4`` (an ``NF4Weight``) is given; the stored
     weight is ``[N, K]`` (``op(W) = W.T``), or ``[K, N]`` with ``trans_w`` (``op(W) = W``).
     ``config``: overrides of :func:`default_config`.
     """
@@ -323,8 +263,8 @@ def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=Fal
     dtype = a.dtype
     w_rows, w_cols = (K, N) if trans_w else (N, K)
     if nf4 is not None:
-        if tuple(nf4["shape"]) != (w_rows, w_cols):
-            raise ValueError(f"nf4: weight shape {tuple(nf4['shape'])} does not fit a [{M}, {K}] operand "
+        if tuple(nf4.shape) != (w_rows, w_cols):
+            raise ValueError(f"nf4: weight shape {tuple(nf4.shape)} does not fit a [{M}, {K}] operand "
                              f"(expected {(w_rows, w_cols)})")
         if w_rows * w_cols > MAX_ELEMENTS:
             raise ValueError(f"weight: {w_rows * w_cols} elements, over the int32-indexed kernel limit "
@@ -354,6 +294,8 @@ def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=Fal
     k_per_split = iters_per_split * block_k
 
     has_bias = bias is not None
+    if has_bias and not bias.is_contiguous():  # the kernels read it as a contiguous [N] vector
+        bias = bias.contiguous()
     bias_arg = bias if has_bias else a
     keep_arg = keep.view(torch.uint8) if keep is not None else a
     keep_strides = (keep.stride(0), keep.stride(1)) if keep is not None else (0, 0)

@@ -23,14 +23,13 @@ Operands of ``tl.dot`` are fp32-upcast under the interpreter for bf16 (its bf16 
 use full-precision FMA dots (``"ieee"``), or TF32 where torch allows it for fp32 matmuls; the kernels are
 memory-bound either way.
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from lowrank_kernels.kernels.dot import dot
-from lowrank_kernels.kernels.launch import INTERPRET, cdiv, launch, next_pow2
+from lowrank_kernels.kernels.launch import INTERPRET, cdiv, launch, next_pow2, num_sms
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
 
@@ -169,13 +168,6 @@ def sum_splits_kernel(ws_ptr, out_ptr, total, alpha, SPLITS: tl.constexpr, BLOCK
 MAX_RANK = 256
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # only shapes the (interpreted) grid on CPU
-
-
 def _keep_args(keep, a):
     if keep is None:
         return a, (0, 0)
@@ -207,7 +199,7 @@ def lowrank_project(a, p, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=None, 
     ``y = alpha_y * out @ E.T + bias`` (``bias [N]`` or ``None``) in ``a.dtype``, ``out`` then in ``a.dtype``; with
     ``keep_y`` the mask ``keep`` (shape ``[M, N]``) applies to ``y`` instead of ``a``.
     ``block_m``, ``block_k``, ``block_n``, ``num_warps``, ``num_stages``: tuning knobs
-    (``scripts/sweep_large_m.py``)."""
+    (``experiments/sweep_large_m.py``)."""
     M, K = a.shape
     R = p.shape[0]
     r_pad = _rank_pad(R)
@@ -222,10 +214,12 @@ def lowrank_project(a, p, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=None, 
     keep_arg, keep_strides = _keep_args(keep, y if keep_y else a)
     if M == 0:
         return out if expand is None else (y, out)
-    block_m = block_m or (32 if M >= 32 * _num_sms(a.device) else 16)
+    block_m = block_m or (32 if M >= 32 * num_sms(a.device) else 16)
     block_k = block_k or (128 if r_pad <= 32 else 64)
     block_n = block_n or (128 if r_pad <= 32 else 64)
     has_bias = bias is not None
+    if has_bias and not bias.is_contiguous():  # the kernel reads it as a contiguous [N] vector
+        bias = bias.contiguous()
     e = p if expand is None else expand
     launch(project_kernel, (cdiv(M, block_m),),
            (a, p, keep_arg, out, e, bias if has_bias else a, y, M, K, R, N, float(alpha), float(keep_scale),
@@ -254,7 +248,7 @@ def lowrank_reduce(l, a, alpha=1.0, keep=None, keep_scale=1.0, out_dtype=torch.f
     block_k = block_k or (128 if r_pad <= 32 else 64)
     k_tiles = cdiv(K, block_k)
     if split_m is None:
-        split_m = max(1, min(cdiv(2 * _num_sms(a.device), k_tiles), cdiv(M, 4 * block_m), 64))
+        split_m = max(1, min(cdiv(2 * num_sms(a.device), k_tiles), cdiv(M, 4 * block_m), 64))
     m_per_split = cdiv(cdiv(M, split_m), block_m) * block_m
     split_m = cdiv(M, m_per_split)  # no empty slices
     ws = torch.empty((split_m, R, K), dtype=torch.float32, device=a.device)
@@ -288,7 +282,7 @@ def lowrank_dual(dy, b, s, alpha=1.0, ds_dtype=None, db_dtype=torch.float32, spl
     block_m = block_m or 64  # (bench/results/dual-ab-h100.txt, second run)
     bands = cdiv(N, block_n)
     if split_m is None:
-        split_m = max(1, min(cdiv(2 * _num_sms(dy.device), bands), cdiv(M, 4 * block_m), 64))
+        split_m = max(1, min(cdiv(2 * num_sms(dy.device), bands), cdiv(M, 4 * block_m), 64))
     m_per_split = cdiv(cdiv(M, split_m), block_m) * block_m
     split_m = cdiv(M, m_per_split)  # no empty slices
     ws_ds = torch.empty((bands, M, R), dtype=torch.float32, device=dy.device)

@@ -2,7 +2,7 @@
 
     W' [N, K] = round(deq(W) + scaling * round(B) @ round(A))      B = lora_B [N, r], A = lora_A [r, K]
 
-``deq(W)`` is bit-identical to ``NF4Weight.dequantize(dtype)`` (the tiled GEMM's ``_nf4_tile``), ``round``
+``deq(W)`` is bit-identical to ``NF4Weight.dequantize(dtype)`` (the shared ``nf4_tile.nf4_tile``), ``round``
 rounds to ``dtype`` (the adapters as every other kernel here reads them), the rank-``r`` product accumulates in
 fp32 (one ``tl.dot`` per tile, ``r`` padded to a power of two >= 16), and the sum is rounded once to ``dtype``.
 
@@ -10,20 +10,21 @@ Without LoRA dropout a QLoRA layer is ``y = x @ W'.T + bias`` and ``dX = dY @ W'
 that dequantize + cuBLAS writes anyway carries the LoRA term, so neither product needs a pass over an ``[M, N]``
 LoRA term (see ``dispatch.lora_linear_forward``).
 
-A program dequantizes a ``[BLOCK_N, BLOCK_K]`` tile; ``K`` need not be a multiple of anything (``_nf4_tile``'s
+A program dequantizes a ``[BLOCK_N, BLOCK_K]`` tile; ``K`` need not be a multiple of anything (``nf4_tile``'s
 generic path runs where rows do not start on whole 32-bit words and scale blocks). Where it applies (bf16 / fp16,
-``K % 64 == 0``, blocksize >= 64, r <= 32) :func:`nf4_merge` runs the CUDA C++ kernel of ``csrc/nf4_merge.cu``
-instead (:mod:`.nf4_merge_cuda`): same contract, 0.81-0.91x this kernel's time on the H100 at r = 16
-(``bench/results/merge-cuda-h100.txt``).
+``K % 64 == 0``, blocksize >= 64, r <= 32) :func:`nf4_merge` runs the CUDA C++ kernel of ``csrc/nf4_merge_mma.cu``
+instead (:mod:`.nf4_merge_mma`, same contract, faster: ``docs/performance.md``); ``policy.merge_on_cuda_kernel``
+decides.
 """
 import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.kernels import nf4_merge_cuda
+from lowrank_kernels import policy
+from lowrank_kernels.kernels import nf4_merge_mma
 from lowrank_kernels.kernels.dot import dot as _dot
-from lowrank_kernels.kernels.launch import INTERPRET, cdiv, launch, next_pow2
-from lowrank_kernels.kernels.lora_matmul import MAX_ELEMENTS, _nf4_tile, nf4_tile_args
+from lowrank_kernels.kernels.launch import INTERPRET, MAX_ELEMENTS, cdiv, launch, next_pow2
+from lowrank_kernels.kernels.nf4_tile import nf4_tile, nf4_tile_args
 from lowrank_kernels.kernels.rounding import round_fp32_to
 
 
@@ -42,7 +43,7 @@ def nf4_merge_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     n_ok = offs_n < N
     k_ok = offs_k < K
     offs_n64 = offs_n.to(tl.int64)
-    w = _nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_n, n_ok, k0, K,
+    w = nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, offs_n, n_ok, k0, K,
                   dtype, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, ALIGNED, SHFL)
     offs_r = tl.arange(0, R_PAD)
     r_ok = offs_r < R
@@ -56,30 +57,26 @@ def nf4_merge_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     tl.store(out_ptr + offs_n64[:, None] * K + offs_k[None, :], merged, mask=n_ok[:, None] & k_ok[None, :])
 
 
-BLOCK_N, BLOCK_K, NUM_WARPS = 32, 128, 4  # fastest of 7 tiles on the H100 (bench/results/merge-ab-h100.txt)
+BLOCK_N, BLOCK_K, NUM_WARPS = 32, 128, 4  # fastest of 7 tiles on the H100 (docs/perf-log.md)
 
 
-def nf4_merge(nf4: dict, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype, *,
+def nf4_merge(nf4, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype, *,
               cuda: bool | None = None, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
               num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """``W' [N, K]`` in ``dtype`` (bf16, fp16 or fp32; module docstring). ``nf4``: the NF4 state of ``W``
-    (``dispatch._nf4_state``); ``lora_A [r, K]``, ``lora_B [N, r]`` in any float dtype and strides, on W's device
-    (inputs validated by the caller). fp32 takes the rank-r product with IEEE fp32 dots.
+    """``W' [N, K]`` in ``dtype`` (bf16, fp16 or fp32; module docstring). ``nf4``: the ``NF4Weight`` ``W``;
+    ``lora_A [r, K]``, ``lora_B [N, r]`` in any float dtype and strides, on W's device (inputs validated by the
+    caller). fp32 takes the rank-r product with IEEE fp32 dots.
 
-    ``cuda``: the tensor-core kernel of ``csrc/nf4_merge.cu`` (:mod:`.nf4_merge_cuda`), by default (``None``)
-    wherever it is supported; ``False`` forces this Triton kernel (``block_n``, ``block_k``, ``num_warps``: its
-    tile), ``True`` the CUDA kernel (an error where it is not supported)."""
-    N, K = nf4["shape"]
+    ``cuda``: the tensor-core kernel (:mod:`.nf4_merge_mma`) by default (``None``) wherever it is supported;
+    ``False`` forces this Triton kernel (``block_n``, ``block_k``, ``num_warps``: its tile), ``True`` the CUDA
+    kernel (an error where it is not supported); ``policy.merge_on_cuda_kernel`` decides."""
+    N, K = nf4.shape
     R = lora_A.shape[0]
-    use_cuda = not INTERPRET and nf4_merge_cuda.supported(nf4, R, dtype) if cuda is not False else False
-    if cuda and not use_cuda:
-        raise ValueError("nf4_merge: cuda=True, but the CUDA kernel does not support this call (it needs bf16 / "
-                         "fp16 output, K % 64 == 0, blocksize >= 64, r <= 64, a CUDA device and nvcc)")
-    if use_cuda:
-        return nf4_merge_cuda.merge(nf4, lora_A, lora_B, scaling, dtype)
+    if policy.merge_on_cuda_kernel(nf4, R, dtype, cuda):
+        return nf4_merge_mma.merge(nf4, lora_A, lora_B, scaling, dtype)
     if N * K > MAX_ELEMENTS:
         raise ValueError(f"weight: {N * K} elements, over the int32-indexed kernel limit {MAX_ELEMENTS}")
-    out = nf4["packed"].new_empty((N, K), dtype=dtype)
+    out = nf4.packed.new_empty((N, K), dtype=dtype)
     if N == 0 or K == 0:
         return out
     pointers, meta = nf4_tile_args(nf4, K)

@@ -1,12 +1,14 @@
-"""Launcher of the CUDA C++ merge kernel ``csrc/nf4_merge.cu``: the NF4 weight dequantized with the LoRA update
-merged in, on tensor cores, for bf16 / fp16 output:
+"""Launcher of the CUDA C++ merge kernel ``csrc/nf4_merge_mma.cu`` (the torch operator
+``torch.ops.lowrank_kernels.nf4_merge_mma`` of ``csrc/nf4_merge_mma_op.cpp``, built by
+:mod:`lowrank_kernels.cuda_ext`): the NF4 weight dequantized with the LoRA update merged in, on tensor cores, for
+bf16 / fp16 output:
 
     W' [N, K] = round(deq(W) + scaling * round(B) @ round(A))      (the contract of :mod:`.nf4_merge`)
 
-:func:`supported` says whether a call fits the kernel; :func:`lowrank_kernels.kernels.nf4_merge.nf4_merge` keeps
-the Triton kernel otherwise.
+The operator returns ``W'`` (a new contiguous tensor in lora_A's dtype); its fake implementation (:func:`_fake`) is
+registered with it. :func:`supported` says whether a call fits the kernel; :func:`lowrank_kernels.kernels.nf4_merge.
+nf4_merge` keeps the Triton kernel otherwise. ``nf4``: an ``NF4Weight`` (or its fields as a dict).
 """
-import ctypes
 import functools
 
 import torch
@@ -16,58 +18,64 @@ from lowrank_kernels import cuda_ext
 STRIP = 64  # W columns per warp step: K must be a multiple of it
 MAX_R = 32  # two rank chunks of 16 (r = 64 would keep 64 more fragment registers per thread: the Triton kernel)
 WARPS = 4  # a block: 4 warps on adjacent 64-column strips (fastest of 2, 4, 8: bench/results/merge-cuda-h100.txt)
-_DTYPES = {torch.float16: 1, torch.bfloat16: 2}
-_ARGTYPES = ((ctypes.c_void_p,) * 6 + (ctypes.c_int,) * 2 + (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
-             + (ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_void_p) + (ctypes.c_int,) * 5
-             + (ctypes.c_void_p,))
+NAME = "nf4_merge_mma"  # csrc/<NAME>.cu, csrc/<NAME>_op.cpp, torch.ops.lowrank_kernels.<NAME>
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _field(nf4, key):
+    return nf4.get(key) if isinstance(nf4, dict) else getattr(nf4, key)
+
+
+def _fake(packed, absmax, absmax2, code2, offset, code, blocksize, nested_blocksize, lora_A, lora_B, scaling, warps):
+    """The operator on fake / meta tensors: ``W' [N, K]`` (N = lora_B's rows, K = lora_A's columns), contiguous,
+    in lora_A's dtype, on its device."""
+    return lora_A.new_empty((lora_B.shape[0], lora_A.shape[1]))
 
 
 @functools.lru_cache(maxsize=None)
-def _entry(device_index: int):
-    return cuda_ext.function("nf4_merge", "lk_nf4_merge", _ARGTYPES, device_index)
+def _register_fake():
+    cuda_ext.register_fake(f"{cuda_ext.NAMESPACE}::{NAME}", _fake)
+
+
+@functools.lru_cache(maxsize=None)
+def _op(device_index: int):
+    """The operator (an ``OpOverload``) for CUDA device ``device_index``, or ``None`` (:func:`cuda_ext.op`)."""
+    op = cuda_ext.op(NAME, device_index)
+    if op is not None:
+        _register_fake()
+    return op
 
 
 def _index(device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def supported(nf4: dict, R: int, dtype: torch.dtype) -> bool:
+def supported(nf4, R: int, dtype: torch.dtype) -> bool:
     """True when :func:`merge` can run: bf16 / fp16 output, ``K % 64 == 0``, ``blocksize >= 64``,
     ``1 <= R <= 32``, a contiguous 4-byte aligned packed weight on a CUDA device of compute capability >= 8,
-    and the library built."""
-    packed = nf4["packed"]
-    N, K = nf4["shape"]
-    return (dtype in _DTYPES and K % STRIP == 0 and nf4["blocksize"] >= 64 and 1 <= R <= MAX_R
+    and the kernel built."""
+    packed = _field(nf4, "packed")
+    N, K = _field(nf4, "shape")
+    return (dtype in _DTYPES and K % STRIP == 0 and _field(nf4, "blocksize") >= 64 and 1 <= R <= MAX_R
             and packed.is_cuda and packed.is_contiguous() and packed.data_ptr() % 4 == 0
-            and _entry(_index(packed.device)) is not None)
+            and _op(_index(packed.device)) is not None)
 
 
-def merge(nf4: dict, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype,
+def merge(nf4, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype,
           warps: int = WARPS) -> torch.Tensor:
     """``W' [N, K]`` in ``dtype``; ``lora_A [r, K]`` and ``lora_B [N, r]`` any float dtype and strides (rounded
     to ``dtype`` here; lora_B is copied to a contiguous ``[N, 16 * cdiv(r, 16)]`` tensor, zero-padded, unless it
     already is one). ``warps``: warps per thread block, 1 to 8. The caller checked :func:`supported`."""
     if isinstance(warps, bool) or not isinstance(warps, int) or not 1 <= warps <= 8:
         raise ValueError(f"nf4_merge: warps must be an int in [1, 8], got {warps!r}")
-    N, K = nf4["shape"]
     R = lora_A.shape[0]
-    packed = nf4["packed"]
+    packed = _field(nf4, "packed")
     A, B = lora_A.to(dtype), lora_B.to(dtype)
     r_pad = -(-R // 16) * 16
     if r_pad != R or not B.is_contiguous() or B.data_ptr() % 8 != 0:
         B = torch.nn.functional.pad(B, (0, r_pad - R)).contiguous()
-    out = torch.empty((N, K), dtype=dtype, device=packed.device)
-    if N == 0 or K == 0:
-        return out
-    nested = nf4.get("absmax2") is not None
-    fn = _entry(_index(packed.device))
-    err = fn(packed.data_ptr(), nf4["absmax"].data_ptr(), nf4["absmax2"].data_ptr() if nested else None,
-             nf4["code2"].data_ptr() if nested else None, nf4["offset"].data_ptr() if nested else None,
-             nf4["code"].data_ptr(), nf4["blocksize"].bit_length() - 1,
-             nf4["nested_blocksize"].bit_length() - 1 if nested else -1,
-             A.data_ptr(), A.stride(0), A.stride(1), B.data_ptr(), R, float(scaling), out.data_ptr(), _DTYPES[dtype],
-             N, K, warps, _index(packed.device),
-             torch.cuda.current_stream(packed.device).cuda_stream)
-    if err != 0:
-        raise RuntimeError(f"nf4_merge: CUDA kernel launch failed with cudaError {err}")
-    return out
+    nested = _field(nf4, "absmax2") is not None
+    return _op(_index(packed.device))(
+        packed, _field(nf4, "absmax"), _field(nf4, "absmax2"), _field(nf4, "code2"), _field(nf4, "offset"),
+        _field(nf4, "code"), _field(nf4, "blocksize"), _field(nf4, "nested_blocksize") if nested else 0, A, B,
+        float(scaling), warps)
