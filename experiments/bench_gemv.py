@@ -14,7 +14,7 @@ Columns: µs per layer; GB/s = (packed nibbles + scale bytes + x + y) / time, th
 adapters as peft keeps them (read and rounded in the kernels); ``qlora_linear`` is the whole dispatched call under
 ``torch.no_grad()``. At M = 1 the grid also runs the CUDA-core variant (``/fma``).
 
-    python scripts/bench_gemv.py --out bench/results/gemv-h100.txt [--grid small|full] [--m 1 4 16]
+    python experiments/bench_gemv.py --out bench/results/gemv-h100.txt [--grid small|full] [--m 1 4 16]
 
 Budget: about 30 kernel compilations plus ~300 timings (~0.1 s each); meant to take under 3 minutes on an H100.
 """
@@ -164,7 +164,7 @@ def main():
 
     table = Table(args.out)
     bw = copy_bandwidth()
-    table.add(f"# scripts/bench_gemv.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
+    table.add(f"# experiments/bench_gemv.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
               f"{torch.__version__}  triton {triton.__version__}  bitsandbytes {bnb_version}")
     table.add(f"# bf16, r={R}, no bias, {COPIES} rotating weight copies, "
               f"{'CUDA-graph replay' if has_cudagraph_bench() else 'do_bench'} medians (* = do_bench); "

@@ -2,10 +2,10 @@
 correctness against an fp64 reference on ragged cases, then CUDA-graph timings against the Triton kernels of the
 same call (``cuda=False``), dense bf16 and bitsandbytes' ``matmul_4bit``, for the Llama-3-8B shapes.
 
-Timing as in ``scripts/bench_gemv.py`` (graph replay of 8 calls on 8 weight copies, µs per call; bf16, r = 16,
+Timing as in ``experiments/bench_gemv.py`` (graph replay of 8 calls on 8 weight copies, µs per call; bf16, r = 16,
 fp32 adapters, no bias). Every nf4_gemv row is the whole two-launch layer call (LoRA included).
 
-    python scripts/bench_gemv_cuda.py --out bench/results/gemv-mma-h100.txt [--m 1 4 16 64] [--splits 1 2 4 8]
+    python experiments/bench_gemv_cuda.py --out bench/results/gemv-mma-h100.txt [--m 1 4 16 64] [--splits 1 2 4 8]
 
 ``--ab REV[:MAX_M] ...`` also times the kernel source of each git revision (or ``.cu`` file) ``REV`` (built with
 nvcc into a temporary directory, same entry point) at the default launch, for M up to ``MAX_M`` (default 16): an
@@ -132,7 +132,7 @@ def main():
         bnb, bnb_version = None, f"unavailable ({type(e).__name__})"
     table = Table(args.out)
     bw = copy_bandwidth()
-    table.add(f"# scripts/bench_gemv_cuda.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
+    table.add(f"# experiments/bench_gemv_cuda.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
               f"{torch.__version__}  triton {triton.__version__}  bitsandbytes {bnb_version}; device copy "
               f"{bw / 1e9:.0f} GB/s; bf16, r={R}, fp32 adapters, CUDA-graph replay medians over 8 weight copies")
     worst = check(table, nf4_gemv_cuda.MAX_M)

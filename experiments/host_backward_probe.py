@@ -2,7 +2,7 @@
 layer at M = 128 (host-bound), through the autograd Function, against the same work without autograd and against
 autograd Functions whose backward launches nothing (CUDA only).
 
-    python scripts/host_backward_probe.py [--m 128] [--trace]
+    python experiments/host_backward_probe.py [--m 128] [--trace]
 
 ``--trace`` prints one fwd + bwd's host events in time order (torch.profiler), with the thread of each.
 """
@@ -146,7 +146,7 @@ def main():
         main_us = host_us(times(op)) / 10
         worker_us = (host_us(probe(times(op))) - base) / 10
         rows.append((f"  {name}: main thread / engine thread", None, main_us, worker_us))
-    print(f"# scripts/host_backward_probe.py on {torch.cuda.get_device_name()}  {time.strftime('%Y-%m-%d')}  "
+    print(f"# experiments/host_backward_probe.py on {torch.cuda.get_device_name()}  {time.strftime('%Y-%m-%d')}  "
           f"torch {torch.__version__}; 4096 x 4096, M = {m}, r = 16, fp32 adapters unless said")
     for name, fn, *measured in rows:
         if fn is None:

@@ -1,7 +1,7 @@
 """Where the host time of a QLoRA training step goes: whole steps of small Llama models, per-layer differences, and
 the host µs of each call our layer makes (CUDA only).
 
-    python scripts/host_breakdown.py [--tokens 128] [--layers 2] [--iters 30] [--profile]
+    python experiments/host_breakdown.py [--tokens 128] [--layers 2] [--iters 30] [--profile]
 
 At few tokens the GPU work is short, so each loop is bound by the host: µs per step is what the host spends
 enqueueing it. Models (bench/test_train_step.py's ``build``, Llama-3-8B layer dimensions, 7 projections per layer):
@@ -104,7 +104,7 @@ def main():
     a = ap.parse_args()
     import triton
 
-    print(f"# scripts/host_breakdown.py on {torch.cuda.get_device_name()}  {time.strftime('%Y-%m-%d')}  "
+    print(f"# experiments/host_breakdown.py on {torch.cuda.get_device_name()}  {time.strftime('%Y-%m-%d')}  "
           f"torch {torch.__version__}  triton {triton.__version__}; {a.layers} layers x 7 projections, "
           f"{a.tokens} tokens")
     ids = torch.randint(0, 32000, (1, a.tokens), device="cuda")

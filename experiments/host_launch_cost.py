@@ -1,6 +1,6 @@
 """Host time per call of the dequant launch paths and of small aten ops (GPU work kept tiny).
 
-    python scripts/host_launch_cost.py
+    python experiments/host_launch_cost.py
 """
 import traceback
 

@@ -1,6 +1,6 @@
 """Host time of the launchers' own Python (the kernel launches replaced by no-ops), on any machine (no GPU needed).
 
-    TRITON_INTERPRET=1 python scripts/host_python_cost.py
+    TRITON_INTERPRET=1 python experiments/host_python_cost.py
 
 Times ``nf4_gemv`` (the decode layer call: validation, config, allocations, launch arguments) and
 ``nf4_dequantize`` with their Triton launches stubbed out, so it measures only our code and the torch calls it

@@ -2,7 +2,7 @@
 with double quant) at one Llama-3-8B shape, so that ``ncu`` can profile the NF4 GEMV launches.
 
     ncu --clock-control none --set full -k regex:nf4_gemv_kernel -s 2 -c 1 \\
-        python3 scripts/ncu_gemv.py --k 4096 --n 14336 --m 1 [--config block_n=64,split_k=16]
+        python3 experiments/ncu_gemv.py --k 4096 --n 14336 --m 1 [--config block_n=64,split_k=16]
 
 ``--config`` passes launch knobs to ``nf4_gemv`` (ints, or ``fma``/``tma``/``join``/``x_tma``/``cuda`` ``=0/1``,
 ``lookup=shfl|load``).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nsight Compute on the NF4 GEMV kernel for a few launch configs (GPU machine; writes $OUT/ncu-*.txt and prints the
-# headline metrics). Edit SPECS: "M K N config" with config as scripts/ncu_gemv.py --config takes it (empty: default).
+# headline metrics). Edit SPECS: "M K N config" with config as experiments/ncu_gemv.py --config takes it (empty: default).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl 2>/dev/null
@@ -15,7 +15,7 @@ for spec in "${SPECS[@]}"; do
   read -r m k n cfg <<< "$spec"
   log="$OUT/ncu-m$m-$k-$n-$(echo "$cfg" | md5sum | cut -c1-6).txt"
   $NCU --clock-control none $SECTIONS -k regex:nf4_gemv_kernel -s 2 -c 1 \
-    python3 scripts/ncu_gemv.py --m "$m" --k "$k" --n "$n" --config "${cfg:-}" > "$log" 2>&1
+    python3 experiments/ncu_gemv.py --m "$m" --k "$k" --n "$n" --config "${cfg:-}" > "$log" 2>&1
   echo "== M=$m $k->$n ${cfg:-default}"
   grep -E "Duration|DRAM Throughput|Registers Per|Achieved Active Warps|Issued Warp Per|Eligible Warps" "$log"
 done

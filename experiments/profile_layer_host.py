@@ -1,6 +1,6 @@
 """Host (Python + launch) time of one QLoRA layer's forward + backward, peft+bnb vs converted, and a cProfile of ours.
 
-    python scripts/profile_layer_host.py [--m 128] [--iters 300]
+    python experiments/profile_layer_host.py [--m 128] [--iters 300]
 
 The layer is the q_proj of a 1-layer Llama-3-8B-shaped peft QLoRA model (bench/test_train_step.py's build). At
 the default M = 128 the GPU work is short, so the loop is bound by host time: µs per fwd+bwd is what the host

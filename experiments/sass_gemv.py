@@ -1,6 +1,6 @@
 """Compile the NF4 GEMV kernel for sm_90 offline (no GPU needed) and count the SASS of its main loop.
 
-    python scripts/sass_gemv.py [--fma] [--join] [--block-n 128] [--block-k 128] [--warps 4] [--m-pad 8]
+    python experiments/sass_gemv.py [--fma] [--join] [--block-n 128] [--block-k 128] [--warps 4] [--m-pad 8]
         [--dump FILE]
 
 Prints registers, spills and, for the innermost loop (the basic block with the most instructions ending in a

@@ -10,7 +10,7 @@ For each Llama-3-8B shape (bf16, r = 16) times, with triton.testing.do_bench med
 one-launch LoRA branch (forward and dX) against cuBLAS's two products.
 ``--part breakdown`` instead times each pass of the QLoRA forward+backward (cuBLAS vs our Triton kernels for the
 skinny LoRA products, the addmm passes over Y and dX). Prints one table; ``--out FILE`` also writes it.
-Run: ``python scripts/sweep_large_m.py [--part gemm|breakdown] --out sweep.txt``.
+Run: ``python experiments/sweep_large_m.py [--part gemm|breakdown] --out sweep.txt``.
 """
 import argparse
 

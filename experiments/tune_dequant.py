@@ -1,6 +1,6 @@
 """Sweep the NF4 dequant kernels' launch knobs on the GPU (CUDA-graph replay), checking each is bit-exact.
 
-    python scripts/tune_dequant.py   -> a table of µs and % of copy bandwidth per (shape, kernel, elements, warps)
+    python experiments/tune_dequant.py   -> a table of µs and % of copy bandwidth per (shape, kernel, elements, warps)
 
 Every row times 8 weights dequantized back to back in one CUDA graph, replayed many times
 (``triton.testing.do_bench_cudagraph``: the graph's launch latency is spread over all its calls). ``copy (same

@@ -16,10 +16,42 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gemv import SHAPES, Table, kernel_times  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.shapes import HEADLINE, shape  # noqa: E402
 from lowrank_kernels import QLoraLinear  # noqa: E402
+
+SHAPES = [shape(model, layer) for model, layer in HEADLINE]  # (in_features K, out_features N)
+
+
+class Table:
+    """Prints each line and, with ``out_path``, rewrites the file as it goes (a crash keeps what was measured)."""
+
+    def __init__(self, out_path):
+        self.lines, self.out_path = [], out_path
+
+    def add(self, line):
+        print(line, flush=True)
+        self.lines.append(line)
+        if self.out_path:
+            with open(self.out_path, "w") as f:
+                f.write("\n".join(self.lines) + "\n")
+
+
+def kernel_times(fn, calls=50):
+    """``{kernel name: device µs per call}`` of ``fn`` from the profiler (no graph: launch gaps excluded)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        us = e.self_cuda_time_total if us is None else us
+        if us > 0:  # summed: distinct kernels may share the shortened name
+            out[e.key[:56]] = out.get(e.key[:56], 0.0) + us / calls
+    return out
 
 
 def fwd_bwd(module, x, g):

@@ -7,11 +7,14 @@ kernel durations), the host time to enqueue a step (no synchronization until the
 top host-side ops by self CPU time.
 """
 import argparse
+import os
+import sys
 import time
 
 import torch
 
-from bench.test_train_step import build
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.test_train_step import build  # noqa: E402
 
 
 def main():

@@ -6,7 +6,7 @@ bench/results/chunked-large-m-h100.txt measured the one-stream version 1.0-1.5x 
 GEMMs lose efficiency as they shrink); this asks whether two streams win that back. Row chunks of W are contiguous
 in the NF4 stream, so each chunk is dequantized from slices of the packed bytes and scales by the library's kernel.
 
-    python scripts/probe/chunked_streams.py --out bench/results/chunked-streams-h100.txt
+    python experiments/probe/chunked_streams.py --out bench/results/chunked-streams-h100.txt
 """
 import argparse
 import os
@@ -99,7 +99,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
     args = ap.parse_args()
-    lines = [f"# scripts/probe/chunked_streams.py: {torch.cuda.get_device_name()} torch {torch.__version__} M={M} "
+    lines = [f"# experiments/probe/chunked_streams.py: {torch.cuda.get_device_name()} torch {torch.__version__} M={M} "
              f"r={R} bf16; device µs per call (graph replay), peak MiB beyond inputs and weights (one eager call)",
              "shape | variant | µs | x dense | x current | peak MiB"]
     streams2 = [torch.cuda.Stream(), torch.cuda.Stream()]

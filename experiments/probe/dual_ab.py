@@ -2,7 +2,7 @@
 cuBLAS products the merged backward runs (dispatch._mm, dispatch._mm_fp32), M = 8192, r = 16, bf16 dY, fp32 dB:
 µs (CUDA-graph replay) per tile config, and the largest relative difference of the outputs. GPU machine.
 
-    python scripts/probe/dual_ab.py [--out FILE]
+    python experiments/probe/dual_ab.py [--out FILE]
 """
 import argparse
 import datetime
@@ -33,7 +33,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     table = Table(args.out)
-    table.add(f"# scripts/probe/dual_ab.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
+    table.add(f"# experiments/probe/dual_ab.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
               f"{torch.__version__}  triton {triton.__version__}; M={args.m}, r=16; µs (graph replay)")
     M = args.m
     for K, N in SHAPES:

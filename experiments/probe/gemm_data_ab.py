@@ -2,7 +2,7 @@
 x @ W'.T (and dY @ W against dY @ W'), M = 8192, bf16, alternated over rounds (CUDA-graph replay), so that clock
 and temperature drift hit both alike. GPU machine.
 
-    python scripts/probe/gemm_data_ab.py [--out FILE] [--rounds 4]
+    python experiments/probe/gemm_data_ab.py [--out FILE] [--rounds 4]
 """
 import argparse
 import datetime
@@ -27,7 +27,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     table = Table(args.out)
-    table.add(f"# scripts/probe/gemm_data_ab.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
+    table.add(f"# experiments/probe/gemm_data_ab.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
               f"{torch.__version__}  triton {triton.__version__}; M=8192; µs per GEMM, rounds alternated")
     for K, N in SHAPES:
         lin = torch.nn.Linear(K, N, bias=False, dtype=torch.bfloat16, device="cuda")

@@ -9,7 +9,7 @@ ratio is taken within the round: its median and interquartile range over the rou
 Callables and graphs are the benchmarks' own (``bench/test_forward.py``, ``bench/test_backward.py``): forward =
 inference (no tensor requires grad), fwd+bwd = forward + backward for x, A and B (dense: forward + dX).
 
-    python scripts/probe/layer_ab.py --out bench/results/layer-ab-h100.txt [--rounds 40] [--m 8192]
+    python experiments/probe/layer_ab.py --out bench/results/layer-ab-h100.txt [--rounds 40] [--m 8192]
 """
 import argparse
 import datetime
@@ -86,7 +86,7 @@ def main():
         bnb_version = bitsandbytes.__version__
     except ImportError:
         sys.exit("bitsandbytes is needed (the peft+bnb provider)")
-    emit(f"# scripts/probe/layer_ab.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
+    emit(f"# experiments/probe/layer_ab.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
          f"{torch.__version__}  triton {triton.__version__}  bitsandbytes {bnb_version}; M={args.m}, r=16, bf16, "
          f"fp32 adapters; {args.rounds} rounds, each replaying every provider's graph ({GRAPH_CALLS} calls) once")
     emit("# per provider: median µs per call [q1, q3]; paired ratios: median of the per-round ratios [q1, q3]; "

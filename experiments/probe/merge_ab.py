@@ -5,7 +5,7 @@ path (LoRA term written over y / dX, big GEMM accumulating into it), on the GPU:
 2. per-kernel device time (profiler, 20 eager calls) of the QLoRA layer's forward and forward + backward, merge on
    and off, against dense bf16, at several M; outputs and gradients of the two paths compared.
 
-    python scripts/probe/merge_ab.py --out bench/results/merge-ab-h100.txt [--m 256 2048 8192]
+    python experiments/probe/merge_ab.py --out bench/results/merge-ab-h100.txt [--m 256 2048 8192]
 """
 import argparse
 import datetime
@@ -43,7 +43,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     table = Table(args.out)
-    table.add(f"# scripts/probe/merge_ab.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
+    table.add(f"# experiments/probe/merge_ab.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
               f"{torch.__version__}  triton {triton.__version__}; r=16, bf16 x, fp32 adapters")
     table.add("## 1. nf4_merge tiles (block_n, block_k, warps) against nf4 dequantize, µs (graph replay, 8 copies)")
     for K, N in SHAPES:

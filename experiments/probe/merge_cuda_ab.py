@@ -8,7 +8,7 @@
 3. what a GEMM costs when its weight carries r extra rows or columns (``[W'; A]`` / ``[W' | sB]``, the LoRA
    projections S and dS as extra output columns of the main GEMMs) against the plain GEMM plus cuBLAS S / dS.
 
-    python scripts/probe/merge_cuda_ab.py --out bench/results/merge-cuda-h100.txt [--m 2048 4096 8192]
+    python experiments/probe/merge_cuda_ab.py --out bench/results/merge-cuda-h100.txt [--m 2048 4096 8192]
 """
 import argparse
 import datetime
@@ -137,7 +137,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     table = Table(args.out)
-    table.add(f"# scripts/probe/merge_cuda_ab.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
+    table.add(f"# experiments/probe/merge_cuda_ab.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
               f"{torch.__version__}  triton {triton.__version__}; bf16")
     if "1" in args.sections:
         section1(table)

@@ -2,7 +2,7 @@
 layers: eager fwd+bwd wall time per call (host included) and profiler kernel-time sums, dispatch.MERGE_MIN_M set
 to merge or not. GPU machine.
 
-    python scripts/probe/merge_small_m.py [--out FILE]
+    python experiments/probe/merge_small_m.py [--out FILE]
 """
 import argparse
 import datetime
@@ -36,7 +36,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     table = Table(args.out)
-    table.add(f"# scripts/probe/merge_small_m.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
+    table.add(f"# experiments/probe/merge_small_m.py on {torch.cuda.get_device_name()}  {datetime.date.today()}  torch "
               f"{torch.__version__}  triton {triton.__version__}; bf16 x, fp32 adapters; µs per fwd+bwd")
     table.add(f"{'layer':8} {'shape':12} {'M':>5} {'wall off':>9} {'wall on':>9} {'on/off':>6} {'gpu off':>9} "
               f"{'gpu on':>9} {'on/off':>6}")

@@ -1,5 +1,5 @@
-"""Read bandwidth of NF4-decode access patterns (scripts/probe/read_probe.cu): µs per read of a packed [N, K/2]
-uint8 weight, CUDA-graph replay over 8 copies. Usage: python scripts/probe/read_probe.py"""
+"""Read bandwidth of NF4-decode access patterns (experiments/probe/read_probe.cu): µs per read of a packed [N, K/2]
+uint8 weight, CUDA-graph replay over 8 copies. Usage: python experiments/probe/read_probe.py"""
 import ctypes
 import os
 import subprocess
