@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# The GPU session entry point: install the carried bitsandbytes wheel, run the tests on CUDA, run the benchmarks,
-# write JSON + markdown under $OUT (or ./gpu_out). Usage: bash scripts/gpu_check.sh [extra pytest bench args]
+# The GPU session entry point: install the carried bitsandbytes wheel (.whl/), then
+#   bash scripts/gpu_check.sh tests [PYTEST ARGS]   the test suite on CUDA (the CUDA C++ kernels built on first use)
+#   bash scripts/gpu_check.sh bench [PYTEST ARGS]   the benchmarks, JSON + markdown report
+# Logs and results under $OUT (or ./gpu_out). scripts/gpu_bench.sh runs the benchmarks in parts, scripts/gpu_ab.sh
+# compares two trees, scripts/gpu_cuda_ext_check.sh checks the CUDA extension builds in depth.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD
+what=${1:-tests}; shift || true
+python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl && export PYTHONPATH=/tmp/lk-site:$PWD
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -5
-stamp=$(date -u +%Y%m%d)
-python3 -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT/bench-$stamp.json" "$@" 2>&1 \
-  | tee "$OUT/bench.log" | tail -3
-python3 -m bench.report "$OUT/bench-$stamp.json" --out "$OUT/bench-$stamp.md" && cat "$OUT/bench-$stamp.md"
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/gpu.txt"
+case "$what" in
+  tests)
+    python3 -m pytest tests -q -p no:cacheprovider -rs "$@" 2>&1 | tee "$OUT/tests.log" | grep -E "passed|failed|error" \
+      | tail -5 ;;
+  bench)
+    stamp=$(date -u +%Y%m%d)
+    python3 -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT/bench-$stamp.json" "$@" 2>&1 \
+      | tee "$OUT/bench.log" | tail -3
+    python3 -m bench.report "$OUT/bench-$stamp.json" --out "$OUT/bench-$stamp.md" && cat "$OUT/bench-$stamp.md" ;;
+  *) echo "usage: bash scripts/gpu_check.sh tests|bench [pytest args]" >&2; exit 2 ;;
+esac
