@@ -113,6 +113,9 @@ class NF4Weight:
         quant_type = getattr(quant_state, "quant_type", None)
         if quant_type != "nf4":
             raise ValueError(f"quant_state.quant_type: only 'nf4' is supported, got {quant_type!r}")
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise ValueError("quant_state: bitsandbytes repacked this weight for its CPU kernel "
+                             "(packing_format_for_cpu); its bytes are not in NF4's layout")
         if packed.dtype != torch.uint8:
             raise TypeError(f"packed: expected uint8 storage, got {packed.dtype} (quant_storage other than "
                             "uint8 is not supported)")

@@ -134,9 +134,13 @@ class _FusedForward:
             return None
         return name
 
+    def _lowrank_base_ok(self) -> bool:
+        """Whether the base weight is in a form our kernels read (a 4-bit one may not be: see the subclass)."""
+        return True
+
     def forward(self, x, *args, **kwargs):
         name = None if (args or kwargs) else self._lowrank_adapter()
-        if name is None:
+        if name is None or not self._lowrank_base_ok():
             return super().forward(x, *args, **kwargs)
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
@@ -158,6 +162,11 @@ if _PeftLinear4bit is not None:
         def _lowrank_forward(self, x, A, B, scaling, p):
             base = self.get_base_layer()
             return qlora_linear(x, self._lowrank_weight(base), A, B, scaling, base.bias, dropout=p)
+
+        def _lowrank_base_ok(self) -> bool:
+            """False while bitsandbytes keeps the weight repacked for its CPU kernel (it does so on a CPU forward
+            in eval mode; not NF4's layout): peft's forward runs then, as bitsandbytes' kernel reads that layout."""
+            return not getattr(_quant_state(self.get_base_layer()), "packing_format_for_cpu", False)
 
         def _lowrank_weight(self, base) -> NF4Weight:
             """``NF4Weight`` view of the bitsandbytes weight (shared storage), rebuilt when the weight changes."""
@@ -338,7 +347,7 @@ class _AdaFusedForward:
 
     def forward(self, x, *args, **kwargs):
         if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1 \
-                or self.active_adapters[0] not in self.lora_A \
+                or self.active_adapters[0] not in self.lora_A or not self._lowrank_base_ok() \
                 or _runtime_hooks(self, (self.lora_dropout[self.active_adapters[0]],)):
             return super().forward(x, *args, **kwargs)
         name = self.active_adapters[0]
@@ -357,6 +366,9 @@ if _PeftSVDLinear is not None:
 
         def _lowrank_weight(self, base):
             return base.weight
+
+        def _lowrank_base_ok(self) -> bool:
+            return True
 else:  # pragma: no cover
     PeftAdaLoraLinear = None
 
@@ -365,6 +377,7 @@ if _PeftSVDLinear4bit is not None:
         """peft's ``adalora.bnb.SVDLinear4bit`` (NF4 base) with the forward/backward of ``adalora_linear``."""
 
         _lowrank_weight = PeftLoraLinear4bit._lowrank_weight
+        _lowrank_base_ok = PeftLoraLinear4bit._lowrank_base_ok
 else:
     PeftAdaLoraLinear4bit = None
 
