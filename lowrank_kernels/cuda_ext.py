@@ -197,10 +197,11 @@ def build(name: str):
                 os.environ["PATH"] = path
 
 
-def op(name: str, device_index: int):
+@functools.lru_cache(maxsize=None)
+def op(name: str, device_index: int, fake=None):
     """The operator ``torch.ops.lowrank_kernels.<name>.default`` for CUDA device ``device_index``, built on first
-    use (:func:`build`), or ``None``: compute capability below 8.0 (the kernels use mma.m16n8k16 with bf16 operands)
-    or no build. Callers cache the result per device."""
+    use (:func:`build`), with ``fake`` (its implementation on fake / meta tensors) registered, or ``None``: compute
+    capability below 8.0 (the kernels use mma.m16n8k16 with bf16 operands) or no build. Cached per device."""
     import torch
 
     cap = torch.cuda.get_device_capability(device_index)
@@ -210,7 +211,16 @@ def op(name: str, device_index: int):
         return None
     if build(name) is None:
         return None
+    if fake is not None:
+        register_fake(f"{NAMESPACE}::{name}", fake)
     return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+
+def device_index(device) -> int:
+    """The index of a CUDA ``device`` (the current device for a bare ``"cuda"``)."""
+    import torch
+
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def register_fake(qualname: str, fn) -> None:

@@ -37,7 +37,7 @@ for mod in (nf4_mma_gemv, nf4_merge_mma):
     print(f"{mod.NAME}: built and loaded in {time.time() - t:.1f} s: {path}")
     assert path is not None, f"{mod.NAME} did not build"
     op = getattr(torch.ops.lowrank_kernels, mod.NAME).default
-    assert mod._op(torch.cuda.current_device()) is op
+    assert mod.op(torch.cuda.current_device()) is op
     print("  schema:", op._schema)
     dirs.append(f"{mod.NAME} {cuda_ext.build_directory(mod.NAME, cuda_ext._archs())}")
 open(f"{sys.argv[1]}/cuda-ext-dirs.txt", "w").write("\n".join(dirs) + "\n")

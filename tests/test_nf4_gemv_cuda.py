@@ -211,7 +211,7 @@ def test_opcheck(nested):
     w = make_weight(N, K, 64, nested, 0.05)
     x, A, _, _ = make_inputs(M, N, K, r, BF16, False, adapter_dtype=F32)
     ws, ws_s = torch.empty(2, M, N, device="cuda"), torch.empty(2, M, r, device="cuda")
-    op = nf4_mma_gemv._op(torch.cuda.current_device())
+    op = nf4_mma_gemv.op(torch.cuda.current_device())
     assert op is torch.ops.lowrank_kernels.nf4_mma_gemv.default
     torch.library.opcheck(op, _op_args(w, x, A, ws, ws_s, 256))
 
@@ -222,7 +222,7 @@ def test_operator_under_fake_tensors():
 
     w = make_weight(64, 512, 64, True, 0.05)
     x, A, _, _ = make_inputs(2, 64, 512, 4, BF16, False, adapter_dtype=F32)
-    op = nf4_mma_gemv._op(torch.cuda.current_device())
+    op = nf4_mma_gemv.op(torch.cuda.current_device())
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         ws, ws_s = torch.empty(1, 2, 64, device="cuda"), torch.empty(1, 2, 4, device="cuda")
         assert op(*_op_args(w, mode.from_tensor(x), A, ws, ws_s, 512)) is None

@@ -128,7 +128,7 @@ def test_cuda_merge_opcheck(nested):
 
     w = NF4Weight.quantize(torch.randn(48, 192, device=DEVICE), blocksize=64, double_quant=nested)
     B = torch.nn.functional.pad(torch.randn(48, 8, device=DEVICE), (0, 8)).to(BF16)
-    op = nf4_merge_mma._op(torch.cuda.current_device())
+    op = nf4_merge_mma.op(torch.cuda.current_device())
     assert op is torch.ops.lowrank_kernels.nf4_merge_mma.default
     for A in (torch.randn(8, 192, device=DEVICE).to(BF16), torch.randn(192, 8, device=DEVICE).to(BF16).t()):
         torch.library.opcheck(op, (w.packed, w.absmax, w.absmax2, w.code2, w.offset, w.code, w.blocksize,

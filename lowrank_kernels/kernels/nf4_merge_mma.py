@@ -7,9 +7,8 @@ bf16 / fp16 output:
 
 The operator returns ``W'`` (a new contiguous tensor in lora_A's dtype); its fake implementation (:func:`_fake`) is
 registered with it. :func:`supported` says whether a call fits the kernel; :func:`lowrank_kernels.kernels.nf4_merge.
-nf4_merge` keeps the Triton kernel otherwise. ``nf4``: an ``NF4Weight`` (or its fields as a dict).
+nf4_merge` keeps the Triton kernel otherwise. ``nf4``: an ``NF4Weight``.
 """
-import functools
 
 import torch
 
@@ -22,43 +21,27 @@ NAME = "nf4_merge_mma"  # csrc/<NAME>.cu, csrc/<NAME>_op.cpp, torch.ops.lowrank_
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _field(nf4, key):
-    return nf4.get(key) if isinstance(nf4, dict) else getattr(nf4, key)
-
-
 def _fake(packed, absmax, absmax2, code2, offset, code, blocksize, nested_blocksize, lora_A, lora_B, scaling, warps):
     """The operator on fake / meta tensors: ``W' [N, K]`` (N = lora_B's rows, K = lora_A's columns), contiguous,
     in lora_A's dtype, on its device."""
     return lora_A.new_empty((lora_B.shape[0], lora_A.shape[1]))
 
 
-@functools.lru_cache(maxsize=None)
-def _register_fake():
-    cuda_ext.register_fake(f"{cuda_ext.NAMESPACE}::{NAME}", _fake)
-
-
-@functools.lru_cache(maxsize=None)
-def _op(device_index: int):
-    """The operator (an ``OpOverload``) for CUDA device ``device_index``, or ``None`` (:func:`cuda_ext.op`)."""
-    op = cuda_ext.op(NAME, device_index)
-    if op is not None:
-        _register_fake()
-    return op
-
-
-def _index(device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+def op(device_index: int):
+    """The operator (an ``OpOverload``) for CUDA device ``device_index``, its fake implementation registered, or
+    ``None`` (:func:`cuda_ext.op`)."""
+    return cuda_ext.op(NAME, device_index, _fake)
 
 
 def supported(nf4, R: int, dtype: torch.dtype) -> bool:
     """True when :func:`merge` can run: bf16 / fp16 output, ``K % 64 == 0``, ``blocksize >= 64``,
     ``1 <= R <= 32``, a contiguous 4-byte aligned packed weight on a CUDA device of compute capability >= 8,
     and the kernel built."""
-    packed = _field(nf4, "packed")
-    N, K = _field(nf4, "shape")
-    return (dtype in _DTYPES and K % STRIP == 0 and _field(nf4, "blocksize") >= 64 and 1 <= R <= MAX_R
+    packed = nf4.packed
+    N, K = nf4.shape
+    return (dtype in _DTYPES and K % STRIP == 0 and nf4.blocksize >= 64 and 1 <= R <= MAX_R
             and packed.is_cuda and packed.is_contiguous() and packed.data_ptr() % 4 == 0
-            and _op(_index(packed.device)) is not None)
+            and op(cuda_ext.device_index(packed.device)) is not None)
 
 
 def merge(nf4, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype,
@@ -69,13 +52,13 @@ def merge(nf4, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype
     if isinstance(warps, bool) or not isinstance(warps, int) or not 1 <= warps <= 8:
         raise ValueError(f"nf4_merge: warps must be an int in [1, 8], got {warps!r}")
     R = lora_A.shape[0]
-    packed = _field(nf4, "packed")
+    packed = nf4.packed
     A, B = lora_A.to(dtype), lora_B.to(dtype)
     r_pad = -(-R // 16) * 16
     if r_pad != R or not B.is_contiguous() or B.data_ptr() % 8 != 0:
         B = torch.nn.functional.pad(B, (0, r_pad - R)).contiguous()
-    nested = _field(nf4, "absmax2") is not None
-    return _op(_index(packed.device))(
-        packed, _field(nf4, "absmax"), _field(nf4, "absmax2"), _field(nf4, "code2"), _field(nf4, "offset"),
-        _field(nf4, "code"), _field(nf4, "blocksize"), _field(nf4, "nested_blocksize") if nested else 0, A, B,
+    nested = nf4.nested
+    return op(cuda_ext.device_index(packed.device))(
+        packed, nf4.absmax, nf4.absmax2, nf4.code2, nf4.offset,
+        nf4.code, nf4.blocksize, nf4.nested_blocksize if nested else 0, A, B,
         float(scaling), warps)

@@ -10,9 +10,8 @@ bias). The dequantized weight is ``code * absmax`` with the NF4 code rounded to 
 
 The operator writes the two workspaces it is given (schema ``Tensor(a!) ws, Tensor(b!) ws_s``, returns nothing);
 its fake implementation (:func:`_fake`) is registered with it. :func:`supported` says whether a call fits the kernel;
-the dispatcher keeps the Triton kernel otherwise. ``nf4``: an ``NF4Weight`` (or its fields as a dict).
+the dispatcher keeps the Triton kernel otherwise. ``nf4``: an ``NF4Weight``.
 """
-import functools
 
 import torch
 
@@ -24,38 +23,22 @@ MAX_M = 16
 NAME = "nf4_mma_gemv"  # csrc/<NAME>.cu, csrc/<NAME>_op.cpp, torch.ops.lowrank_kernels.<NAME>
 
 
-def _field(nf4, key):
-    return nf4.get(key) if isinstance(nf4, dict) else getattr(nf4, key)
-
-
 def _fake(x, packed, absmax, absmax2, code2, offset, code, blocksize, nested_blocksize, lora_A, ws, ws_s,
           k_per_split, warps):
     """The operator on fake / meta tensors: it only writes ``ws`` and ``ws_s`` in place."""
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _register_fake():
-    cuda_ext.register_fake(f"{cuda_ext.NAMESPACE}::{NAME}", _fake)
-
-
-@functools.lru_cache(maxsize=None)
-def _op(device_index: int):
-    """The operator (an ``OpOverload``) for CUDA device ``device_index``, or ``None`` (:func:`cuda_ext.op`)."""
-    op = cuda_ext.op(NAME, device_index)
-    if op is not None:
-        _register_fake()
-    return op
-
-
-def _index(device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+def op(device_index: int):
+    """The operator (an ``OpOverload``) for CUDA device ``device_index``, its fake implementation registered, or
+    ``None`` (:func:`cuda_ext.op`)."""
+    return cuda_ext.op(NAME, device_index, _fake)
 
 
 def available(device) -> bool:
     """The kernel is built (or buildable) for ``device``: a CUDA device of compute capability >= 8, with nvcc,
     ninja and a CUDA build of PyTorch (:mod:`lowrank_kernels.cuda_ext`)."""
-    return device.type == "cuda" and _op(_index(device)) is not None
+    return device.type == "cuda" and op(cuda_ext.device_index(device)) is not None
 
 
 def supported(x, nf4) -> bool:
@@ -63,10 +46,10 @@ def supported(x, nf4) -> bool:
     16-byte aligned rows, ``K % 256 == 0``, ``blocksize >= 64``, a contiguous 8-byte aligned packed weight and
     16-byte aligned contiguous scales (the kernel reads them in vectors), and the kernel built."""
     M, K = x.shape
-    packed, absmax = _field(nf4, "packed"), _field(nf4, "absmax")
+    packed, absmax = nf4.packed, nf4.absmax
     return (x.dtype in (torch.bfloat16, torch.float16) and 1 <= M <= MAX_M and K % GROUP_K == 0
             and x.stride(1) == 1 and x.data_ptr() % 16 == 0 and (M == 1 or x.stride(0) * 2 % 16 == 0)
-            and _field(nf4, "blocksize") >= 64 and packed.is_contiguous() and packed.data_ptr() % 8 == 0
+            and nf4.blocksize >= 64 and packed.is_contiguous() and packed.data_ptr() % 8 == 0
             and absmax.is_contiguous() and absmax.data_ptr() % 16 == 0 and available(x.device))
 
 
@@ -86,7 +69,7 @@ def partials(x, nf4, lora_A, ws, ws_s, k_per_split: int, n_split: int, warps: in
     (a ``RuntimeError`` where they do not fit)."""
     if ws.shape[0] != n_split:
         raise ValueError(f"nf4_mma_gemv: ws has {ws.shape[0]} slices, n_split is {n_split}")
-    nested = _field(nf4, "absmax2") is not None
-    _op(_index(x.device))(x, _field(nf4, "packed"), _field(nf4, "absmax"), _field(nf4, "absmax2"),
-                          _field(nf4, "code2"), _field(nf4, "offset"), _field(nf4, "code"), _field(nf4, "blocksize"),
-                          _field(nf4, "nested_blocksize") if nested else 0, lora_A, ws, ws_s, k_per_split, warps)
+    nested = nf4.nested
+    op(cuda_ext.device_index(x.device))(x, nf4.packed, nf4.absmax, nf4.absmax2, nf4.code2, nf4.offset, nf4.code,
+                                        nf4.blocksize, nf4.nested_blocksize if nested else 0, lora_A, ws, ws_s,
+                                        k_per_split, warps)
