@@ -69,7 +69,7 @@ def _nvcc():
     return str(nvcc) if nvcc is not None and nvcc.is_file() else None
 
 
-def _ninja_dir():
+def ninja_dir():
     """The folder of a ``ninja`` that is not on ``PATH`` (the venv's, or the ``ninja`` package's), or ``None``."""
     for d in (Path(sys.executable).parent, _ninja_package_dir()):
         if d is not None and (d / "ninja").is_file():
@@ -101,7 +101,7 @@ def unavailable_reason():
         return f"torch.utils.cpp_extension cannot be imported ({type(e).__name__}: {e})"
     if nvcc is None:
         return "no CUDA toolkit: nvcc not found (set CUDA_HOME, or put nvcc on PATH)"
-    if shutil.which("ninja") is None and _ninja_dir() is None:
+    if shutil.which("ninja") is None and ninja_dir() is None:
         return "ninja not found (pip install ninja)"
     return None
 
@@ -114,7 +114,7 @@ def _note(reason: str) -> None:
                     "instead", reason)
 
 
-def _archs() -> tuple:
+def archs() -> tuple:
     """The distinct compute capabilities >= 8.0 of the visible GPUs, e.g. ``("90",)``."""
     import torch
 
@@ -160,7 +160,7 @@ def build(name: str):
     once, :func:`unavailable_reason`) or the build failed (warns). A process loads one library per kernel: once one
     is loaded, later calls (after ``build.cache_clear()``, other flags) return it."""
     reason = unavailable_reason()
-    archs = () if reason else _archs()
+    archs = () if reason else archs()
     if reason is None and not archs:
         reason = f"no visible GPU of compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
     missing = [str(s) for s in sources(name) if not s.is_file()]
@@ -176,7 +176,7 @@ def build(name: str):
         if name in _loaded:
             return _loaded[name]
         directory = build_directory(name, archs)
-        ninja = _ninja_dir() if shutil.which("ninja") is None else None
+        ninja = ninja_dir() if shutil.which("ninja") is None else None
         path = os.environ.get("PATH", "")
         try:
             directory.mkdir(parents=True, exist_ok=True)

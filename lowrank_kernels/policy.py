@@ -126,7 +126,7 @@ class LayerPlan(NamedTuple):
     fp32_sums: bool = False
 
 
-def _path(triton: bool, fused: bool, nf4: bool, numel: int, M: int, dropout: bool) -> str:
+def layer_path(triton: bool, fused: bool, nf4: bool, numel: int, M: int, dropout: bool) -> str:
     """The path of a forward, or of a backward's ``dX``, from the call's facts (module docstring)."""
     if not triton:
         return "torch"
@@ -148,7 +148,7 @@ def forward_plan(x: torch.Tensor, weight, dropout: bool, backend=None, config=No
     if triton and nf4 and M <= GEMV_MAX_M and config is None and not dropout:
         return LayerPlan("gemv")
     fused = triton and (backend == "triton" or FUSED_BY_DEFAULT)
-    return LayerPlan(_path(triton, fused, nf4, weight.numel(), M, dropout), masked_kernels=triton and dropout)
+    return LayerPlan(layer_path(triton, fused, nf4, weight.numel(), M, dropout), masked_kernels=triton and dropout)
 
 
 def backward_plan(grad_y: torch.Tensor, weight, dropout: bool, need_A: bool, need_B: bool,
@@ -156,7 +156,7 @@ def backward_plan(grad_y: torch.Tensor, weight, dropout: bool, need_A: bool, nee
     """The plan of a layer's backward (``dX``, ``dS`` / ``dA``, ``dB``, ``db``) for ``grad_y [M, N]``."""
     triton = choose_backend(grad_y.device, backend) == "triton"
     fused = triton and (backend == "triton" or FUSED_BY_DEFAULT)
-    path = _path(triton, fused, not isinstance(weight, torch.Tensor), weight.numel(), grad_y.shape[0], dropout)
+    path = layer_path(triton, fused, not isinstance(weight, torch.Tensor), weight.numel(), grad_y.shape[0], dropout)
     return LayerPlan(path, masked_kernels=triton and dropout, dual=path == "merged" and need_A and need_B,
                      fp32_sums=triton)
 

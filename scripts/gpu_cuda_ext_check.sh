@@ -29,7 +29,7 @@ import torch
 logging.basicConfig(level=logging.INFO)
 from lowrank_kernels import cuda_ext
 from lowrank_kernels.kernels import nf4_merge_mma, nf4_mma_gemv
-print("unavailable_reason:", cuda_ext.unavailable_reason(), "archs:", cuda_ext._archs())
+print("unavailable_reason:", cuda_ext.unavailable_reason(), "archs:", cuda_ext.archs())
 dirs = []
 for mod in (nf4_mma_gemv, nf4_merge_mma):
     t = time.time()
@@ -39,7 +39,7 @@ for mod in (nf4_mma_gemv, nf4_merge_mma):
     op = getattr(torch.ops.lowrank_kernels, mod.NAME).default
     assert mod.op(torch.cuda.current_device()) is op
     print("  schema:", op._schema)
-    dirs.append(f"{mod.NAME} {cuda_ext.build_directory(mod.NAME, cuda_ext._archs())}")
+    dirs.append(f"{mod.NAME} {cuda_ext.build_directory(mod.NAME, cuda_ext.archs())}")
 open(f"{sys.argv[1]}/cuda-ext-dirs.txt", "w").write("\n".join(dirs) + "\n")
 EOF
 

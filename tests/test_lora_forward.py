@@ -8,7 +8,7 @@ import torch
 
 import python_ref
 from lowrank_kernels import NF4Weight, lora_linear, qlora_linear
-from lowrank_kernels.kernels.lora_matmul import _resolve_config, default_config
+from lowrank_kernels.kernels.lora_matmul import resolve_config, default_config
 from tests.conftest import DEVICE, HAS_CUDA
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3, torch.float32: 1e-4}
@@ -223,7 +223,7 @@ def test_default_config_variants():
     assert (large["BLOCK_M"], large["BLOCK_N"], large["SPLIT_K"]) == (256, 128, 1)  # NF4: fewer W dequantizations
     assert default_config(4096, 4096, 4096, BF16, nf4=False)["BLOCK_M"] == 128
     assert default_config(4096, 4096, 4096, F32, nf4=True)["BLOCK_M"] == 128  # fp32 operands: registers
-    assert _resolve_config(16, 4096, 4096, F16, True, True, torch.device("cpu"), None)["SPLIT_K"] > 1
+    assert resolve_config(16, 4096, 4096, F16, True, True, torch.device("cpu"), None)["SPLIT_K"] > 1
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="realistic shapes need a GPU")

@@ -270,7 +270,7 @@ def test_kernel_builds_and_registers_its_operator(name):
     path = cuda_ext.build(name)
     assert path is not None and str(path).endswith(".so")
     assert hasattr(torch.ops.lowrank_kernels, name)
-    archs = cuda_ext._archs()
+    archs = cuda_ext.archs()
     major, minor = torch.cuda.get_device_capability()
     assert f"{major}{minor}" in archs
     assert cuda_ext.build_directory(name, archs) in Path(path).parents
@@ -282,8 +282,8 @@ def test_ninja_tracks_the_headers():
     nf4_common.cuh or nf4_entry.h rebuilds; an unchanged tree has nothing to rebuild."""
     name = nf4_mma_gemv.NAME
     assert cuda_ext.build(name) is not None
-    directory = cuda_ext.build_directory(name, cuda_ext._archs())
-    ninja = shutil.which("ninja") or str(cuda_ext._ninja_dir() / "ninja")
+    directory = cuda_ext.build_directory(name, cuda_ext.archs())
+    ninja = shutil.which("ninja") or str(cuda_ext.ninja_dir() / "ninja")
     deps = subprocess.run([ninja, "-C", str(directory), "-t", "deps"], capture_output=True, text=True,
                           check=True).stdout
     assert "nf4_common.cuh" in deps and "nf4_entry.h" in deps, deps[:2000]

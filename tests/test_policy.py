@@ -26,7 +26,7 @@ BIG = policy.MERGE_MAX_ELEMENTS
     ((True, False, False, 4096**2, 1, True), "branch"),
 ])
 def test_layer_path_table(facts, path):
-    assert policy._path(*facts) == path
+    assert policy.layer_path(*facts) == path
 
 
 @pytest.fixture

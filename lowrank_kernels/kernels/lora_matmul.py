@@ -236,7 +236,8 @@ def check_config(config) -> dict:
     return config
 
 
-def _resolve_config(M, N, K, dtype, nf4, aligned, device, config):
+def resolve_config(M, N, K, dtype, nf4, aligned, device, config):
+    """:func:`default_config` with the overrides ``config`` (checked), ``SPLIT_K`` chosen where it is ``None``."""
     config = check_config(config)
     cfg = default_config(M, N, K, dtype, nf4, aligned, config.get("input_precision"))
     cfg.update({k: v for k, v in config.items() if v is not None or k == "SPLIT_K"})
@@ -281,7 +282,7 @@ def lora_matmul(a, lora_l, lora_r, bias=None, weight=None, nf4=None, trans_w=Fal
         w_strides = (weight.stride(1), weight.stride(0)) if trans_w else (weight.stride(0), weight.stride(1))
         aligned = False
         nf4_meta = dict(NF4=False, NESTED=False, BLOCKSIZE=1, NESTED_BLOCKSIZE=1, ALIGNED=False)
-    cfg = _resolve_config(M, N, K, dtype, nf4 is not None, aligned, a.device, config)
+    cfg = resolve_config(M, N, K, dtype, nf4 is not None, aligned, a.device, config)
 
     y = a.new_empty((M, N))
     if M == 0 or N == 0:
