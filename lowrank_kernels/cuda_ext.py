@@ -160,8 +160,8 @@ def build(name: str):
     once, :func:`unavailable_reason`) or the build failed (warns). A process loads one library per kernel: once one
     is loaded, later calls (after ``build.cache_clear()``, other flags) return it."""
     reason = unavailable_reason()
-    archs = () if reason else archs()
-    if reason is None and not archs:
+    capabilities = () if reason else archs()
+    if reason is None and not capabilities:
         reason = f"no visible GPU of compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
     missing = [str(s) for s in sources(name) if not s.is_file()]
     if reason is None and missing:
@@ -171,11 +171,11 @@ def build(name: str):
         return None
     from torch.utils import cpp_extension
 
-    flags = [*NVCC_FLAGS, *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs), *_user_flags()]
+    flags = [*NVCC_FLAGS, *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in capabilities), *_user_flags()]
     with _lock:  # cpp_extension.load is not thread-safe (its version table); other processes: its file lock
         if name in _loaded:
             return _loaded[name]
-        directory = build_directory(name, archs)
+        directory = build_directory(name, capabilities)
         ninja = ninja_dir() if shutil.which("ninja") is None else None
         path = os.environ.get("PATH", "")
         try:
@@ -183,7 +183,7 @@ def build(name: str):
             if ninja is not None:
                 os.environ["PATH"] = f"{ninja}{os.pathsep}{path}"
             _loaded[name] = cpp_extension.load(
-                name=_ext_name(name, archs), sources=[str(s) for s in sources(name)], extra_cflags=list(CXX_FLAGS),
+                name=_ext_name(name, capabilities), sources=[str(s) for s in sources(name)], extra_cflags=list(CXX_FLAGS),
                 extra_cuda_cflags=flags, build_directory=str(directory), with_cuda=True, is_python_module=False,
                 verbose=os.environ.get("LOWRANK_KERNELS_VERBOSE", "0") not in ("", "0"))
             return _loaded[name]

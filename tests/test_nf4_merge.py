@@ -183,7 +183,7 @@ def test_dispatch_merges_only_where_it_may(limit, monkeypatch):
     """At M >= MERGE_MIN_M without dropout the default CUDA path (forced here on CPU through the interpreter)
     merges; a weight over MERGE_MAX_ELEMENTS, or dropout, takes the unmerged path. Both match the oracle."""
     import lowrank_kernels.kernels.nf4_merge as merge_mod
-    from lowrank_kernels import dispatch, policy, qlora_linear
+    from lowrank_kernels import policy, qlora_linear
     from tests.test_lora_forward import TOL, oracle_nf4_weight, rel_err
 
     if not HAS_CUDA:
