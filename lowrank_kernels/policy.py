@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from lowrank_kernels.kernels.launch import MAX_ELEMENTS, num_sms
+from lowrank_kernels.kernels.launch import INTERPRET, MAX_ELEMENTS, num_sms
 
 BACKENDS = ("torch", "triton")
 
@@ -70,8 +70,6 @@ def device_facts(device: torch.device) -> DeviceFacts:
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, set before Triton is imported)."""
-    from lowrank_kernels.kernels.launch import INTERPRET
-
     return INTERPRET
 
 
@@ -224,7 +222,20 @@ def plan_gemv(f: GemvFacts, tune: dict | None = None) -> GemvPlan:
     ``tune`` (maintainers and tests: sweeps, probes) overrides the choice: ``cuda`` (True / False), ``cuda_warps``,
     ``input_precision``, and any key of ``nf4_gemv.CONFIG_KEYS`` (``block_n``, ``block_k``, ``split_k``,
     ``num_warps``, ``num_stages``, ``lookup``, ``fma``, ``max_registers``, ``tma``, ``join``, ``x_tma``).
-    ``tma=True`` or ``cuda=True`` raise where they cannot run."""
+    ``tma=True`` or ``cuda=True`` raise where they cannot run. Without ``tune`` the plan is cached per facts (a
+    decode step makes one per layer: host time)."""
+    if not tune:
+        tf32 = f.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        return _default_gemv_plan(f, USE_PDL, USE_CUDA_KERNELS, tf32)
+    return _plan_gemv(f, tune)
+
+
+@functools.lru_cache(maxsize=4096)
+def _default_gemv_plan(f: GemvFacts, use_pdl: bool, use_cuda_kernels: bool, tf32: bool) -> GemvPlan:
+    return _plan_gemv(f, None)  # what else the plan reads is part of the key (the switches, torch's TF32 setting)
+
+
+def _plan_gemv(f: GemvFacts, tune) -> GemvPlan:
     from lowrank_kernels.kernels import nf4_gemv, nf4_mma_gemv
 
     tune = dict(tune or {})
