@@ -57,7 +57,10 @@ def sources(name: str) -> list:
 
 
 def enabled() -> bool:
-    return os.environ.get("LOWRANK_KERNELS_CUDA", "1") != "0"
+    """The switch ``LOWRANK_KERNELS_CUDA=0`` (read by ``policy``) is not set."""
+    from lowrank_kernels import policy
+
+    return policy.USE_CUDA_KERNELS
 
 
 def _nvcc():

@@ -33,8 +33,8 @@ from lowrank_kernels.kernels.launch import INTERPRET, MAX_ELEMENTS, num_sms
 
 BACKENDS = ("torch", "triton")
 
-# Decode and small batches: the NF4 GEMV kernels (0.57-1.00x dense bf16's time at M <= 16, where dequantize +
-# cuBLAS takes 2.4-2.8x).
+# Decode and small batches: the NF4 GEMV kernels (faster than dense bf16 at M <= 16, where dequantize + cuBLAS is
+# several times slower: docs/performance.md).
 GEMV_MAX_M = 64
 # The CUDA C++ first launch of the decode kernels: where it measured faster than the Triton kernel.
 CUDA_GEMV_MIN_M, CUDA_GEMV_MAX_M = 2, 16

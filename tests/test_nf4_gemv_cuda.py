@@ -319,7 +319,7 @@ def test_sources_ship_inside_the_package():
 
 
 def test_build_is_none_when_switched_off(monkeypatch):
-    monkeypatch.setenv("LOWRANK_KERNELS_CUDA", "0")
+    monkeypatch.setattr(policy, "USE_CUDA_KERNELS", False)  # what LOWRANK_KERNELS_CUDA=0 sets
     cuda_ext.build.cache_clear()
     try:
         assert cuda_ext.build(nf4_mma_gemv.NAME) is None
@@ -342,7 +342,7 @@ def test_build_is_none_without_nvcc(monkeypatch):
 def test_unbuildable_kernels_log_one_line(monkeypatch, caplog):
     """Where the kernels cannot be built, one INFO line on the ``lowrank_kernels`` logger says so and why, once
     per process (not once per kernel or call)."""
-    monkeypatch.setenv("LOWRANK_KERNELS_CUDA", "0")
+    monkeypatch.setattr(policy, "USE_CUDA_KERNELS", False)  # what LOWRANK_KERNELS_CUDA=0 sets
     monkeypatch.setattr(cuda_ext, "_noted", False)
     cuda_ext.build.cache_clear()
     try:

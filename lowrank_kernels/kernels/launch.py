@@ -123,8 +123,7 @@ def launch(kernel, grid, args, **options):
 
     The first call with a given key (:func:`_call_key`, the current device) goes through Triton's JIT, which
     compiles or finds the kernel; later ones launch that compiled kernel directly, as the JIT would, without its
-    argument binding and specialization: 8-11 instead of 16-26 µs of host time per launch on the H100 machines
-    (``bench/results/host-trim-ab-h100.txt``). The interpreter, and any launch while a Triton launch hook is
+    argument binding and specialization: about half the host time per launch (``docs/perf-log.md``). The interpreter, and any launch while a Triton launch hook is
     installed (profilers), always takes the JIT path.
     """
     if INTERPRET:

@@ -279,7 +279,7 @@ def lowrank_dual(dy, b, s, alpha=1.0, ds_dtype=None, db_dtype=torch.float32, spl
     if M == 0 or N == 0:
         return ds.zero_(), db.zero_()
     block_n = block_n or (256 if r_pad <= 32 else 128)  # 64 x 256, 4 warps: the fastest of 11 tiles at r = 16
-    block_m = block_m or 64  # (bench/results/dual-ab-h100.txt, second run)
+    block_m = block_m or 64  # the fastest measured (docs/perf-log.md)
     bands = cdiv(N, block_n)
     if split_m is None:
         split_m = max(1, min(cdiv(2 * num_sms(dy.device), bands), cdiv(M, 4 * block_m), 64))

@@ -16,7 +16,7 @@ from lowrank_kernels import cuda_ext
 
 STRIP = 64  # W columns per warp step: K must be a multiple of it
 MAX_R = 32  # two rank chunks of 16 (r = 64 would keep 64 more fragment registers per thread: the Triton kernel)
-WARPS = 4  # a block: 4 warps on adjacent 64-column strips (fastest of 2, 4, 8: bench/results/merge-cuda-h100.txt)
+WARPS = 4  # a block: 4 warps on adjacent 64-column strips (the fastest of 2, 4, 8: docs/perf-log.md)
 NAME = "nf4_merge_mma"  # csrc/<NAME>.cu, csrc/<NAME>_op.cpp, torch.ops.lowrank_kernels.<NAME>
 _DTYPES = (torch.float16, torch.bfloat16)
 

@@ -55,7 +55,7 @@ def supported(x, nf4) -> bool:
 
 def default_launch(M: int, N: int, K: int, num_sms: int) -> tuple:
     """``(warps, n_split)``: 8 warps (128 rows) per block; K split into as many slices as keep the grid within
-    two blocks per SM (two fit), from ``bench/results/gemv-mma-h100.txt``."""
+    two blocks per SM (two fit): the fastest measured (``docs/perf-log.md``)."""
     warps = 8
     row_blocks = -(-N // (16 * warps))
     split = max(1, min(K // GROUP_K, 2 * num_sms // row_blocks))
