@@ -8,7 +8,7 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl 2>/dev/null
 export PYTHONPATH=$PWD/.site:$PWD PYTHONUNBUFFERED=1
 case "$1" in
-  forward) sel="bench/test_forward.py bench/test_dequant.py" ;;
+  forward) sel="bench/test_forward.py bench/test_nf4_dequant.py" ;;
   training) sel="bench/test_backward.py bench/test_train_step.py" ;;
   adalora) sel="bench/test_adalora.py" ;;
   *) echo "PART must be forward, training or adalora" >&2; exit 2 ;;
