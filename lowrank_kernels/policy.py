@@ -267,7 +267,7 @@ def _plan_gemv(f: GemvFacts, tune) -> GemvPlan:
                          "bf16 / fp16 x with M <= 16, K % 256 == 0, unit stride along K and 16-byte aligned rows, "
                          "blocksize >= 64, and contiguous aligned packed weight and scales")
     if cuda:
-        return GemvPlan(True, None, pdl, "tf32", cuda_warps, tune.get("split_k"))
+        return GemvPlan(True, None, pdl, fp32_dot_precision(f.dtype, "ieee"), cuda_warps, tune.get("split_k"))
     tma_ok = f.tma_descriptors and K % f.blocksize == 0
     config = _gemv_config(M, N, K, f.dtype, f.device.sms, tma_ok and f.capturing)  # shared: copy to change
     if K % f.blocksize != 0:  # generic path: larger tiles spill (its per-element scale selection)
