@@ -104,11 +104,18 @@ def _hooks(module) -> str:
     return ", ".join(found)
 
 
+def _first_hooked(base, adapter_modules):
+    """The first of ``base`` and ``adapter_modules`` that is hooked (``_hooked``; ``base`` while global module
+    hooks are registered, which reach every module), or ``None``."""
+    if _global_hooks():
+        return base
+    return next((m for m in (base, *adapter_modules) if _hooked(m)), None)
+
+
 def _runtime_hooks(layer, adapter_modules) -> bool:
-    """True while ``layer``'s base layer or one of ``adapter_modules`` is hooked (``_hooked``): the layer then runs
-    peft's own forward, so that the hooks fire exactly as under peft; warned once per layer."""
-    modules = (layer.base_layer, *adapter_modules)
-    hooked = modules[0] if _global_hooks() else next((m for m in modules if _hooked(m)), None)
+    """True while ``layer``'s base layer or one of ``adapter_modules`` is hooked (:func:`_first_hooked`): the layer
+    then runs peft's own forward, so that the hooks fire exactly as under peft; warned once per layer."""
+    hooked = _first_hooked(layer.base_layer, adapter_modules)
     if hooked is None:
         return False
     if not layer.__dict__.get("_lowrank_hooks_warned"):
@@ -216,9 +223,8 @@ def _unsupported(module) -> str:
             return "lora_A / lora_B are not plain nn.Linear modules"
     if type(adapters[0]) not in (nn.Dropout, nn.Identity):
         return f"lora_dropout is a {type(adapters[0]).__name__} (nn.Dropout or nn.Identity is supported)"
-    hooked = next((m for m in (base, *adapters) if _hooked(m)), None)
-    if hooked is not None or _global_hooks():
-        hooked = base if hooked is None else hooked
+    hooked = _first_hooked(base, adapters)
+    if hooked is not None:
         which = "the base layer" if hooked is base else f"the {type(hooked).__name__} adapter module"
         return f"{which} has {_hooks(hooked)}, which peft's forward runs and ours would skip"
     dense = type(module) in (_PeftLinear, _PeftSVDLinear)
@@ -310,6 +316,8 @@ class _AdaFusedForward:
     """Mixin for a peft AdaLoRA layer: ``adalora_linear`` whenever exactly one adapter is active (peft's forward
     otherwise), over all ranks or over those of the mask ``set_rank_mask`` installed."""
 
+    _lowrank_base_ok = _FusedForward._lowrank_base_ok  # the 4-bit layer overrides it as the LoRA one does
+
     def set_rank_mask(self, mask: torch.Tensor, adapter_name=None, *, words=None, active=None):
         """Installs bool ``mask [r]`` (True = rank computed) for ``adapter_name`` (default: the single active
         adapter); a device sync only for a mask on the GPU. ``E`` is not touched (``RankAllocator`` zeroes the
@@ -366,9 +374,6 @@ if _PeftSVDLinear is not None:
 
         def _lowrank_weight(self, base):
             return base.weight
-
-        def _lowrank_base_ok(self) -> bool:
-            return True
 else:  # pragma: no cover
     PeftAdaLoraLinear = None
 

@@ -39,7 +39,7 @@ from lowrank_kernels import QLoraLinear  # noqa: E402
 from lowrank_kernels import peft as lk_peft  # noqa: E402
 from tests.conftest import HAS_BNB  # noqa: E402
 from tests.test_lora_forward import rel_err  # noqa: E402
-from tests.test_peft_convert import Tiny, runs_our_function  # noqa: E402
+from tests.test_peft_convert import Tiny, quantized_tiny, runs_our_function  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -84,25 +84,6 @@ def _params(cases):
 
 
 # ------------------------------------------------------------------------------------------ models (any process)
-def quantized_tiny_hf():
-    """``Tiny`` with up/down as bitsandbytes NF4 ``Linear4bit`` (double quant), built as transformers builds them:
-    the ``Params4bit`` knows its module (``module=``), so bitsandbytes also keeps the quant_state on the module."""
-    import bitsandbytes as bnb
-
-    model = Tiny()
-    for name in ("up", "down"):
-        lin = getattr(model, name)
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-        q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                     compress_statistics=True, module=q)
-        if lin.bias is not None:
-            q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-        setattr(model, name, q)
-    model.is_loaded_in_4bit = True
-    return model.to("cpu")  # quantizes
-
-
 def build(kind, dropout=0.0):
     """``(model, number of layers convert() converted)``, the same bits in every process (seeded)."""
     torch.manual_seed(SEED)
@@ -113,7 +94,7 @@ def build(kind, dropout=0.0):
             nn.Linear(40, 24).requires_grad_(False))
         converted = None
     else:
-        base = Tiny() if kind == "dense" else quantized_tiny_hf()
+        base = Tiny() if kind == "dense" else quantized_tiny("cpu", owned=True)
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"],
                                                 lora_dropout=dropout))
         converted = 0 if kind.startswith("peft-") else lk_peft.convert(model)

@@ -27,8 +27,10 @@ class Tiny(nn.Module):
         return self.head(self.down(torch.relu(self.up(x))))
 
 
-def quantized_tiny():
-    """``Tiny`` with up/down as bitsandbytes NF4 ``Linear4bit`` layers (double quant)."""
+def quantized_tiny(device=DEVICE, owned=False):
+    """``Tiny`` with up/down as bitsandbytes NF4 ``Linear4bit`` layers (double quant), on ``device`` (the move
+    quantizes). ``owned``: each ``Params4bit`` knows its layer (``module=``, as transformers builds them), so
+    bitsandbytes also keeps the quant_state on the layer."""
     import bitsandbytes as bnb
 
     model = Tiny()
@@ -37,12 +39,12 @@ def quantized_tiny():
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                               compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
         q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                     compress_statistics=True)
+                                     compress_statistics=True, **(dict(module=q) if owned else {}))
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
         setattr(model, name, q)
     model.is_loaded_in_4bit = True  # what transformers sets; peft then wraps Linear4bit with lora.bnb.Linear4bit
-    return model.to(DEVICE)
+    return model.to(device)
 
 
 def peft_pair(base, **config):

@@ -18,25 +18,9 @@
 #include <optional>
 
 #include "nf4_entry.h"
+#include "nf4_op_checks.h"
 
 namespace {
-
-bool pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
-
-int log2_of(int64_t v) {  // v a power of two
-  int l = 0;
-  while ((int64_t{1} << l) < v) ++l;
-  return l;
-}
-
-bool aligned(const at::Tensor& t, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % static_cast<uintptr_t>(bytes) == 0;
-}
-
-void check_on(const at::Tensor& t, const char* name, const at::Tensor& packed) {
-  TORCH_CHECK(t.device() == packed.device(), "nf4_merge_mma: ", name, " is on ", t.device(), ", but packed is on ",
-              packed.device());
-}
 
 at::Tensor nf4_merge_mma(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& absmax2,
                          const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
@@ -51,41 +35,15 @@ at::Tensor nf4_merge_mma(const at::Tensor& packed, const at::Tensor& absmax, con
               lora_B.scalar_type());
   const int64_t R = lora_A.size(0), K = lora_A.size(1), N = lora_B.size(0);
   TORCH_CHECK(1 <= R && R <= 32, "nf4_merge_mma: r must be 1 to 32, got ", R);
-  TORCH_CHECK(lora_B.size(1) == (R + 15) / 16 * 16 && lora_B.is_contiguous() && aligned(lora_B, 8),
+  TORCH_CHECK(lora_B.size(1) == (R + 15) / 16 * 16 && lora_B.is_contiguous() && lk::aligned(lora_B, 8),
               "nf4_merge_mma: lora_B must be a contiguous 8-byte aligned [N, 16 * cdiv(r, 16)] tensor, r = ", R);
   TORCH_CHECK(K % 64 == 0 && K <= INT_MAX && N <= INT_MAX, "nf4_merge_mma: K must be a multiple of 64, got ", K);
   TORCH_CHECK(warps >= 1 && warps <= 8, "nf4_merge_mma: warps must be 1 to 8, got ", warps);
-  TORCH_CHECK(pow2(blocksize) && blocksize >= 64, "nf4_merge_mma: blocksize must be a power of two >= 64");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == N * K / 2 &&
-                  aligned(packed, 4),
-              "nf4_merge_mma: packed must be a contiguous 4-byte aligned uint8 tensor of N * K / 2 bytes");
+  lk::check_nf4_weight("nf4_merge_mma", N, K, packed, 4, absmax, 1, absmax2, code2, offset, code, blocksize,
+                       nested_blocksize, packed, "packed");
+  lk::check_on("nf4_merge_mma", lora_A, "lora_A", packed, "packed");
+  lk::check_on("nf4_merge_mma", lora_B, "lora_B", packed, "packed");
   const bool nested = absmax2.has_value();
-  TORCH_CHECK(code2.has_value() == nested && offset.has_value() == nested,
-              "nf4_merge_mma: absmax2, code2 and offset: give all three (double quantization) or none");
-  const int64_t blocks = (N * K + blocksize - 1) / blocksize;
-  TORCH_CHECK(absmax.scalar_type() == (nested ? at::kByte : at::kFloat) && absmax.is_contiguous() &&
-                  absmax.numel() >= blocks,
-              "nf4_merge_mma: absmax must be a contiguous ", nested ? "uint8" : "float32",
-              " tensor of cdiv(N * K, blocksize) elements");
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.is_contiguous() && code.numel() >= 16,
-              "nf4_merge_mma: code must be a contiguous float32 tensor of 16 elements");
-  check_on(absmax, "absmax", packed);
-  check_on(code, "code", packed);
-  check_on(lora_A, "lora_A", packed);
-  check_on(lora_B, "lora_B", packed);
-  if (nested) {
-    TORCH_CHECK(pow2(nested_blocksize), "nf4_merge_mma: nested_blocksize must be a power of two");
-    TORCH_CHECK(absmax2->scalar_type() == at::kFloat && absmax2->is_contiguous() &&
-                    absmax2->numel() >= (blocks + nested_blocksize - 1) / nested_blocksize,
-                "nf4_merge_mma: absmax2 must be a contiguous float32 tensor of cdiv(blocks, nested_blocksize)");
-    TORCH_CHECK(code2->scalar_type() == at::kFloat && code2->is_contiguous() && code2->numel() >= 256,
-                "nf4_merge_mma: code2 must be a contiguous float32 tensor of 256 elements");
-    TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->numel() == 1,
-                "nf4_merge_mma: offset must be a float32 tensor of one element");
-    check_on(*absmax2, "absmax2", packed);
-    check_on(*code2, "code2", packed);
-    check_on(*offset, "offset", packed);
-  }
 
   at::Tensor out = lora_A.new_empty({N, K});  // contiguous, 16-byte aligned (the caching allocator's blocks)
   if (N == 0 || K == 0) return out;
@@ -94,7 +52,7 @@ at::Tensor nf4_merge_mma(const at::Tensor& packed, const at::Tensor& absmax, con
   const int err = lk_nf4_merge(
       packed.const_data_ptr(), absmax.const_data_ptr(), nested ? absmax2->const_data_ptr() : nullptr,
       nested ? code2->const_data_ptr() : nullptr, nested ? offset->const_data_ptr() : nullptr,
-      code.const_data_ptr(), log2_of(blocksize), nested ? log2_of(nested_blocksize) : -1,
+      code.const_data_ptr(), lk::log2_of(blocksize), nested ? lk::log2_of(nested_blocksize) : -1,
       lora_A.const_data_ptr(), lora_A.stride(0), lora_A.stride(1), lora_B.const_data_ptr(), static_cast<int>(R),
       static_cast<float>(scaling), out.mutable_data_ptr(), dtype == at::kBFloat16 ? LK_DTYPE_BF16 : LK_DTYPE_F16,
       static_cast<int>(N), static_cast<int>(K), static_cast<int>(warps), device,

@@ -18,27 +18,12 @@
 #include <optional>
 
 #include "nf4_entry.h"
+#include "nf4_op_checks.h"
 
 namespace {
 
-bool pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
-
-int log2_of(int64_t v) {  // v a power of two
-  int l = 0;
-  while ((int64_t{1} << l) < v) ++l;
-  return l;
-}
-
-bool aligned(const at::Tensor& t, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % static_cast<uintptr_t>(bytes) == 0;
-}
-
 int dtype_code(at::ScalarType t) {
   return t == at::kFloat ? LK_DTYPE_F32 : t == at::kHalf ? LK_DTYPE_F16 : LK_DTYPE_BF16;
-}
-
-void check_on(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), "nf4_mma_gemv: ", name, " is on ", t.device(), ", but x is on ", x.device());
 }
 
 void nf4_mma_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -52,7 +37,7 @@ void nf4_mma_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(1 <= M && M <= 16, "nf4_mma_gemv: x must have 1 to 16 rows, got ", M);
   TORCH_CHECK(K > 0 && K % 256 == 0 && K <= INT_MAX, "nf4_mma_gemv: K must be a positive multiple of 256, got ", K);
-  TORCH_CHECK(x.stride(1) == 1 && aligned(x, 16) && (M == 1 || x.stride(0) * 2 % 16 == 0),
+  TORCH_CHECK(x.stride(1) == 1 && lk::aligned(x, 16) && (M == 1 || x.stride(0) * 2 % 16 == 0),
               "nf4_mma_gemv: x needs unit stride along K and 16-byte aligned rows");
   TORCH_CHECK(ws.dim() == 3 && ws.size(1) == M && ws.scalar_type() == at::kFloat && ws.is_contiguous(),
               "nf4_mma_gemv: ws must be a contiguous float32 tensor [n_split, M, N]");
@@ -71,39 +56,12 @@ void nf4_mma_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
                   n_split * k_per_split >= K && k_per_split <= INT_MAX,
               "nf4_mma_gemv: k_per_split must be a multiple of 256 and n_split = ws.size(0) slices must cover K");
   TORCH_CHECK(warps == 1 || warps == 2 || warps == 4 || warps == 8, "nf4_mma_gemv: warps must be 1, 2, 4 or 8");
-  TORCH_CHECK(pow2(blocksize) && blocksize >= 64, "nf4_mma_gemv: blocksize must be a power of two >= 64");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == N * K / 2 &&
-                  aligned(packed, 8),
-              "nf4_mma_gemv: packed must be a contiguous 8-byte aligned uint8 tensor of N * K / 2 bytes");
+  lk::check_nf4_weight("nf4_mma_gemv", N, K, packed, 8, absmax, 16, absmax2, code2, offset, code, blocksize,
+                       nested_blocksize, x, "x");
+  lk::check_on("nf4_mma_gemv", lora_A, "lora_A", x, "x");
+  lk::check_on("nf4_mma_gemv", ws, "ws", x, "x");
+  lk::check_on("nf4_mma_gemv", ws_s, "ws_s", x, "x");
   const bool nested = absmax2.has_value();
-  TORCH_CHECK(code2.has_value() == nested && offset.has_value() == nested,
-              "nf4_mma_gemv: absmax2, code2 and offset: give all three (double quantization) or none");
-  const int64_t blocks = (N * K + blocksize - 1) / blocksize;
-  TORCH_CHECK(absmax.scalar_type() == (nested ? at::kByte : at::kFloat) && absmax.is_contiguous() &&
-                  absmax.numel() >= blocks && aligned(absmax, 16),
-              "nf4_mma_gemv: absmax must be a contiguous 16-byte aligned ", nested ? "uint8" : "float32",
-              " tensor of cdiv(N * K, blocksize) elements");
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.is_contiguous() && code.numel() >= 16,
-              "nf4_mma_gemv: code must be a contiguous float32 tensor of 16 elements");
-  check_on(packed, "packed", x);
-  check_on(absmax, "absmax", x);
-  check_on(code, "code", x);
-  check_on(lora_A, "lora_A", x);
-  check_on(ws, "ws", x);
-  check_on(ws_s, "ws_s", x);
-  if (nested) {
-    TORCH_CHECK(pow2(nested_blocksize), "nf4_mma_gemv: nested_blocksize must be a power of two");
-    TORCH_CHECK(absmax2->scalar_type() == at::kFloat && absmax2->is_contiguous() &&
-                    absmax2->numel() >= (blocks + nested_blocksize - 1) / nested_blocksize,
-                "nf4_mma_gemv: absmax2 must be a contiguous float32 tensor of cdiv(blocks, nested_blocksize)");
-    TORCH_CHECK(code2->scalar_type() == at::kFloat && code2->is_contiguous() && code2->numel() >= 256,
-                "nf4_mma_gemv: code2 must be a contiguous float32 tensor of 256 elements");
-    TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->numel() == 1,
-                "nf4_mma_gemv: offset must be a float32 tensor of one element");
-    check_on(*absmax2, "absmax2", x);
-    check_on(*code2, "code2", x);
-    check_on(*offset, "offset", x);
-  }
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.get_device();
@@ -111,7 +69,8 @@ void nf4_mma_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
       x.const_data_ptr(), dtype_code(x.scalar_type()), x.stride(0), static_cast<int>(M), packed.const_data_ptr(),
       absmax.const_data_ptr(), nested ? absmax2->const_data_ptr() : nullptr,
       nested ? code2->const_data_ptr() : nullptr, nested ? offset->const_data_ptr() : nullptr,
-      code.const_data_ptr(), log2_of(blocksize), nested ? log2_of(nested_blocksize) : -1, lora_A.const_data_ptr(),
+      code.const_data_ptr(), lk::log2_of(blocksize), nested ? lk::log2_of(nested_blocksize) : -1,
+      lora_A.const_data_ptr(),
       dtype_code(lora_A.scalar_type()), lora_A.stride(0), lora_A.stride(1), ws.mutable_data_ptr(),
       ws_s.mutable_data_ptr(), static_cast<int>(N), static_cast<int>(K), static_cast<int>(R),
       static_cast<int>(k_per_split), static_cast<int>(n_split), static_cast<int>(warps), device,
