@@ -34,6 +34,10 @@ def nf4_dequantize(w, dtype, backend=None):
     device an empty one."""
     if w.device.type == "meta":
         return torch.empty(w.shape, dtype=dtype, device="meta")
+    if torch.compiler.is_compiling():  # traced as one operator node (its implementation comes back here)
+        from lowrank_kernels import ops
+
+        return ops.nf4_dequantize(w, dtype, backend)
     if policy.choose_backend(w.device, backend) == "triton":
         from lowrank_kernels.kernels.nf4_dequant import nf4_dequantize as launch
 

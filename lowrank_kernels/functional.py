@@ -15,8 +15,8 @@ import numbers
 
 import torch
 
-from lowrank_kernels import dispatch, policy
-from lowrank_kernels.autograd import LoraLinearFunction, dropout_keep
+from lowrank_kernels import dispatch, ops, policy
+from lowrank_kernels.autograd import LoraLinearFunction, draw_seed, lora_forward
 from lowrank_kernels.checks import check_finite
 from lowrank_kernels.nf4 import NF4Weight
 
@@ -78,19 +78,19 @@ def _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config):
         dtype = torch.get_autocast_dtype(x.device.type)
     x2 = dispatch.cast(x if x.dim() == 2 else x.reshape(-1, K), dtype)
     s, p = float(scaling), float(dropout)
-    tracked = [x2, lora_A, lora_B] + ([bias] if bias is not None else []) + \
-        ([weight] if isinstance(weight, torch.Tensor) else [])
-    # The dropout mask is a function of a seed drawn from the CPU RNG, which torch.utils.checkpoint saves and
-    # restores: a recomputed forward (and the backward) sees the same mask.
-    seed = int(torch.randint(0, 2**62, ()).item()) if p > 0 else 0
-    plan = policy.forward_plan(x2, weight, p > 0, backend, config)
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-            y = LoraLinearFunction.apply(x2, lora_A, lora_B, bias, weight, s, p, seed, plan, backend, config)
-        else:  # inference: nothing is saved
-            keep = dropout_keep(x2.shape, p, seed, x.device) if p > 0 else None
-            y, *_ = dispatch.lora_linear_forward(x2, weight, lora_A, lora_B, s, bias, keep, 1.0 / (1.0 - p), plan,
-                                                config, need_S=False)
+        if torch.compiler.is_compiling():  # one opaque operator node, its seed drawn by another
+            y = ops.lora_linear(x2, weight, lora_A, lora_B, s, bias, p, backend, config)
+        else:
+            # The dropout mask is a function of a seed drawn from torch's generator of x's device, which
+            # torch.utils.checkpoint saves and restores: a recomputed forward (and the backward) sees the same mask.
+            seed = draw_seed(x2) if p > 0 else None
+            tracked = [x2, lora_A, lora_B] + ([bias] if bias is not None else []) + \
+                ([weight] if isinstance(weight, torch.Tensor) else [])
+            if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+                y = LoraLinearFunction.apply(x2, lora_A, lora_B, bias, weight, s, p, seed, backend, config)
+            else:  # inference: nothing is saved
+                y, *_ = lora_forward(x2, weight, lora_A, lora_B, bias, s, p, seed, False, backend, config)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 

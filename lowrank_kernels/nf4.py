@@ -282,6 +282,24 @@ class NF4Weight:
         return NF4Weight(shape=self.shape, dtype=self.dtype, blocksize=self.blocksize,
                          nested_blocksize=self.nested_blocksize, **moved)
 
+    def op_args(self) -> tuple:
+        """``(tensors, meta)``: this weight as arguments of a torch operator (``lowrank_kernels.ops``), whose schema
+        takes tensors and ints, not Python objects. ``tensors``: ``[packed, absmax, code]`` plus ``[absmax2, code2,
+        offset]`` when nested; ``meta``: ``[blocksize, nested_blocksize, DTYPES index of dtype, *shape]``."""
+        meta = [self.blocksize, self.nested_blocksize, DTYPES.index(self.dtype), *self.shape]
+        return list(self._tensors().values()), meta
+
+    @classmethod
+    def from_op_args(cls, tensors, meta) -> "NF4Weight":
+        """The inverse of :meth:`op_args`, without re-validating: the tensors come from a validated weight (the
+        checks read the code table, a device sync per call on CUDA)."""
+        self = cls.__new__(cls)
+        self.packed, self.absmax, self.code = tensors[:3]
+        self.absmax2, self.code2, self.offset = tensors[3:] if len(tensors) == 6 else (None, None, None)
+        self.blocksize, self.nested_blocksize = meta[0], meta[1]
+        self.dtype, self.shape = DTYPES[meta[2]], torch.Size(meta[3:])
+        return self
+
     def dequantize(self, dtype=None, backend=None) -> torch.Tensor:
         """The tensor ``[*shape]`` in ``dtype`` (default: the original dtype), bit-identical to bitsandbytes.
 

@@ -10,7 +10,7 @@ import python_ref
 from lowrank_kernels import (AdaLoraLinear, LoraLinear, NF4Weight, QLoraLinear, adalora_linear, lora_linear,
                              qlora_linear)
 from lowrank_kernels.adalora import active_indices
-from lowrank_kernels.autograd import dropout_keep
+from lowrank_kernels.autograd import draw_seed, dropout_keep
 from tests.test_lora_forward import rel_err
 
 N, K, R = 40, 72, 6
@@ -203,8 +203,7 @@ def test_nan_through_dropout_propagates_as_torch_dropout(backend):
     torch.manual_seed(seed)
     y = qlora_linear(x, w, A, B, 2.0, dropout=p, backend=backend)
     torch.manual_seed(seed)
-    drawn = int(torch.randint(0, 2**62, ()).item())  # how functional draws the mask seed
-    keep = dropout_keep(x.shape, p, drawn, x.device)
+    keep = dropout_keep(x.shape, p, draw_seed(x))  # the seed functional draws
     xd = x.double() * keep / (1 - p)  # NaN * 0 = NaN, inf * 0 = NaN
     ref = x.double() @ python_ref.dequantize_nf4(w.packed, python_ref.dequantize_absmax(
         w.absmax, w.absmax2, w.code2, w.offset), w.shape, w.blocksize, torch.float64).T + \

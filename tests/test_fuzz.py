@@ -29,7 +29,7 @@ if not torch.cuda.is_available():  # as tests/conftest.py: the interpreter, set 
 import python_ref  # noqa: E402
 from lowrank_kernels import NF4Weight, adalora_linear, lora_linear, qlora_linear  # noqa: E402
 from lowrank_kernels import nf4 as nf4_mod  # noqa: E402
-from lowrank_kernels.autograd import dropout_keep  # noqa: E402
+from lowrank_kernels.autograd import draw_seed, dropout_keep  # noqa: E402
 from tests.test_lora_forward import CONFIGS, TOL as _TOL, oracle_nf4_weight, rel_err  # noqa: E402
 
 SEED = int(os.environ.get("FUZZ_SEED", "20240611"))
@@ -355,8 +355,7 @@ def find_op_case(i, seed=SEED):
 def _keep_mask(case, M, K):
     """The dropout keep-mask the call made right after ``torch.manual_seed(case['seed'])`` draws."""
     torch.manual_seed(case["seed"])
-    seed = int(torch.randint(0, 2**62, ()).item())
-    return dropout_keep((M, K), case["dropout"], seed, torch.device("cpu"))
+    return dropout_keep((M, K), case["dropout"], draw_seed(torch.empty(0)))
 
 
 def check_op(case):

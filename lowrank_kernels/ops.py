@@ -1,0 +1,167 @@
+"""The library's entry points as torch operators (``torch.library.custom_op``): a schema, one implementation for
+every device (it dispatches by device itself: Triton / CUDA kernels on CUDA, torch on the CPU), a fake
+implementation (shapes only: ``torch.compile``'s tracing, the meta device) and, for the layer op, a registered
+autograd formula. ``torch.compile`` sees each call as one opaque node, so a compiled model traces with
+``fullgraph=True``, dropout included, and runs our kernels.
+
+    lowrank_kernels::dropout_seed(like)                 0-dim int64 seed (random: tagged nondeterministic_seeded)
+    lowrank_kernels::lora_linear(x, weight, ...)        (Y [M, N], S [M, r]), differentiable
+    lowrank_kernels::lora_linear_backward(dY, ...)      the gradients asked for, in order
+    lowrank_kernels::nf4_dequantize(nf4, meta, dtype)   the dequantized NF4 weight
+
+Weights travel as ``Tensor[] weight`` + ``int[] nf4_meta``: ``[W]`` and ``[]`` for a dense weight, else
+``NF4Weight.op_args()``. ``config`` (tile overrides of the fused Triton GEMM) travels as JSON.
+
+Eager calls skip the dispatcher (``functional`` calls ``autograd.LoraLinearFunction``, the same functions; a
+custom operator costs several times an autograd Function's host time); under ``torch.compile`` ``functional``
+calls :func:`lora_linear` here. The dropout seed is a tensor drawn by an operator, in program order, from the
+generator eager mode draws it from, so for one RNG state compiled and eager models draw the same masks.
+"""
+import json
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lowrank_kernels import autograd, dispatch
+from lowrank_kernels.nf4 import NF4Weight
+
+NAMESPACE = "lowrank_kernels"
+
+
+def weight_args(weight) -> tuple:
+    """``(tensors, nf4_meta)``: a dense weight or an ``NF4Weight`` as operator arguments."""
+    return weight.op_args() if isinstance(weight, NF4Weight) else ([weight], [])
+
+
+def _weight(tensors, nf4_meta):
+    return NF4Weight.from_op_args(tensors, nf4_meta) if nf4_meta else tensors[0]
+
+
+def _config(config: Optional[str]):
+    return None if config is None else json.loads(config)
+
+
+# --------------------------------------------------------------------------------------------- dropout seed
+@torch.library.custom_op(f"{NAMESPACE}::dropout_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def dropout_seed(like: Tensor) -> Tensor:
+    """``autograd.draw_seed(like)``: a fresh 0-dim int64 dropout seed for a call on ``like``'s device."""
+    return autograd.draw_seed(like)
+
+
+@dropout_seed.register_fake
+def _(like):
+    return torch.empty((), dtype=torch.int64, device=like.device)
+
+
+def _never_merge_draws():
+    """Two calls of ``dropout_seed`` on one tensor are two draws: keep AOTAutograd's common-subexpression pass from
+    merging them, as it does not merge torch's own random ops (it knows those from a list; the
+    ``nondeterministic_seeded`` tag keeps the op in program order and right under activation checkpointing, but
+    that pass does not read it)."""
+    try:
+        from torch._functorch import compile_utils
+    except ImportError:  # pragma: no cover
+        return
+    packet = torch.ops.lowrank_kernels.dropout_seed
+    if isinstance(getattr(compile_utils, "rand_ops", None), list) and packet not in compile_utils.rand_ops:
+        compile_utils.rand_ops.append(packet)
+
+
+_never_merge_draws()
+
+
+# --------------------------------------------------------------------------------------------- layer forward
+@torch.library.custom_op(f"{NAMESPACE}::lora_linear", mutates_args=())
+def lora_linear_op(x: Tensor, weight: list[Tensor], nf4_meta: list[int], lora_A: Tensor, lora_B: Tensor,
+                   bias: Optional[Tensor], scaling: float, dropout: float, seed: Optional[Tensor], need_S: bool,
+                   backend: Optional[str], config: Optional[str]) -> tuple[Tensor, Tensor]:
+    """``(Y [M, N], S [M, r])`` of ``autograd.lora_forward`` (``S`` empty ``[0]`` unless ``need_S``); ``x [M, K]``
+    in the compute dtype."""
+    y, S, _, _ = autograd.lora_forward(x, _weight(weight, nf4_meta), lora_A, lora_B, bias, scaling, dropout, seed,
+                                       need_S, backend, _config(config))
+    return y, S if need_S else x.new_empty(0)
+
+
+@lora_linear_op.register_fake
+def _(x, weight, nf4_meta, lora_A, lora_B, bias, scaling, dropout, seed, need_S, backend, config):
+    M, N = x.shape[0], lora_B.shape[0]
+    return x.new_empty(M, N), x.new_empty(M, lora_A.shape[0]) if need_S else x.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, nf4_meta, lora_A, lora_B, bias, scaling, dropout, seed, need_S, backend, config = inputs
+    dense = not nf4_meta
+    w_grad = dense and weight[0].requires_grad
+    needs = (x.requires_grad, lora_A.requires_grad, lora_B.requires_grad, bias is not None and bias.requires_grad,
+             w_grad)
+    S = output[1]
+    ctx.save_for_backward(x if needs[1] or w_grad else None, lora_A, lora_B, S if needs[2] else None, seed,
+                          bias, *weight)
+    ctx.args = (nf4_meta, scaling, dropout, backend, config, needs, len(weight))
+
+
+def _backward(ctx, grad_y, grad_S):
+    x, lora_A, lora_B, S, seed, bias, *weight = ctx.saved_tensors
+    nf4_meta, scaling, dropout, backend, config, needs, n_weight = ctx.args
+    grads = iter(lora_linear_backward_op(grad_y, x, weight, nf4_meta, lora_A, lora_B, bias, S, scaling, dropout,
+                                         seed, list(needs), backend, config))
+    dx, dA, dB, db, dw = (next(grads) if need else None for need in needs)
+    # list arguments take a list of gradients (an empty one for an empty list: autograd compares the structures)
+    return dx, [dw] + [None] * (n_weight - 1), None if nf4_meta else [], dA, dB, db, None, None, None, None, None, \
+        None
+
+
+# --------------------------------------------------------------------------------------------- layer backward
+@torch.library.custom_op(f"{NAMESPACE}::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(grad_y: Tensor, x: Optional[Tensor], weight: list[Tensor], nf4_meta: list[int],
+                            lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor], S: Optional[Tensor],
+                            scaling: float, dropout: float, seed: Optional[Tensor], needs: list[bool],
+                            backend: Optional[str], config: Optional[str]) -> list[Tensor]:
+    """The gradients of ``lora_linear`` that ``needs`` (x, lora_A, lora_B, bias, dense weight) asks for, in that
+    order, each in its tensor's dtype (``dX`` in ``grad_y``'s)."""
+    w = _weight(weight, nf4_meta)
+    dtypes = (lora_A.dtype, lora_B.dtype, None if bias is None else bias.dtype, None if nf4_meta else w.dtype)
+    grads = autograd.lora_backward(grad_y, x, w, lora_A, lora_B, S, scaling, dropout, seed, needs, backend,
+                                   _config(config), dtypes)
+    return [g for g, need in zip(grads, needs) if need]
+
+
+@lora_linear_backward_op.register_fake
+def _(grad_y, x, weight, nf4_meta, lora_A, lora_B, bias, S, scaling, dropout, seed, needs, backend, config):
+    M, K = grad_y.shape[0], lora_A.shape[1]
+    likes = (grad_y.new_empty(M, K), torch.empty_like(lora_A), torch.empty_like(lora_B),
+             None if bias is None else torch.empty_like(bias), None if nf4_meta else torch.empty_like(weight[0]))
+    return [t for t, need in zip(likes, needs) if need]
+
+
+torch.library.register_autograd(f"{NAMESPACE}::lora_linear", _backward, setup_context=_setup_context)
+
+
+def lora_linear(x, weight, lora_A, lora_B, scaling: float, bias, dropout: float, backend, config):
+    """``Y [M, N]`` of ``x [M, K]`` (in the compute dtype) through the ``lora_linear`` operator, its dropout seed
+    drawn by ``dropout_seed`` (the path of ``functional`` under ``torch.compile``)."""
+    tensors, nf4_meta = weight_args(weight)
+    seed = dropout_seed(x) if dropout > 0 else None
+    need_S = torch.is_grad_enabled() and lora_B.requires_grad
+    y, _ = lora_linear_op(x, tensors, nf4_meta, lora_A, lora_B, bias, scaling, dropout, seed, need_S, backend,
+                          None if config is None else json.dumps(config, sort_keys=True))
+    return y
+
+
+# --------------------------------------------------------------------------------------------- NF4 dequantize
+@torch.library.custom_op(f"{NAMESPACE}::nf4_dequantize", mutates_args=())
+def nf4_dequantize_op(nf4: list[Tensor], nf4_meta: list[int], dtype: torch.dtype, backend: Optional[str]) -> Tensor:
+    """``dispatch.nf4_dequantize`` of the ``NF4Weight`` given as ``op_args()``."""
+    return dispatch.nf4_dequantize(NF4Weight.from_op_args(nf4, nf4_meta), dtype, backend)
+
+
+@nf4_dequantize_op.register_fake
+def _(nf4, nf4_meta, dtype, backend):
+    return nf4[0].new_empty(nf4_meta[3:], dtype=dtype)
+
+
+def nf4_dequantize(w: NF4Weight, dtype, backend=None) -> Tensor:
+    """``w`` dequantized to ``dtype`` through the ``nf4_dequantize`` operator."""
+    tensors, meta = w.op_args()
+    return nf4_dequantize_op(tensors, meta, dtype, backend)
