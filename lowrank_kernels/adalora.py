@@ -70,7 +70,15 @@ def check_active(active, r: int, device) -> None:
         raise ValueError(f"active: on {active.device}, but lora_A is on {device}")
     if active.numel() > r:
         raise ValueError(f"active: {active.numel()} indices for r={r} ranks")
-    if active.is_meta or _CHECKED_ACTIVE.get(active, (None, None)) == (_version(active), r):
+    if active.is_meta:
+        return
+    if torch.compiler.is_compiling():  # traced: the same checks as device-side asserts (no host read, no graph break)
+        if active.numel():
+            torch._assert_async((active.min() >= 0) & (active.max() < r),
+                                f"active: rank indices must lie in [0, {r})")
+            torch._assert_async((active[1:] > active[:-1]).all(), "active: rank indices must be sorted and distinct")
+        return
+    if _CHECKED_ACTIVE.get(active, (None, None)) == (_version(active), r):
         return
     if active.numel():
         lo, hi, increasing = int(active.min()), int(active.max()), bool((active[1:] > active[:-1]).all())
@@ -131,12 +139,14 @@ class _ZeroGrads(torch.autograd.Function):
         return (dy, *(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.specs))
 
 
-def adalora_linear(x, weight, lora_A, lora_E, lora_B, scaling, bias=None, *, active=None, dropout=0.0,
-                   backend=None, config=None):
+def adalora_linear(x, weight, lora_A, lora_E, lora_B, scaling, bias=None, *, ranknum=None, active=None,
+                   dropout=0.0, backend=None, config=None):
     """``x [..., K]``, ``weight`` dense ``[N, K]`` or ``NF4Weight``, ``lora_A [r, K]``, ``lora_E [r, 1]``,
     ``lora_B [N, r]``, ``bias [N]`` -> ``[..., N]``.
 
-    ``scaling``: the whole factor of the LoRA term (for peft's layers ``scaling / (ranknum + 1e-5)``).
+    ``scaling``: the factor of the LoRA term; with ``ranknum`` (peft's one-element tensor) the factor is
+    ``scaling / (ranknum + 1e-5)``, computed on ``ranknum``'s device and folded into the active columns of
+    ``lora_B`` (no host read of ``ranknum``: no device sync, and ``torch.compile`` traces it).
     ``active``: int64 ``[ρ]`` sorted indices of the ranks to compute, or ``None`` for all ``r``.
     ``dropout``, ``backend``, ``config``: as in :func:`~lowrank_kernels.functional.lora_linear`.
     """
@@ -153,11 +163,16 @@ def adalora_linear(x, weight, lora_A, lora_E, lora_B, scaling, bias=None, *, act
         raise ValueError(f"lora_E: on {lora_E.device}, but lora_A is on {lora_A.device}")
     if active is not None:
         check_active(active, r, lora_A.device)
+    if ranknum is not None:
+        _check_ranknum(ranknum, lora_A.device)
     if active is not None and active.numel() < r:  # else (sorted, distinct, r of them) all ranks, in order
         A = lora_A.index_select(0, active) * lora_E.index_select(0, active)
         B = lora_B.index_select(1, active)
     else:
         A, B = lora_A * lora_E, lora_B
+    if ranknum is not None:
+        B = B * (scaling / (ranknum.to(torch.promote_types(B.dtype, torch.float32)) + 1e-5))  # fp32 at least
+        scaling = 1.0
     if A.shape[0] > 0:
         fn = qlora_linear if isinstance(weight, NF4Weight) else lora_linear
         return fn(x, weight, A, B, scaling, bias, dropout=dropout, backend=backend, config=config)
@@ -172,6 +187,14 @@ def adalora_linear(x, weight, lora_A, lora_E, lora_B, scaling, bias=None, *, act
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         y = _ZeroGrads.apply(y, *params)
     return y
+
+
+def _check_ranknum(ranknum, device):
+    if not isinstance(ranknum, torch.Tensor) or not ranknum.is_floating_point() or ranknum.numel() != 1:
+        raise TypeError(f"ranknum: expected a one-element floating-point tensor, got "
+                        f"{getattr(ranknum, 'dtype', type(ranknum).__name__)} {tuple(getattr(ranknum, 'shape', ()))}")
+    if ranknum.device != device:
+        raise ValueError(f"ranknum: on {ranknum.device}, but lora_A is on {device}")
 
 
 class AdaLoraLinear(nn.Module):
@@ -262,20 +285,9 @@ class AdaLoraLinear(nn.Module):
         return self.active_idx.numel()
 
     # ------------------------------------------------------------------ compute
-    def _ranknum_denominator(self) -> float:
-        """``float(ranknum) + 1e-5``, read from the device once per change of ``ranknum``."""
-        if self.ranknum.is_meta:  # shapes only: no value to read, none needed
-            return 1.0
-        key = (self.ranknum.data_ptr(), self.ranknum._version)
-        cached = self.__dict__.get("_denominator")
-        if cached is None or cached[0] != key:
-            cached = (key, float(self.ranknum) + 1e-5)
-            self.__dict__["_denominator"] = cached
-        return cached[1]
-
     def forward(self, x):
-        return adalora_linear(x, self.weight, self.lora_A, self.lora_E, self.lora_B,
-                              self.scaling / self._ranknum_denominator(), self.bias, active=self.active_idx,
+        return adalora_linear(x, self.weight, self.lora_A, self.lora_E, self.lora_B, self.scaling, self.bias,
+                              ranknum=self.ranknum, active=self.active_idx,
                               dropout=self.lora_dropout if self.training else 0.0)
 
     def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
@@ -283,7 +295,7 @@ class AdaLoraLinear(nn.Module):
         idx = self.active_idx
         with torch.no_grad():
             AE = (self.lora_A.float() * self.lora_E.float())[idx]
-            return (self.lora_B.float()[:, idx] @ AE).mul_(self.scaling / self._ranknum_denominator()).to(dtype)
+            return (self.lora_B.float()[:, idx] @ AE).mul_(self.scaling / (self.ranknum.float() + 1e-5)).to(dtype)
 
     def extra_repr(self):
         base = "nf4" if isinstance(self.weight, NF4Weight) else str(self.weight.dtype)

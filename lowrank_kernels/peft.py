@@ -295,7 +295,7 @@ def revert(model: nn.Module) -> int:
         if original is None and _wrapped_class(module, _ORIGINAL) is not None:
             left.append(name)
         if original is not None:
-            for key in ("_lowrank_nf4_cache", "_lowrank_rank_masks", "_lowrank_denominators", "_lowrank_hooks_warned"):
+            for key in ("_lowrank_nf4_cache", "_lowrank_rank_masks", "_lowrank_hooks_warned"):
                 module.__dict__.pop(key, None)
             module.__class__ = original
             reverted += 1
@@ -342,17 +342,6 @@ class _AdaFusedForward:
             entry = self._lowrank_rank_masks[name] = (A, entry[1].to(A.device))
         return entry[1]
 
-    def _lowrank_denominator(self, name) -> float:
-        """``float(ranknum) + 1e-5``, read from the device once per change of peft's ``ranknum`` Parameter."""
-        ranknum = self.ranknum[name]
-        if ranknum.is_meta:  # shapes only: no value to read, none needed
-            return 1.0
-        key = (ranknum.data_ptr(), ranknum._version)
-        cache = self.__dict__.setdefault("_lowrank_denominators", {})
-        if name not in cache or cache[name][0] != key:
-            cache[name] = (key, float(ranknum) + 1e-5)
-        return cache[name][1]
-
     def forward(self, x, *args, **kwargs):
         if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1 \
                 or self.active_adapters[0] not in self.lora_A or not self._lowrank_base_ok() \
@@ -363,7 +352,7 @@ class _AdaFusedForward:
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
         A, base = self.lora_A[name], self.get_base_layer()
         return adalora_linear(x, self._lowrank_weight(base), A, self.lora_E[name], self.lora_B[name],
-                              self.scaling[name] / self._lowrank_denominator(name), base.bias,
+                              self.scaling[name], base.bias, ranknum=self.ranknum[name],
                               active=self._lowrank_active(name, A), dropout=p)
 
 

@@ -1,0 +1,304 @@
+"""``torch.compile`` of our layers and of peft models converted to them, with LoRA dropout, in training.
+
+Under compile every layer call is one node of the ``lowrank_kernels::lora_linear`` operator (its dropout seed one
+``lowrank_kernels::dropout_seed`` node), so models trace with ``fullgraph=True``. For one RNG state a compiled model
+draws the masks the eager one draws: losses and every adapter gradient equal eager's (to the compiler's rounding),
+with activation checkpointing too (the recomputed forward draws the same seeds), with AdaLoRA rank masks; under
+inductor that holds with ``fallback_random=True`` (inductor reorders random operators otherwise, as it does torch's
+own). Each operator passes ``torch.library.opcheck`` (schema, fake implementation, autograd registration, AOT
+dispatch).
+
+CPU: fp32 on the torch path, backends ``aot_eager`` (the AOTAutograd graphs run eagerly) and ``inductor``.
+"""
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lowrank_kernels import AdaLoraLinear, LoraLinear, NF4Weight, QLoraLinear, ops
+from tests.conftest import DEVICE
+from tests.test_lora_forward import rel_err
+
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+TOL = 1e-5 if DEVICE == "cpu" else 2e-2  # fp32 on the CPU; bf16 on CUDA (the compiler's fusions round differently)
+DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled(fn, backend):
+    return torch.compile(fn, fullgraph=True, backend=backend)
+
+
+def _loss_and_grads(model, step, params):
+    """``(loss, [grad of each of params])`` of one ``step(model)``, gradients cleared first."""
+    for p in params:
+        p.grad = None
+    loss = step(model)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in params]
+
+
+def assert_compiled_equals_eager(model, step, backend, *, seed=7, steps=2):
+    """``steps`` training steps of ``step(model)`` eager and compiled from one RNG state: equal losses and gradients
+    of every trainable parameter, step by step (each step draws new masks)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    compiled = _compiled(model, backend)
+    runs = []
+    for fn in (model, compiled):
+        torch.manual_seed(seed)
+        runs.append([_loss_and_grads(fn, step, params) for _ in range(steps)])
+    for (l0, g0), (l1, g1) in zip(*runs):
+        assert rel_err(l1, l0) <= TOL, (float(l0), float(l1))
+        for a, b in zip(g0, g1):
+            assert rel_err(b, a) <= TOL
+    assert not torch.equal(runs[0][0][0], runs[0][1][0])  # the steps drew different masks
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------------- models
+class Block(nn.Module):
+    """A decoder-shaped block: q/k/v/o, gate/up/down projections (ragged sizes), residuals, no attention."""
+
+    def __init__(self, d=40, ffn=72):
+        super().__init__()
+        for name, (i, o) in dict(q=(d, d), k=(d, d), v=(d, d), o=(d, d), gate=(d, ffn), up=(d, ffn),
+                                 down=(ffn, d)).items():
+            setattr(self, f"{name}_proj", nn.Linear(i, o, bias=name == "q"))
+
+    def forward(self, h):
+        a = self.o_proj(torch.tanh(self.q_proj(h)) * self.k_proj(h) + self.v_proj(h))  # q, k, v: siblings on h
+        h = h + a
+        return h + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class Stack(nn.Module):
+    def __init__(self, n=2, d=40, ckpt=False):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+        self.ckpt = ckpt
+
+    def forward(self, h):
+        for b in self.blocks:
+            h = checkpoint(b, h, use_reentrant=False) if self.ckpt else b(h)
+        return h
+
+
+def our_layers(model, kind, dropout, r=4):
+    """``model`` with every ``nn.Linear`` replaced by our layer of ``kind`` (LoRA, QLoRA, AdaLoRA on NF4 with a
+    rank mask), lora_B non-zero so every adapter has a gradient."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if kind == "lora":
+                layer = LoraLinear.from_linear(child, r=r, lora_alpha=2 * r, lora_dropout=dropout)
+            elif kind == "qlora":
+                layer = QLoraLinear.from_linear(child, r=r, lora_alpha=2 * r, lora_dropout=dropout)
+            else:
+                layer = AdaLoraLinear.from_linear(child, init_r=r + 2, lora_alpha=2 * r, lora_dropout=dropout,
+                                                  quantize=True)
+                with torch.no_grad():
+                    layer.lora_E.normal_()
+                mask = torch.ones(r + 2, dtype=torch.bool)
+                mask[1::3] = False
+                layer.set_rank_mask(mask.to(layer.lora_A.device))
+            if kind != "adalora":
+                with torch.no_grad():
+                    layer.lora_B.weight.normal_(std=0.1)
+            setattr(parent, name, layer)
+    return model
+
+
+def _stack_step(x):
+    return lambda m: m(x).square().mean()
+
+
+# ------------------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("kind", ["lora", "qlora", "adalora"])
+def test_our_layers_compile_fullgraph_with_dropout(kind):
+    model = our_layers(Stack(), kind, dropout=0.2).to(DEVICE, DTYPE).train()
+    x = torch.randn(3, 5, 40, device=DEVICE, dtype=DTYPE)
+    assert_compiled_equals_eager(model, _stack_step(x), "aot_eager")
+
+
+def test_inductor_with_fallback_random_equals_eager():
+    """Inductor runs random operators in program order only under ``fallback_random=True`` (as for torch's own
+    dropout); then its masks are eager's."""
+    import torch._inductor.config
+
+    model = our_layers(Stack(), "qlora", dropout=0.2).to(DEVICE, DTYPE).train()
+    x = torch.randn(3, 5, 40, device=DEVICE, dtype=DTYPE)
+    with torch._inductor.config.patch(fallback_random=True):
+        assert_compiled_equals_eager(model, _stack_step(x), "inductor")
+
+
+def test_inductor_default_trains_with_dropout():
+    """With inductor's defaults the same seeds are drawn, but inductor may hand sibling layers (q, k, v) each other's
+    seeds: a compiled step is a valid dropout step whose masks differ from eager's. Its backward uses its forward's
+    masks: with p -> 0 the step tends to the no-dropout one, and a fixed-seed step repeats exactly."""
+    model = our_layers(Stack(), "lora", dropout=0.2).to(DEVICE, DTYPE).train()
+    x = torch.randn(3, 5, 40, device=DEVICE, dtype=DTYPE)
+    params = [p for p in model.parameters() if p.requires_grad]
+    compiled = _compiled(model, "inductor")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        runs.append(_loss_and_grads(compiled, _stack_step(x), params))
+    assert torch.equal(runs[0][0], runs[1][0]) and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert torch.isfinite(runs[0][0]) and not torch.equal(runs[0][0], _loss_and_grads(compiled, _stack_step(x),
+                                                                                       params)[0])
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def test_compile_with_activation_checkpointing(kind):
+    """Compile + checkpointing + dropout: the recomputed forward draws the forward's seeds, so gradients equal
+    eager's (with and without checkpointing), and the compiled checkpointed graph saves no mask."""
+    model = our_layers(Stack(ckpt=True), kind, dropout=0.3).to(DEVICE, DTYPE).train()
+    x = torch.randn(4, 40, device=DEVICE, dtype=DTYPE)
+    runs = assert_compiled_equals_eager(model, _stack_step(x), "aot_eager")
+    model.ckpt = False
+    torch.manual_seed(7)
+    plain = _loss_and_grads(model, _stack_step(x), [p for p in model.parameters() if p.requires_grad])
+    assert rel_err(plain[0], runs[1][0][0]) <= TOL
+    for a, b in zip(plain[1], runs[1][0][1]):
+        assert rel_err(b, a) <= TOL
+
+
+def test_sibling_calls_draw_different_masks_when_compiled():
+    """Two calls on one input (q, k, v on the hidden state; here one layer twice) are two draws under compile too:
+    the compiler must not merge the seed operator like a pure function."""
+    layer = LoraLinear(32, 24, r=4, lora_dropout=0.5).to(DEVICE, DTYPE).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(6, 32, device=DEVICE, dtype=DTYPE)
+
+    def two(x):
+        return layer(x), layer(x)
+
+    for fn in (two, _compiled(two, "aot_eager")):
+        torch.manual_seed(3)
+        a, b = fn(x)
+        assert not torch.allclose(a, b)
+    torch.manual_seed(3)
+    eager = two(x)
+    torch.manual_seed(3)
+    compiled = _compiled(two, "aot_eager")(x)
+    for e, c in zip(eager, compiled):
+        assert rel_err(c, e) <= TOL
+
+
+@pytest.mark.parametrize("dropout, backend", [(0.0, "aot_eager"), (0.1, "aot_eager"), (0.1, "inductor")])
+def test_peft_llama_converted_compiles_fullgraph(dropout, backend):
+    """The usual QLoRA recipe's model shape: a (tiny) HF Llama, peft LoRA on every projection, converted."""
+    pytest.importorskip("transformers")
+    import torch._inductor.config
+    from tests.test_training_stack import lora_pair, tiny_llama
+
+    _, ours = lora_pair(tiny_llama(), dropout=dropout)
+    ours = ours.to(DEVICE).train()
+    ids = torch.randint(0, 128, (2, 9), device=DEVICE)
+    step = lambda m: m(input_ids=ids, labels=ids).loss  # noqa: E731
+    if not dropout:
+        _equal_once(ours, step)
+        return
+    with torch._inductor.config.patch(fallback_random=True):
+        assert_compiled_equals_eager(ours, step, backend)
+
+
+def _equal_once(model, step):
+    params = [p for p in model.parameters() if p.requires_grad]
+    l0, g0 = _loss_and_grads(model, step, params)
+    l1, g1 = _loss_and_grads(_compiled(model, "aot_eager"), step, params)
+    assert rel_err(l1, l0) <= TOL
+    for a, b in zip(g0, g1):
+        assert rel_err(b, a) <= TOL
+
+
+def test_compiled_inference_and_no_grad():
+    """Eval mode (no dropout) and ``torch.no_grad`` trace too; outputs equal eager's."""
+    model = our_layers(Stack(), "qlora", dropout=0.1).to(DEVICE, DTYPE).eval()
+    x = torch.randn(2, 3, 40, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        assert rel_err(_compiled(model, "aot_eager")(x), model(x)) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------- opcheck
+def _nf4(N, K, nested=True):
+    return NF4Weight.quantize(torch.randn(N, K, device=DEVICE), blocksize=64, double_quant=nested)
+
+
+def _layer_args(weight, dropout, bias, need_S, grad):
+    N, K = weight.shape
+    x = torch.randn(5, K, device=DEVICE, dtype=DTYPE, requires_grad=grad)
+    A = (torch.randn(3, K, device=DEVICE) / K**0.5).requires_grad_(grad)
+    B = torch.randn(N, 3, device=DEVICE).requires_grad_(grad)
+    b = torch.randn(N, device=DEVICE).requires_grad_(grad) if bias else None
+    tensors, meta = ops.weight_args(weight)
+    seed = ops.dropout_seed(x) if dropout else None
+    return (x, tensors, meta, A, B, b, 1.5, dropout, seed, need_S, None, None)
+
+
+WEIGHTS = {"nf4": lambda: _nf4(24, 72), "nf4-single": lambda: _nf4(24, 72, nested=False),
+           "dense": lambda: torch.randn(24, 72, device=DEVICE, dtype=DTYPE)}
+
+
+@pytest.mark.parametrize("weight", sorted(WEIGHTS))
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("grad", [True, False])
+def test_opcheck_lora_linear(weight, dropout, bias, grad):
+    args = _layer_args(WEIGHTS[weight](), dropout, bias, need_S=grad, grad=grad)
+    torch.library.opcheck(torch.ops.lowrank_kernels.lora_linear.default, args)
+
+
+@pytest.mark.parametrize("weight", sorted(WEIGHTS))
+@pytest.mark.parametrize("needs", [(True, True, True, True, False), (False, True, False, False, False),
+                                   (True, False, True, False, False)])
+def test_opcheck_lora_linear_backward(weight, needs):
+    w = WEIGHTS[weight]()
+    x, tensors, meta, A, B, b, s, p, seed, _, _, _ = _layer_args(w, 0.25, True, True, False)
+    S = torch.randn(x.shape[0], A.shape[0], device=DEVICE, dtype=DTYPE)
+    dy = torch.randn(x.shape[0], w.shape[0], device=DEVICE, dtype=DTYPE)
+    args = (dy, x, tensors, meta, A, B, b, S, s, p, seed, list(needs), None, None)
+    torch.library.opcheck(torch.ops.lowrank_kernels.lora_linear_backward.default, args)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_opcheck_nf4_dequantize(nested, dtype):
+    tensors, meta = _nf4(24, 72, nested).op_args()
+    torch.library.opcheck(torch.ops.lowrank_kernels.nf4_dequantize.default, (tensors, meta, dtype, None))
+
+
+def test_opcheck_dropout_seed():
+    """A random operator: the schema, fake and dispatch checks (``test_aot_dispatch_dynamic`` compares two draws)."""
+    x = torch.randn(3, device=DEVICE)
+    torch.library.opcheck(torch.ops.lowrank_kernels.dropout_seed.default, (x,),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.manual_seed(0)
+    a = ops.dropout_seed(x)
+    torch.manual_seed(0)
+    assert a.dtype == torch.int64 and a.shape == () and a.device == x.device and torch.equal(a, ops.dropout_seed(x))
+    assert not torch.equal(a, ops.dropout_seed(x))
+
+
+def test_operators_run_on_meta():
+    """The fake implementations also serve the meta device: shapes only."""
+    w = NF4Weight.empty((24, 72), torch.bfloat16, device="meta")
+    x = torch.empty(5, 72, device="meta", requires_grad=True)
+    A, B = torch.empty(3, 72, device="meta", requires_grad=True), torch.empty(24, 3, device="meta", requires_grad=True)
+    tensors, meta = w.op_args()
+    y, S = torch.ops.lowrank_kernels.lora_linear(x, tensors, meta, A, B, None, 1.0, 0.1, ops.dropout_seed(x), True,
+                                                 None, None)
+    assert y.shape == (5, 24) and S.shape == (5, 3) and y.is_meta
+    y.sum().backward()
+    assert x.grad.shape == x.shape and A.grad.shape == A.shape and B.grad.shape == B.shape
+    assert torch.ops.lowrank_kernels.nf4_dequantize(tensors, meta, torch.float16, None).shape == (24, 72)
