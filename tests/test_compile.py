@@ -302,3 +302,110 @@ def test_operators_run_on_meta():
     y.sum().backward()
     assert x.grad.shape == x.shape and A.grad.shape == A.shape and B.grad.shape == B.shape
     assert torch.ops.lowrank_kernels.nf4_dequantize(tensors, meta, torch.float16, None).shape == (24, 72)
+
+
+# ------------------------------------------------------------------------------------------------- CUDA graphs
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA GPU")
+
+
+def _params(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["lora", "qlora", "adalora"])
+def test_cuda_graph_captures_a_training_step(kind):
+    """Forward, backward and an SGD step captured in one ``torch.cuda.CUDAGraph`` (torch's whole-network recipe):
+    a replay equals the eager step from the same parameters and RNG state (the seeds are drawn on the device
+    generator, which replays advance), and the next replay draws new masks."""
+    model = our_layers(Stack(), kind, dropout=0.2).to(DEVICE, DTYPE).train()
+    start = [p.detach().clone() for p in _params(model)]
+    x = torch.randn(3, 5, 40, device=DEVICE, dtype=DTYPE)
+    opt = torch.optim.SGD(_params(model), lr=0.05)
+
+    def step():
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: Triton compiles, caches fill
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = step()
+
+    def reset():
+        with torch.no_grad():
+            for p, s in zip(_params(model), start):
+                p.copy_(s)
+            for p in _params(model):
+                p.grad.zero_()
+
+    reset()
+    torch.manual_seed(5)
+    graph.replay()
+    replayed = (static_loss.clone(), [p.detach().clone() for p in _params(model)])
+    reset()
+    torch.manual_seed(5)
+    eager_loss = step()  # accumulates into the zeroed .grad, as the graph's backward does
+    assert rel_err(replayed[0], eager_loss) <= TOL
+    for a, b in zip(replayed[1], _params(model)):
+        assert rel_err(a, b) <= TOL
+    reset()
+    graph.replay()
+    assert not torch.equal(static_loss, replayed[0])  # a new draw
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["qlora", "adalora"])
+def test_reduce_overhead_training_step_equals_eager(kind):
+    """``torch.compile(mode="reduce-overhead")`` (inductor + CUDA graph trees) of forward + backward."""
+    import torch._inductor.config
+
+    model = our_layers(Stack(), kind, dropout=0.2).to(DEVICE, DTYPE).train()
+    x = torch.randn(3, 5, 40, device=DEVICE, dtype=DTYPE)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch._inductor.config.patch(fallback_random=True):
+        for i in range(4):  # the graphs are recorded on the first calls and replayed after
+            results = []
+            for fn in (model, compiled):
+                torch.compiler.cudagraph_mark_step_begin()
+                torch.manual_seed(100 + i)
+                results.append(_loss_and_grads(fn, _stack_step(x), _params(model)))
+            (l0, g0), (l1, g1) = results
+            assert rel_err(l1, l0) <= TOL
+            for a, b in zip(g0, g1):
+                assert rel_err(b, a) <= TOL
+
+
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 16])
+def test_decode_step_graph_capture(M):
+    """A decode step (eval, no grad, M tokens: the GEMV kernels) captured manually and through reduce-overhead."""
+    model = our_layers(Stack(), "qlora", dropout=0.1).to(DEVICE, DTYPE).eval()
+    x = torch.randn(M, 40, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        eager = model(x)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = model(x)
+        graph.replay()
+        assert torch.equal(static_y, eager)
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            y = compiled(x)
+        assert rel_err(y, eager) <= TOL
