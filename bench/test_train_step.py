@@ -9,7 +9,8 @@ becomes a ``bnb.nn.Linear4bit`` (NF4, double quantization, bf16 compute) as
 ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` makes it, then peft LoRA r=16, alpha 32, no
 dropout (peft keeps the adapters in fp32); AdamW over the adapters. Gradient checkpointing off unless
 --bench-grad-ckpt. Sequences of 2048 random tokens, batch 1 and 4 (M = 2048 and 8192 rows per linear layer).
-Timed (eager): forward + loss + backward + ``optimizer.step()`` + ``zero_grad()``.
+Timed (eager calls of the step, compiled model or not): forward + loss + backward + ``optimizer.step()`` +
+``zero_grad()``; ``peft-bf16`` is the same LoRA model on a bf16 base (no quantization).
 extra_info: ``tokens`` per step, ``tokens_per_s``, ``peak_bytes`` (max allocated during one step) and
 ``peak_extra_bytes`` (that minus what was allocated before it: weights, adapters, optimizer state); CUDA only.
 CPU: the "tiny" config below (hidden 64, 2 layers, 32 tokens), to keep the code path alive.
@@ -66,16 +67,17 @@ def quantize_(model, bnb):
 ADALORA = dict(init_r=12, target_r=8, tinit=20, tfinal=200, deltaT=10, total_step=1000)
 
 
-def build(model, layers, grad_ckpt, method="lora"):
-    """The peft QLoRA (or AdaLoRA) model as users train it: quantized, adapter-wrapped, adapters trainable."""
+def build(model, layers, grad_ckpt, method="lora", quantized=True):
+    """The peft QLoRA (or AdaLoRA) model as users train it: quantized (unless ``quantized=False``: the bf16-base
+    LoRA model), adapter-wrapped, adapters trainable."""
     from transformers import LlamaForCausalLM
 
-    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     peft = pytest.importorskip("peft", reason="peft is not installed")
     torch.manual_seed(0)
     with torch.device(DEVICE):
         net = LlamaForCausalLM(llama_config(model, layers)).to(torch.bfloat16)
-    quantize_(net, bnb)
+    if quantized:
+        quantize_(net, pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed"))
     if grad_ckpt:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "adalora":
@@ -85,17 +87,28 @@ def build(model, layers, grad_ckpt, method="lora"):
     return peft.get_peft_model(net, config)
 
 
-@pytest.mark.parametrize("provider", ["peft+bnb", "lowrank_kernels"])
+# Compiled variants: torch.compile of the whole model (inductor, default mode; on the CPU aot_eager, to keep the
+# path alive in the smoke run at little cost). peft+bnb compiles with graph breaks around bitsandbytes' layers;
+# converted models compile into one graph (the layers are torch operators: lowrank_kernels/ops.py).
+COMPILE_BACKEND = "inductor" if HAS_CUDA else "aot_eager"
+
+
+@pytest.mark.parametrize("provider", ["peft+bnb", "lowrank_kernels", "peft-bf16"])
 @pytest.mark.parametrize("batch", [1, 4] if HAS_CUDA else [1], ids=lambda b: f"batch{b}")
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize("method", ["lora", "adalora"])
-def test_train_step(run, benchmark, request, model, method, batch, provider):
+def test_train_step(run, benchmark, request, model, method, mode, batch, provider):
     """One step; for AdaLoRA, ``update_and_allocate`` (peft's, or our ``RankAllocator`` on the converted model)
-    runs after ``optimizer.step()`` as peft documents it."""
+    runs after ``optimizer.step()`` as peft documents it. ``peft-bf16``: the same LoRA model on an unquantized
+    bf16 base through peft (what "4-bit costs nothing" is measured against)."""
     pytest.importorskip("transformers", reason="transformers is not installed")
+    if provider == "peft-bf16" and method != "lora":
+        pytest.skip("the bf16-base reference is measured for LoRA")
     layers = request.config.getoption("--bench-layers") or (4 if HAS_CUDA else 2)
     seq = 32 if model == "tiny" else 2048
     tokens = batch * seq
-    net = build(model, layers, request.config.getoption("--bench-grad-ckpt"), method)
+    net = build(model, layers, request.config.getoption("--bench-grad-ckpt"), method,
+                quantized=provider != "peft-bf16")
     allocate = net.base_model.update_and_allocate if method == "adalora" else None
     if provider == "lowrank_kernels":
         try:
@@ -110,9 +123,10 @@ def test_train_step(run, benchmark, request, model, method, batch, provider):
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, net.config.vocab_size, (batch, seq), device=DEVICE)
     count = iter(range(10**9))
+    forward = torch.compile(net, backend=COMPILE_BACKEND) if mode == "compiled" else net
 
     def step():
-        net(input_ids=ids, labels=ids).loss.backward()
+        forward(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         if allocate is not None:
             allocate(next(count))
@@ -120,8 +134,8 @@ def test_train_step(run, benchmark, request, model, method, batch, provider):
 
     peak, baseline = peak_memory(step)
     name = "train_step" if method == "lora" else "adalora_train_step"
-    run(step, provider, eager=True, rounds=5, group=f"{name} {model} batch={batch}", layers=layers,
-        tokens=tokens,
+    run(step, provider, eager=True, rounds=5, group=f"{name} {model} batch={batch} {mode}", layers=layers,
+        tokens=tokens, mode=mode,
         grad_ckpt=bool(request.config.getoption("--bench-grad-ckpt")),
         peak_bytes=peak, peak_extra_bytes=peak and peak - baseline)
     if benchmark.stats:  # None under --benchmark-disable
