@@ -3,7 +3,6 @@
 checkout nowhere on ``sys.path``. CPU only; about 10-30 s (pip builds the pure-Python wheel offline, with the
 setuptools of this environment)."""
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -21,15 +20,26 @@ CSRC_FILES = ("nf4_common.cuh", "nf4_entry.h", "nf4_mma_gemv.cu", "nf4_mma_gemv_
 TIMEOUT = 300
 
 
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _setuptools_builds_wheels() -> bool:
-    """setuptools is importable and can build a wheel without the separate ``wheel`` package (>= 70.1) or with it."""
-    if importlib.util.find_spec("setuptools") is None or importlib.util.find_spec("pip") is None:
+    """setuptools is installed and can build a wheel without the separate ``wheel`` package (>= 70.1) or with it.
+    Read from the installed metadata only: neither an import nor ``importlib.util.find_spec("setuptools")``, after
+    which setuptools' distutils shim makes a later ``import setuptools`` fail in this process (inductor's C++
+    builder imports it through ``torch.utils.cpp_extension``)."""
+    if not (_installed("setuptools") and _installed("pip")):
         return False
-    try:  # the metadata, not an import: setuptools imported after distutils (here, by other packages) asserts
+    try:
         major, minor = (int(p) for p in importlib.metadata.version("setuptools").split(".")[:2])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
+    except ValueError:
         return False
-    return (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None
+    return (major, minor) >= (70, 1) or _installed("wheel")
 
 
 pytestmark = pytest.mark.skipif(not _setuptools_builds_wheels(),
