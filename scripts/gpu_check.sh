@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU session entry point: install the carried bitsandbytes wheel (.whl/), then
-#   bash scripts/gpu_check.sh tests [PYTEST ARGS]   the test suite on CUDA (the CUDA C++ kernels built on first use)
+#   bash scripts/gpu_check.sh tests [PYTEST ARGS]   the test suite on CUDA (default: tests/; the CUDA C++ kernels
+#                                                   built on first use); e.g. tests/test_[a-l]*.py, then the rest
 #   bash scripts/gpu_check.sh bench [PYTEST ARGS]   the benchmarks, JSON + markdown report
 # Logs and results under $OUT (or ./gpu_out). scripts/gpu_bench.sh runs the benchmarks in parts, scripts/gpu_ab.sh
 # compares two trees, scripts/gpu_cuda_ext_check.sh checks the CUDA extension builds in depth.
@@ -13,8 +14,11 @@ export PYTHONUNBUFFERED=1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/gpu.txt"
 case "$what" in
   tests)
-    python3 -m pytest tests -q -p no:cacheprovider -rs "$@" 2>&1 | tee "$OUT/tests.log" | grep -E "passed|failed|error" \
-      | tail -5 ;;
+    # -v: one line per test as it ends, so a run cut short by the device's time limit still says what failed
+    # (split the suite with paths or -k across calls: it takes longer than one call on an H100)
+    args=("$@"); if [ ${#args[@]} -eq 0 ] || [[ "${args[0]}" == -* ]]; then args=(tests "${args[@]}"); fi
+    python3 -m pytest -v --tb=short -p no:cacheprovider -rfEs "${args[@]}" 2>&1 | tee "$OUT/tests.log" \
+      | grep -E "FAILED|ERROR|passed|failed" | tail -40 ;;
   bench)
     stamp=$(date -u +%Y%m%d)
     python3 -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT/bench-$stamp.json" "$@" 2>&1 \

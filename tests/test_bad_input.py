@@ -11,6 +11,7 @@ from lowrank_kernels import (AdaLoraLinear, LoraLinear, NF4Weight, QLoraLinear, 
                              qlora_linear)
 from lowrank_kernels.adalora import active_indices
 from lowrank_kernels.autograd import draw_seed, dropout_keep
+from tests.conftest import DEVICE
 from tests.test_lora_forward import rel_err
 
 N, K, R = 40, 72, 6
@@ -195,10 +196,10 @@ def test_nan_through_dropout_propagates_as_torch_dropout(backend):
     """A NaN (or inf) in a dropped position of x gives NaN in the LoRA branch, as torch's dropout (x * mask)
     does under peft; the torch and Triton paths agree."""
     M = 9
-    x = torch.randn(M, K, dtype=torch.float16)
+    x = torch.randn(M, K, dtype=torch.float16, device=DEVICE)  # Triton: CUDA, or the interpreter on the CPU
     x[2, 5], x[6, 11] = float("nan"), float("inf")
-    w = NF4Weight.quantize(torch.randn(N, K, dtype=torch.float16) / K**0.5)
-    A, B = torch.randn(R, K) / K**0.5, torch.randn(N, R)
+    w = NF4Weight.quantize(torch.randn(N, K, dtype=torch.float16, device=DEVICE) / K**0.5)
+    A, B = torch.randn(R, K, device=DEVICE) / K**0.5, torch.randn(N, R, device=DEVICE)
     p, seed = 0.5, 1234
     torch.manual_seed(seed)
     y = qlora_linear(x, w, A, B, 2.0, dropout=p, backend=backend)

@@ -22,8 +22,10 @@ from tests.test_lora_forward import rel_err
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-TOL = 1e-5 if DEVICE == "cpu" else 2e-2  # fp32 on the CPU; bf16 on CUDA (the compiler's fusions round differently)
-DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+# fp32 everywhere: compiled and eager run the same kernels for our operators, and the compiler's fusions of the ops
+# around them round differently only at fp32's level (bf16 would hide a wrong mask in rounding noise).
+TOL = 1e-5 if DEVICE == "cpu" else 1e-4
+DTYPE = torch.float32
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +61,7 @@ def assert_compiled_equals_eager(model, step, backend, *, seed=7, steps=2):
         assert rel_err(l1, l0) <= TOL, (float(l0), float(l1))
         for a, b in zip(g0, g1):
             assert rel_err(b, a) <= TOL
-    assert not torch.equal(runs[0][0][0], runs[0][1][0])  # the steps drew different masks
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0][0][1], runs[0][1][1]))  # each step drew new masks
     return runs
 
 
@@ -160,10 +162,15 @@ def test_inductor_default_trains_with_dropout():
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
 def test_compile_with_activation_checkpointing(kind):
     """Compile + checkpointing + dropout: the recomputed forward draws the forward's seeds, so gradients equal
-    eager's (with and without checkpointing), and the compiled checkpointed graph saves no mask."""
+    eager's (with and without checkpointing). On CUDA, AOTAutograd gives each random operator of a checkpointed
+    region a generator of its own (graph-safe RNG, for CUDA graphs) unless ``fallback_random=True``: eager's masks
+    need that setting there, as torch's own dropout does."""
+    import torch._inductor.config
+
     model = our_layers(Stack(ckpt=True), kind, dropout=0.3).to(DEVICE, DTYPE).train()
     x = torch.randn(4, 40, device=DEVICE, dtype=DTYPE)
-    runs = assert_compiled_equals_eager(model, _stack_step(x), "aot_eager")
+    with torch._inductor.config.patch(fallback_random=True):
+        runs = assert_compiled_equals_eager(model, _stack_step(x), "aot_eager")
     model.ckpt = False
     torch.manual_seed(7)
     plain = _loss_and_grads(model, _stack_step(x), [p for p in model.parameters() if p.requires_grad])
@@ -359,8 +366,8 @@ def test_cuda_graph_captures_a_training_step(kind):
     for a, b in zip(replayed[1], _params(model)):
         assert rel_err(a, b) <= TOL
     reset()
-    graph.replay()
-    assert not torch.equal(static_loss, replayed[0])  # a new draw
+    graph.replay()  # new masks: other adapter updates (compared, not the loss, which may round to the same value)
+    assert not all(torch.equal(a, b) for a, b in zip(replayed[1], _params(model)))
 
 
 @needs_cuda
