@@ -35,6 +35,9 @@ def pytest_addoption(parser):
                     help="decoder layers of the training-step model (default: 4 on CUDA, 2 on CPU)")
     group.addoption("--bench-grad-ckpt", action="store_true",
                     help="training step with gradient checkpointing (default: off)")
+    group.addoption("--bench-liger", action="store_true",
+                    help="training step with Liger-Kernel's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy "
+                         "applied to the model of every provider (CUDA; needs liger-kernel)")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -9,7 +9,9 @@ becomes a ``bnb.nn.Linear4bit`` (NF4, double quantization, bf16 compute) as
 ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` makes it, then peft LoRA r=16, alpha 32, no
 dropout (peft keeps the adapters in fp32); AdamW over the adapters. Gradient checkpointing off unless
 --bench-grad-ckpt. Sequences of 2048 random tokens, batch 1 and 4 (M = 2048 and 8192 rows per linear layer).
-Timed (eager calls of the step, compiled model or not): forward + loss + backward + ``optimizer.step()`` +
+--bench-liger: Liger-Kernel's
+RMSNorm, RoPE, SwiGLU and fused linear cross-entropy on every provider's model. Timed (eager calls of the step,
+compiled model or not): forward + loss + backward + ``optimizer.step()`` +
 ``zero_grad()``; ``peft-bf16`` is the same LoRA model on a bf16 base (no quantization).
 extra_info: ``tokens`` per step, ``tokens_per_s``, ``peak_bytes`` (max allocated during one step) and
 ``peak_extra_bytes`` (that minus what was allocated before it: weights, adapters, optimizer state); CUDA only.
@@ -87,6 +89,16 @@ def build(model, layers, grad_ckpt, method="lora", quantized=True):
     return peft.get_peft_model(net, config)
 
 
+def apply_liger(net):
+    """Liger-Kernel's Llama kernels (RMSNorm, RoPE, SwiGLU MLP, fused linear cross-entropy) on the Llama inside
+    ``net`` (a peft model), as a speed-seeking user adds them to either provider."""
+    if not HAS_CUDA:
+        pytest.skip("--bench-liger: Liger-Kernel's Triton kernels need a CUDA GPU")
+    liger = pytest.importorskip("liger_kernel.transformers", reason="liger-kernel is not installed")
+    liger.apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True,
+                                      cross_entropy=False, model=net.get_base_model())
+
+
 # Compiled variants: torch.compile of the whole model (inductor, default mode; on the CPU aot_eager, to keep the
 # path alive in the smoke run at little cost). peft+bnb compiles with graph breaks around bitsandbytes' layers;
 # converted models compile into one graph (the layers are torch operators: lowrank_kernels/ops.py).
@@ -109,6 +121,9 @@ def test_train_step(run, benchmark, request, model, method, mode, batch, provide
     tokens = batch * seq
     net = build(model, layers, request.config.getoption("--bench-grad-ckpt"), method,
                 quantized=provider != "peft-bf16")
+    liger = request.config.getoption("--bench-liger")
+    if liger:
+        apply_liger(net)
     allocate = net.base_model.update_and_allocate if method == "adalora" else None
     if provider == "lowrank_kernels":
         try:
@@ -135,7 +150,7 @@ def test_train_step(run, benchmark, request, model, method, mode, batch, provide
     peak, baseline = peak_memory(step)
     name = "train_step" if method == "lora" else "adalora_train_step"
     run(step, provider, eager=True, rounds=5, group=f"{name} {model} batch={batch} {mode}", layers=layers,
-        tokens=tokens, mode=mode,
+        tokens=tokens, mode=mode, liger=bool(liger),
         grad_ckpt=bool(request.config.getoption("--bench-grad-ckpt")),
         peak_bytes=peak, peak_extra_bytes=peak and peak - baseline)
     if benchmark.stats:  # None under --benchmark-disable

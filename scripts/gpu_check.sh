@@ -2,7 +2,8 @@
 # The GPU session entry point: install the carried bitsandbytes wheel (.whl/), then
 #   bash scripts/gpu_check.sh tests [PYTEST ARGS]   the test suite on CUDA (default: tests/; the CUDA C++ kernels
 #                                                   built on first use); e.g. tests/test_[a-l]*.py, then the rest
-#   bash scripts/gpu_check.sh bench [PYTEST ARGS]   the benchmarks, JSON + markdown report
+#   bash scripts/gpu_check.sh bench [PYTEST ARGS]   the benchmarks (default: bench/), JSON + markdown report; e.g.
+#       bench/test_train_step.py -k "lora and not adalora and batch1" [--bench-liger]   (the training step)
 # Logs and results under $OUT (or ./gpu_out). scripts/gpu_bench.sh runs the benchmarks in parts, scripts/gpu_ab.sh
 # compares two trees, scripts/gpu_cuda_ext_check.sh checks the CUDA extension builds in depth.
 set -uo pipefail
@@ -21,7 +22,8 @@ case "$what" in
       | grep -E "FAILED|ERROR|passed|failed" | tail -40 ;;
   bench)
     stamp=$(date -u +%Y%m%d)
-    python3 -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT/bench-$stamp.json" "$@" 2>&1 \
+    args=("$@"); if [ ${#args[@]} -eq 0 ] || [[ "${args[0]}" == -* ]]; then args=(bench "${args[@]}"); fi
+    python3 -m pytest -q -p no:cacheprovider --benchmark-json="$OUT/bench-$stamp.json" "${args[@]}" 2>&1 \
       | tee "$OUT/bench.log" | tail -3
     python3 -m bench.report "$OUT/bench-$stamp.json" --out "$OUT/bench-$stamp.md" && cat "$OUT/bench-$stamp.md" ;;
   *) echo "usage: bash scripts/gpu_check.sh tests|bench [pytest args]" >&2; exit 2 ;;
