@@ -119,7 +119,9 @@ class NF4Weight:
         if packed.dtype != torch.uint8:
             raise TypeError(f"packed: expected uint8 storage, got {packed.dtype} (quant_storage other than "
                             "uint8 is not supported)")
-        data = packed.detach().as_subclass(torch.Tensor)  # a plain tensor view of Params4bit's storage
+        data = packed.detach()
+        if not torch.compiler.is_compiling():  # traced, a Params4bit already is a plain tensor (as_subclass is not)
+            data = data.as_subclass(torch.Tensor)  # a plain tensor view of Params4bit's storage
         if quant_state.shape is None:
             raise ValueError("quant_state.shape: missing")
         nested = quant_state.state2 is not None
@@ -350,7 +352,9 @@ class NF4Weight:
             raise ValueError("packed: must be contiguous (the kernels read it as one flat byte array; pass "
                              "packed.contiguous())")
         _expect(self.code, torch.float32, (16,), "code (quant_map)")
-        if not self.code.is_meta and not torch.equal(self.code.cpu(), python_ref.NF4_CODE):
+        # the table's values (a device read; skipped while torch.compile traces: checked where the weight was made)
+        if not self.code.is_meta and not torch.compiler.is_compiling() and \
+                not torch.equal(self.code.cpu(), python_ref.NF4_CODE):
             raise ValueError("code (quant_map): is not the NF4 code table (fp4 or a custom map is not supported)")
         nblocks = math.ceil(n / self.blocksize)
         if not self.nested:

@@ -178,6 +178,8 @@ if _PeftLinear4bit is not None:
         def _lowrank_weight(self, base) -> NF4Weight:
             """``NF4Weight`` view of the bitsandbytes weight (shared storage), rebuilt when the weight changes."""
             weight, quant_state = base.weight, _quant_state(base)
+            if torch.compiler.is_compiling():  # traced once: the view is built in the graph, no cache to key
+                return NF4Weight.from_bnb(weight, quant_state)
             key = (weight.data_ptr(), id(quant_state), weight.device)
             cached = self.__dict__.get("_lowrank_nf4_cache")
             if cached is None or cached[0] != key:

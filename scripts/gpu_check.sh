@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU session entry point: install the carried bitsandbytes wheel (.whl/), then
+# The GPU session entry point: install the carried wheels (.whl/: bitsandbytes, liger-kernel), then
 #   bash scripts/gpu_check.sh tests [PYTEST ARGS]   the test suite on CUDA (default: tests/; the CUDA C++ kernels
 #                                                   built on first use); e.g. tests/test_[a-l]*.py, then the rest
 #   bash scripts/gpu_check.sh bench [PYTEST ARGS]   the benchmarks (default: bench/), JSON + markdown report; e.g.

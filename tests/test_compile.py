@@ -220,6 +220,21 @@ def test_peft_llama_converted_compiles_fullgraph(dropout, backend):
         assert_compiled_equals_eager(ours, step, backend)
 
 
+def test_bnb_qlora_llama_converted_compiles_fullgraph(tmp_path):
+    """QLoRA as users load it (``from_pretrained`` with bitsandbytes NF4), peft LoRA with dropout, converted: the
+    NF4 view of each ``Params4bit`` is built inside the graph."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    import torch._inductor.config
+    from tests.test_training_stack import lora_pair, qlora_llama
+
+    _, ours = lora_pair(qlora_llama(tmp_path, device=DEVICE), dropout=0.1)
+    ours = ours.train()
+    ids = torch.randint(0, 128, (2, 9), device=DEVICE)
+    with torch._inductor.config.patch(fallback_random=True):
+        assert_compiled_equals_eager(ours, lambda m: m(input_ids=ids, labels=ids).loss, "aot_eager")
+
+
 def _equal_once(model, step):
     params = [p for p in model.parameters() if p.requires_grad]
     l0, g0 = _loss_and_grads(model, step, params)
