@@ -235,6 +235,33 @@ def test_bnb_qlora_llama_converted_compiles_fullgraph(tmp_path):
         assert_compiled_equals_eager(ours, lambda m: m(input_ids=ids, labels=ids).loss, "aot_eager")
 
 
+def test_peft_adalora_converted_with_rank_mask_compiles_fullgraph():
+    """peft AdaLoRA with dropout, converted, a rank mask installed (as ``RankAllocator`` does): only the active
+    ranks computed in the compiled graph too, pruned ranks' gradients exactly zero."""
+    pytest.importorskip("peft")
+    from peft import AdaLoraConfig, get_peft_model
+
+    from lowrank_kernels import peft as lk_peft
+    from tests.test_peft_convert import Tiny
+
+    model = get_peft_model(Tiny(), AdaLoraConfig(init_r=6, target_r=3, total_step=20, lora_dropout=0.2,
+                                                 target_modules=["up", "down"])).to(DEVICE).train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_E" in name:
+                p.normal_()
+    assert lk_peft.convert(model) == 2
+    mask = torch.tensor([True, False, True, True, False, True], device=DEVICE)
+    for layer in (model.base_model.model.up, model.base_model.model.down):
+        layer.set_rank_mask(mask)
+    x = torch.randn(7, 40, device=DEVICE, dtype=DTYPE)
+    runs = assert_compiled_equals_eager(model, lambda m: m(x).square().mean(), "aot_eager")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for name, g in zip(names, runs[1][0][1]):
+        if "lora_E" in name:
+            assert torch.all(g[~mask] == 0) and torch.any(g[mask] != 0), name
+
+
 def _equal_once(model, step):
     params = [p for p in model.parameters() if p.requires_grad]
     l0, g0 = _loss_and_grads(model, step, params)
