@@ -14,6 +14,7 @@ from python_ref.nf4 import (
 )
 from python_ref.lora import lora_backward, lora_forward
 from python_ref.adalora import adalora_forward
+from python_ref.dora import dora_forward, dora_weight_norm
 
 __all__ = [
     "NF4_CODE",
@@ -27,4 +28,6 @@ __all__ = [
     "lora_forward",
     "lora_backward",
     "adalora_forward",
+    "dora_forward",
+    "dora_weight_norm",
 ]
