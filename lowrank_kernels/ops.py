@@ -5,6 +5,7 @@ autograd formula. ``torch.compile`` sees each call as one opaque node, so a comp
 ``fullgraph=True``, dropout included, and runs our kernels.
 
     lowrank_kernels::dropout_seed(like)                 0-dim int64 seed (random: tagged nondeterministic_seeded)
+    lowrank_kernels::dropout_mask(seed, shape, p)       the bool keep-mask of a seed
     lowrank_kernels::lora_linear(x, weight, ...)        (Y [M, N], S [M, r]), differentiable
     lowrank_kernels::lora_linear_backward(dY, ...)      the gradients asked for, in order
     lowrank_kernels::nf4_dequantize(nf4, meta, dtype)   the dequantized NF4 weight
@@ -69,6 +70,25 @@ def _never_merge_draws():
 
 
 _never_merge_draws()
+
+
+@torch.library.custom_op(f"{NAMESPACE}::dropout_mask", mutates_args=())
+def dropout_mask(seed: Tensor, shape: list[int], p: float) -> Tensor:
+    """``autograd.dropout_keep(shape, p, seed)``: the bool keep-mask of a seed (a pure function of its value)."""
+    return autograd.dropout_keep(shape, p, seed)
+
+
+@dropout_mask.register_fake
+def _(seed, shape, p):
+    return torch.empty(shape, dtype=torch.bool, device=seed.device)
+
+
+def dropout_keep(x: Tensor, p: float) -> Tensor:
+    """A fresh bool keep-mask of ``x``'s shape (``P(True) = 1 - p``): under ``torch.compile`` through the
+    ``dropout_seed`` and ``dropout_mask`` operators, else their functions directly (the same draws)."""
+    if torch.compiler.is_compiling():
+        return dropout_mask(dropout_seed(x), list(x.shape), p)
+    return autograd.dropout_keep(x.shape, p, autograd.draw_seed(x))
 
 
 # --------------------------------------------------------------------------------------------- layer forward

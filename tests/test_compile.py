@@ -339,6 +339,15 @@ def test_opcheck_dropout_seed():
     assert not torch.equal(a, ops.dropout_seed(x))
 
 
+@pytest.mark.parametrize("shape", [(7, 33), (2, 3, 5)])
+def test_opcheck_dropout_mask(shape):
+    seed = ops.dropout_seed(torch.empty(0, device=DEVICE))
+    torch.library.opcheck(torch.ops.lowrank_kernels.dropout_mask.default, (seed, list(shape), 0.3))
+    keep = ops.dropout_mask(seed, list(shape), 0.3)
+    assert keep.dtype == torch.bool and keep.shape == shape and torch.equal(keep, ops.dropout_mask(seed, list(shape),
+                                                                                                    0.3))
+
+
 def test_operators_run_on_meta():
     """The fake implementations also serve the meta device: shapes only."""
     w = NF4Weight.empty((24, 72), torch.bfloat16, device="meta")

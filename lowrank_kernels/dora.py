@@ -1,0 +1,91 @@
+"""DoRA (weight-decomposed LoRA) over a dense or NF4 base weight, with peft's semantics (``python_ref/dora.py``):
+
+    norm = ||W + s * B @ A|| per output row (detached)      c = m / max(norm, eps)
+    y    = x @ W.T + bias + (c - 1) * (Xd @ W.T) + c * s * (Xd @ A.T) @ B.T        Xd = dropout(x)
+
+Without dropout (``Xd = x``) that is ``y = c * (x @ W.T + s * (x @ A.T) @ B.T) + bias``: the LoRA layer's product
+(``lora_linear`` / ``qlora_linear``: our kernels, the merged weight at large M) scaled per output column, plus the
+bias. With dropout, as peft, the base product is computed a second time on the dropped ``x`` (torch products over
+the dequantized weight: not fused yet).
+
+The norm never materializes ``W + s * B @ A``: with ``w_n`` the rows of W and ``b_n`` those of B,
+
+    ||w_n + s (B A)_n||^2 = ||w_n||^2 + 2 s b_n . (A w_n^T) + s^2 b_n (A A^T) b_n^T
+
+so it takes ``||w_n||^2``, one skinny product ``W @ A.T [N, r]`` and ``A @ A.T [r, r]``, in fp32 (peft forms the
+``[N, K]`` sum, and ``B @ A`` through a ``[K, K]`` identity). ``eps`` (default 1e-12): peft divides by the norm
+without one, so an all-zero row of ``W + s * B @ A`` (Llama-3.1-8B's ``o_proj`` has 511 zero rows of W, and B starts
+at zero) gives NaN there; here ``c = m / eps`` for such a row, and with ``m`` initialized from that zero norm
+(``m = 0``, as peft initializes it) the row's output is ``bias`` (no dropout) and it gets no gradient: it stays
+inert, finite.
+
+Gradients flow to ``x``, ``lora_A``, ``lora_B``, ``magnitude``, ``bias`` (and a dense weight that requires one),
+through the LoRA functional and torch ops (autograd): ``dm = sum_rows(dY * L) / norm`` with ``L`` the unscaled
+product, which autograd keeps for it (an ``[M, N]`` activation).
+"""
+import contextlib
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from lowrank_kernels import dispatch, ops
+from lowrank_kernels.checks import check_finite
+from lowrank_kernels.functional import check_inputs, lora_linear, qlora_linear
+from lowrank_kernels.nf4 import NF4Weight
+
+__all__ = ["dora_linear", "dora_weight_norm"]
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling: float, backend=None) -> torch.Tensor:
+    """``||W + scaling * lora_B @ lora_A||`` of each output row, fp32 ``[N]``, without forming that matrix, detached.
+    ``weight``: dense ``[N, K]`` or ``NF4Weight`` (dequantized bit-exactly to fp32); ``lora_A [r, K]``,
+    ``lora_B [N, r]`` in any float dtype (used in fp32, or fp64 when they are fp64)."""
+    with torch.no_grad():
+        dtype = torch.float64 if torch.float64 in (lora_A.dtype, lora_B.dtype, getattr(weight, "dtype", None)) \
+            else torch.float32
+        W = dispatch.dense_weight(weight, dtype, backend)
+        A, B = lora_A.to(dtype), lora_B.to(dtype)
+        s = float(scaling)
+        WA = W @ A.T  # [N, r]
+        norm2 = W.square().sum(1) + 2 * s * (B * WA).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
+        return norm2.clamp_min(0).sqrt()  # rounding can leave a tiny negative for an (almost) zero row
+
+
+def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dropout=0.0, eps=1e-12,
+                backend=None, config=None):
+    """``x [..., K]``, ``weight`` dense ``[N, K]`` or ``NF4Weight``, ``lora_A [r, K]``, ``lora_B [N, r]``,
+    ``magnitude [N]`` (peft's ``lora_magnitude_vector``), ``bias [N]`` -> ``[..., N]`` in x's dtype (or the autocast
+    dtype). ``dropout``: LoRA dropout probability (0 in eval mode); ``eps > 0``: the least norm divided by (module
+    docstring); ``backend``, ``config``: as in :func:`~lowrank_kernels.functional.lora_linear`."""
+    check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config)
+    N = weight.shape[0]
+    if not isinstance(magnitude, torch.Tensor) or not magnitude.is_floating_point() or \
+            tuple(magnitude.shape) != (N,):
+        raise ValueError(f"magnitude: expected a floating-point tensor of shape [{N}], got "
+                         f"{getattr(magnitude, 'dtype', type(magnitude).__name__)} "
+                         f"{tuple(getattr(magnitude, 'shape', ()))}")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude: on {magnitude.device}, but x is on {x.device}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    check_finite(eps, "eps")
+    norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend)
+    c = magnitude / norm.clamp_min(eps).to(magnitude.dtype)  # [N]; gradient to magnitude only
+    lora = qlora_linear if isinstance(weight, NF4Weight) else lora_linear
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    if dropout == 0:
+        L = lora(x, weight, lora_A, lora_B, scaling, None, backend=backend, config=config)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            y = (L * c).to(dtype)
+            return y if bias is None else y + bias.to(dtype)
+    # peft's form: base(x) + (c - 1) * (Xd @ W.T) + c * s * (Xd @ A.T) @ B.T, the base product twice (x and Xd)
+    keep = ops.dropout_keep(x, float(dropout))
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        xc = x.to(dtype)
+        xd = (xc * (1.0 / (1.0 - dropout))) * keep
+        W = dispatch.dense_weight(weight, dtype, backend)
+        base = F.linear(xc, W, None if bias is None else bias.to(dtype))
+        lora_term = F.linear(F.linear(xd, lora_A.to(dtype)), lora_B.to(dtype)) * scaling
+        return (base + ((c - 1) * F.linear(xd, W) + c * lora_term).to(dtype)).to(dtype)

@@ -1,0 +1,166 @@
+"""``lowrank_kernels.dora.dora_linear`` against the DoRA oracle ``python_ref.dora_forward`` (itself checked against
+peft's ``DoraLinearLayer`` in tests/test_python_ref_dora.py) and against peft directly: outputs and the gradients of
+x, lora_A, lora_B, magnitude, bias; dense and NF4 bases, dropout, ragged shapes, r in {1, 8, 16, 64}; the norm
+without forming ``W + s * B @ A``; zero rows finite; bad input; ``torch.compile``.
+
+CPU: the torch path, fp64 against the fp64 oracle (1e-10), fp32 (1e-5).
+"""
+import pytest
+import torch
+from torch import nn
+
+import python_ref
+from lowrank_kernels import NF4Weight
+from lowrank_kernels.autograd import draw_seed, dropout_keep
+from lowrank_kernels.dora import dora_linear, dora_weight_norm
+from tests.conftest import DEVICE
+from tests.test_lora_forward import rel_err
+
+SHAPES = [(5, 24, 40, 1), (7, 24, 40, 8), (3, 72, 96, 16), (4, 72, 96, 64)]  # M, N, K, r
+SEED = 99
+
+
+def dense_oracle(weight):
+    """The base weight as the oracle sees it, fp64: dense as given, NF4 dequantized."""
+    if isinstance(weight, NF4Weight):
+        absmax = weight.absmax if not weight.nested else python_ref.dequantize_absmax(
+            weight.absmax, weight.absmax2, weight.code2, weight.offset, weight.nested_blocksize)
+        return python_ref.dequantize_nf4(weight.packed, absmax, weight.shape, weight.blocksize, torch.float64)
+    return weight.detach().double()
+
+
+def make(M, N, K, r, dtype, nf4, bias=True, leading=()):
+    W = torch.randn(N, K, device=DEVICE) / K**0.5
+    weight = NF4Weight.quantize(W) if nf4 else W.to(dtype)
+    x = torch.randn(*leading, M, K, device=DEVICE).to(dtype).requires_grad_()
+    A = (torch.randn(r, K, device=DEVICE) / K**0.5).to(dtype).requires_grad_()
+    B = (torch.randn(N, r, device=DEVICE) * 0.1).to(dtype).requires_grad_()
+    m = (dense_oracle(weight).norm(dim=1) * (1 + 0.1 * torch.randn(N, device=DEVICE, dtype=torch.float64))
+         ).to(dtype).requires_grad_()
+    b = torch.randn(N, device=DEVICE).to(dtype).requires_grad_() if bias else None
+    return x, weight, A, B, m, b
+
+
+def run(fn, x, weight, A, B, m, b, s, p, **kw):
+    """Output and gradients (x, A, B, m, bias) of ``fn`` under RNG seed SEED, for one fixed random dY."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, m)] + \
+        ([b.detach().clone().requires_grad_()] if b is not None else [None])
+    torch.manual_seed(SEED)
+    y = fn(leaves[0], weight, leaves[1], leaves[2], leaves[3], s, leaves[4], p, **kw)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
+    y.backward(dy)
+    return y.detach(), [t.grad for t in leaves if t is not None]
+
+
+def ours(x, weight, A, B, m, s, b, p, **kw):
+    return dora_linear(x, weight, A, B, m, s, b, dropout=p, **kw)
+
+
+def oracle(x, weight, A, B, m, s, b, p):
+    """The fp64 oracle with the mask our call draws under the same seed."""
+    mask = None
+    if p:
+        torch.manual_seed(SEED)
+        mask = dropout_keep(x.shape, p, draw_seed(x)).double() / (1 - p)
+    y = python_ref.dora_forward(x.double(), dense_oracle(weight), A.double(), B.double(), m.double(), s,
+                                None if b is None else b.double(), mask)
+    return y
+
+
+@pytest.mark.parametrize("M,N,K,r", SHAPES)
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp64_matches_oracle(M, N, K, r, nf4, p, bias):
+    x, weight, A, B, m, b = make(M, N, K, r, torch.float64, nf4, bias, leading=(2,))
+    y, grads = run(ours, x, weight, A, B, m, b, 1.7, p)
+    y_ref, grads_ref = run(oracle, x, weight, A, B, m, b, 1.7, p)
+    assert y.dtype == torch.float64 and rel_err(y, y_ref) <= 1e-10
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) <= 1e-10
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fp32_adapters_and_activations(nf4, p):
+    x, weight, A, B, m, b = make(6, 72, 96, 16, torch.float32, nf4)
+    y, grads = run(ours, x, weight, A, B, m, b, 2.0, p)
+    y_ref, grads_ref = run(oracle, x, weight, A, B, m, b, 2.0, p)
+    assert y.dtype == torch.float32 and rel_err(y, y_ref) <= 1e-5
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == torch.float32 and rel_err(g, g_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_norm_without_forming_the_sum(nf4):
+    _, weight, A, B, _, _ = make(3, 72, 96, 8, torch.float64, nf4)
+    W = dense_oracle(weight)
+    expect = python_ref.dora_weight_norm(W, A.double(), B.double(), 1.3)
+    got = dora_weight_norm(weight, A, B, 1.3)
+    assert not got.requires_grad and rel_err(got, expect) <= 1e-12
+
+
+def test_zero_rows_are_finite_and_inert():
+    """A zero row of W with B's row zero and m initialized from it (0): peft gives NaN there; ours gives the bias,
+    no NaN anywhere, and no gradient for that row's magnitude."""
+    x, W, A, B, m, b = make(5, 24, 40, 8, torch.float32, False)
+    with torch.no_grad():
+        W[3] = 0
+        B[3] = 0
+        m[3] = 0
+    y, (dx, dA, dB, dm, db) = run(ours, x, W, A, B, m, b, 2.0, 0.0)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in (dx, dA, dB, dm, db))
+    assert torch.equal(y[:, 3], b.detach()[3].expand(5)) and dm[3] == 0 and dB[3].abs().max() == 0
+    y_peft_like = python_ref.dora_forward(x.double(), W.double(), A.double(), B.double(), m.double(), 2.0, b.double())
+    assert torch.isnan(y_peft_like[:, 3]).all()
+
+
+def test_matches_peft_dora_layer():
+    """peft's own DoRA layer (fp32, no dropout), converted by nothing: the same parameters through dora_linear."""
+    peft = pytest.importorskip("peft")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(40, 24)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(std=0.1)
+        layer.lora_magnitude_vector["default"].weight.mul_(1.1)
+    x = torch.randn(3, 5, 40)
+    y_peft = model(x)
+    base = layer.get_base_layer()
+    y = dora_linear(x, base.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                    layer.lora_magnitude_vector["default"].weight, layer.scaling["default"], base.bias)
+    assert rel_err(y, y_peft) <= 1e-5
+
+
+def test_compiles_fullgraph_with_dropout():
+    x, weight, A, B, m, b = make(6, 24, 40, 4, torch.float32, True)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    y0, g0 = run(ours, x, weight, A, B, m, b, 2.0, 0.2)
+    y1, g1 = run(compiled, x, weight, A, B, m, b, 2.0, 0.2)
+    assert rel_err(y1, y0) <= 1e-6
+    for a, c in zip(g0, g1):
+        assert rel_err(c, a) <= 1e-6
+
+
+@pytest.mark.parametrize("change,exc,name", [
+    (dict(magnitude=torch.ones(23)), ValueError, "magnitude"),
+    (dict(magnitude=torch.ones(24, dtype=torch.int64)), ValueError, "magnitude"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(eps=float("nan")), ValueError, "eps"),
+    (dict(lora_B=torch.randn(23, 4)), ValueError, "lora_B"),
+    (dict(dropout=1.0), ValueError, "dropout"),
+])
+def test_bad_input(change, exc, name):
+    x, weight, A, B, m, b = make(3, 24, 40, 4, torch.float32, True)
+    kw = dict(x=x, weight=weight, lora_A=A, lora_B=B, magnitude=m, scaling=1.0, bias=b)
+    kw.update(change)
+    with pytest.raises(exc, match=name):
+        dora_linear(**kw)
