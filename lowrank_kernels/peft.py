@@ -31,7 +31,8 @@ or adapter modules carry hooks (or while global module hooks are registered) run
 fire exactly as under peft: ``convert`` leaves such layers unconverted (and says why); a converted layer that
 gets hooks later falls back to peft's forward while they are registered (warned once per layer).
 
-Layers that cannot be converted (DoRA and other LoRA variants, ``lora_bias``, ``fan_in_fan_out``, FP4 or
+DoRA adapters run ``lowrank_kernels.dora.dora_linear`` with the layer's parameters (``lora_magnitude_vector``
+included). Layers that cannot be converted (LoRA variants other than DoRA, ``lora_bias``, ``fan_in_fan_out``, FP4 or
 unquantized bitsandbytes weights, several active adapters, hooked layers, a base layer that is a subclass with its
 own ``forward``, a dense weight of another dtype than bf16 / fp16 / fp32 / fp64 (fp8, say) or a tensor subclass)
 are left to peft and listed in one warning: what the model computes never changes.
@@ -43,6 +44,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from lowrank_kernels.adalora import active_indices, adalora_linear, check_mask
+from lowrank_kernels.dora import dora_linear
 from lowrank_kernels.functional import lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
@@ -56,6 +58,10 @@ try:
 except ImportError:  # bitsandbytes missing: peft defines no 4-bit LoRA layer
     _PeftLinear4bit = _Bnb4bit = None
 
+try:
+    from peft.tuners.lora.variants import DoraLinearVariant as _DoraLinearVariant
+except ImportError:  # pragma: no cover - an old peft (DoRA layers are then left to peft)
+    _DoraLinearVariant = None
 try:
     from peft.tuners.adalora import SVDLinear as _PeftSVDLinear
 except ImportError:  # pragma: no cover - an old peft without AdaLoRA
@@ -126,6 +132,11 @@ def _runtime_hooks(layer, adapter_modules) -> bool:
     return True
 
 
+def _dora(module, name) -> bool:
+    """Whether adapter ``name`` of a peft LoRA layer is a DoRA adapter (peft's ``DoraLinearVariant``)."""
+    return _DoraLinearVariant is not None and type(module.lora_variant.get(name)) is _DoraLinearVariant
+
+
 class _FusedForward:
     """Mixin for a peft LoRA layer: our forward whenever exactly one plain LoRA adapter is active and nothing
     peft's forward would run around the base product or the adapters (hooks) would be skipped."""
@@ -135,9 +146,12 @@ class _FusedForward:
         if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
-        if name not in self.lora_A or name in self.lora_variant or self.lora_bias.get(name, False):
+        if name not in self.lora_A or (name in self.lora_variant and not _dora(self, name)) or \
+                self.lora_bias.get(name, False):
             return None
-        if _runtime_hooks(self, (self.lora_A[name], self.lora_B[name], self.lora_dropout[name])):
+        adapters = (self.lora_A[name], self.lora_B[name], self.lora_dropout[name]) + \
+            ((self.lora_magnitude_vector[name],) if _dora(self, name) else ())
+        if _runtime_hooks(self, adapters):
             return None
         return name
 
@@ -151,7 +165,12 @@ class _FusedForward:
             return super().forward(x, *args, **kwargs)
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        return self._lowrank_forward(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
+        A, B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        if _dora(self, name):  # peft's DoRA: the same parameters through dora_linear
+            base = self.get_base_layer()
+            return dora_linear(x, self._lowrank_weight(base), A, B, self.lora_magnitude_vector[name].weight, scaling,
+                               base.bias, dropout=p)
+        return self._lowrank_forward(x, A, B, scaling, p)
 
 
 class PeftLoraLinear(_FusedForward, _PeftLinear):
@@ -160,6 +179,9 @@ class PeftLoraLinear(_FusedForward, _PeftLinear):
     def _lowrank_forward(self, x, A, B, scaling, p):
         base = self.get_base_layer()
         return lora_linear(x, base.weight, A, B, scaling, base.bias, dropout=p)
+
+    def _lowrank_weight(self, base):
+        return base.weight
 
 
 if _PeftLinear4bit is not None:
@@ -209,8 +231,8 @@ def _unsupported(module) -> str:
     name = module.active_adapters[0]
     if name not in module.lora_A:
         return f"active adapter {name!r} has no LoRA weights in this layer"
-    if type(module) not in _ADALORA and name in module.lora_variant:
-        return f"LoRA variant {type(module.lora_variant[name]).__name__} (e.g. DoRA) is not supported"
+    if type(module) not in _ADALORA and name in module.lora_variant and not _dora(module, name):
+        return f"LoRA variant {type(module.lora_variant[name]).__name__} is not supported"
     if module.lora_bias.get(name, False):
         return "lora_bias=True is not supported"
     if getattr(module, "fan_in_fan_out", False):
@@ -221,7 +243,9 @@ def _unsupported(module) -> str:
     adapters = [module.lora_dropout[name]]
     if type(module) not in _ADALORA:
         adapters += [module.lora_A[name], module.lora_B[name]]
-        if any(type(m) is not nn.Linear for m in adapters[1:]):
+        if _dora(module, name):
+            adapters.append(module.lora_magnitude_vector[name])
+        if any(type(m) is not nn.Linear for m in adapters[1:3]):
             return "lora_A / lora_B are not plain nn.Linear modules"
     if type(adapters[0]) not in (nn.Dropout, nn.Identity):
         return f"lora_dropout is a {type(adapters[0]).__name__} (nn.Dropout or nn.Identity is supported)"

@@ -164,3 +164,69 @@ def test_bad_input(change, exc, name):
     kw.update(change)
     with pytest.raises(exc, match=name):
         dora_linear(**kw)
+
+
+# ------------------------------------------------------------------------------------------------ peft convert
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "bnb-nf4"])
+def test_peft_dora_layers_convert_and_match_peft(quantized, tmp_path):
+    """peft DoRA layers (dense and bitsandbytes 4-bit bases) are converted and compute what peft computes (outputs,
+    gradients of x and of every adapter parameter, magnitudes included); ``save_pretrained`` writes peft's files."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    from lowrank_kernels import peft as lk_peft
+    from tests.test_peft_convert import Tiny, outputs_and_grads, quantized_tiny
+
+    if quantized:
+        pytest.importorskip("bitsandbytes")
+        base = quantized_tiny()
+    else:
+        base = Tiny().to(DEVICE)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, use_dora=True,
+                                                      target_modules=["up", "down"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    ours = copy.deepcopy(model)
+    assert lk_peft.convert(ours) == 2
+    x = torch.randn(3, 5, 40, device=DEVICE)
+    y0, dx0, g0 = outputs_and_grads(model, x)
+    y1, dx1, g1 = outputs_and_grads(ours, x)
+    assert rel_err(y1, y0) <= 1e-5 and rel_err(dx1, dx0) <= 1e-5
+    adapters = [k for k in g0 if "lora_" in k]
+    assert len(adapters) == 6 and sum("magnitude" in k for k in adapters) == 2
+    for k in adapters:
+        assert g1[k].dtype == g0[k].dtype and rel_err(g1[k], g0[k]) <= 1e-5, k
+    model.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_converted_dora_with_dropout_runs_ours():
+    """With dropout our masks differ from peft's: the converted layer draws its own (new ones each step), and in
+    eval mode (no dropout) equals peft again."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    from lowrank_kernels import peft as lk_peft
+    from tests.test_peft_convert import Tiny
+
+    model = peft.get_peft_model(Tiny().to(DEVICE), peft.LoraConfig(r=4, use_dora=True, lora_dropout=0.5,
+                                                                   target_modules=["up", "down"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    ours = copy.deepcopy(model)
+    assert lk_peft.convert(ours) == 2
+    x = torch.randn(6, 40, device=DEVICE)
+    a, b = ours(x), ours(x)
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
+    model.eval(), ours.eval()
+    assert rel_err(ours(x), model(x)) <= 1e-5

@@ -166,8 +166,8 @@ def test_disabled_adapters_fall_back_to_peft():
 
 
 def test_unsupported_layers_are_left_and_listed():
-    model = get_peft_model(Tiny(), LoraConfig(r=4, target_modules=["up", "down"], use_dora=True))
-    with pytest.warns(UserWarning, match=r"2 layer\(s\) unconverted(.|\n)*up: LoRA variant"):
+    model = get_peft_model(Tiny(), LoraConfig(r=4, target_modules=["up", "down"], lora_bias=True))
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) unconverted(.|\n)*up: lora_bias=True"):
         assert lk_peft.convert(model) == 0
     assert type(model.base_model.model.up).__name__ == "Linear"
 
