@@ -92,6 +92,21 @@ def test_fp32_adapters_and_activations(nf4, p):
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_bf16_activations_fp32_adapters(nf4, p):
+    """peft's usual dtypes: bf16 activations (and dense weight), fp32 adapters and magnitude; 1e-2 of the fp64 oracle
+    and each gradient in its parameter's dtype."""
+    x, weight, A, B, m, b = make(6, 72, 96, 16, torch.float32, nf4)
+    x = x.detach().to(torch.bfloat16)
+    weight = weight if nf4 else weight.to(torch.bfloat16)
+    y, grads = run(ours, x, weight, A, B, m, b, 2.0, p)
+    y_ref, grads_ref = run(oracle, x, weight, A, B, m, b, 2.0, p)
+    assert y.dtype == torch.bfloat16 and rel_err(y, y_ref) <= 1e-2
+    for g, g_ref, t in zip(grads, grads_ref, (x, A, B, m, b)):
+        assert g.dtype == t.dtype and rel_err(g, g_ref) <= 1e-2
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 def test_norm_without_forming_the_sum(nf4):
     _, weight, A, B, _, _ = make(3, 72, 96, 8, torch.float64, nf4)
     W = dense_oracle(weight)
