@@ -159,7 +159,7 @@ def test_inductor_default_trains_with_dropout():
                                                                                        params)[0])
 
 
-@pytest.mark.parametrize("kind", ["lora", "qlora"])
+@pytest.mark.parametrize("kind", ["lora", "qlora", "adalora"])
 def test_compile_with_activation_checkpointing(kind):
     """Compile + checkpointing + dropout: the recomputed forward draws the forward's seeds, so gradients equal
     eager's (with and without checkpointing). On CUDA, AOTAutograd gives each random operator of a checkpointed
