@@ -28,6 +28,7 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_kernels import dispatch, ops
 from lowrank_kernels.checks import check_finite
@@ -37,10 +38,36 @@ from lowrank_kernels.nf4 import NF4Weight
 __all__ = ["dora_linear", "dora_weight_norm"]
 
 
+# lora_A -> (key of the inputs, norm): the norm of the last call, reused while the weight, the adapters (their
+# version counters: an optimizer step bumps them) and the scaling are unchanged (decode steps, evaluation, the
+# recomputed forward of activation checkpointing); a training step changes the adapters, and recomputes.
+_NORMS = WeakIdKeyDictionary()
+
+
+def _norm_key(weight, lora_A, lora_B, scaling, backend):
+    def version(t):
+        return -1 if t.is_inference() else t._version
+
+    t = weight.packed if isinstance(weight, NF4Weight) else weight
+    return (id(weight), t.data_ptr(), version(t), t.dtype, lora_A.data_ptr(), version(lora_A), id(lora_B),
+            lora_B.data_ptr(), version(lora_B), float(scaling), backend)
+
+
 def dora_weight_norm(weight, lora_A, lora_B, scaling: float, backend=None) -> torch.Tensor:
     """``||W + scaling * lora_B @ lora_A||`` of each output row, fp32 ``[N]``, without forming that matrix, detached.
     ``weight``: dense ``[N, K]`` or ``NF4Weight`` (dequantized bit-exactly to fp32); ``lora_A [r, K]``,
-    ``lora_B [N, r]`` in any float dtype (used in fp32, or fp64 when they are fp64)."""
+    ``lora_B [N, r]`` in any float dtype (used in fp32, or fp64 when they are fp64). Reused from the previous call
+    on the same ``lora_A`` while nothing it depends on changed (not while ``torch.compile`` traces)."""
+    if torch.compiler.is_compiling() or lora_A.device.type == "meta":
+        return _weight_norm(weight, lora_A, lora_B, scaling, backend)
+    key = _norm_key(weight, lora_A, lora_B, scaling, backend)
+    cached = _NORMS.get(lora_A)
+    if cached is None or cached[0] != key:
+        cached = _NORMS[lora_A] = (key, _weight_norm(weight, lora_A, lora_B, scaling, backend))
+    return cached[1]
+
+
+def _weight_norm(weight, lora_A, lora_B, scaling, backend):
     with torch.no_grad():
         dtype = torch.float64 if torch.float64 in (lora_A.dtype, lora_B.dtype, getattr(weight, "dtype", None)) \
             else torch.float32

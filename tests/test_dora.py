@@ -115,6 +115,26 @@ def test_norm_without_forming_the_sum(nf4):
     assert not got.requires_grad and rel_err(got, expect) <= 1e-12
 
 
+def test_norm_is_reused_until_an_input_changes(monkeypatch):
+    """Decode and evaluation call a layer many times with the same parameters: the norm is computed once; an
+    optimizer-style in-place update of an adapter (or another scaling) recomputes it, with the new value."""
+    from lowrank_kernels import dora
+
+    _, weight, A, B, m, _ = make(3, 24, 40, 4, torch.float32, True)
+    calls = []
+    real = dora._weight_norm
+    monkeypatch.setattr(dora, "_weight_norm", lambda *a: calls.append(1) or real(*a))
+    first = dora_weight_norm(weight, A, B, 2.0)
+    assert dora_weight_norm(weight, A, B, 2.0) is first and len(calls) == 1
+    with torch.no_grad():
+        B.add_(0.5)
+    updated = dora_weight_norm(weight, A, B, 2.0)
+    assert len(calls) == 2 and not torch.equal(updated, first)
+    assert rel_err(updated, python_ref.dora_weight_norm(dense_oracle(weight), A.double(), B.double(), 2.0)) <= 1e-6
+    dora_weight_norm(weight, A, B, 3.0)
+    assert len(calls) == 3
+
+
 def test_zero_rows_are_finite_and_inert():
     """A zero row of W with B's row zero and m initialized from it (0): peft gives NaN there; ours gives the bias,
     no NaN anywhere, and no gradient for that row's magnitude."""
