@@ -265,3 +265,30 @@ def test_converted_dora_with_dropout_runs_ours():
     assert torch.isfinite(a).all() and not torch.equal(a, b)
     model.eval(), ours.eval()
     assert rel_err(ours(x), model(x)) <= 1e-5
+
+
+def test_converted_dora_merges_as_peft():
+    """peft's merge / unmerge / merge_and_unload on converted DoRA layers: the merged model computes what the
+    adapter model computed (peft's own merge; our forward steps aside while merged)."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    from lowrank_kernels import peft as lk_peft
+    from tests.test_peft_convert import Tiny
+
+    model = peft.get_peft_model(Tiny().to(DEVICE), peft.LoraConfig(r=4, use_dora=True, target_modules=["up", "down"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    ours = copy.deepcopy(model)
+    assert lk_peft.convert(ours) == 2
+    x = torch.randn(5, 40, device=DEVICE)
+    with torch.no_grad():
+        before = ours(x)
+        ours.merge_adapter()
+        assert rel_err(ours(x), before) <= 1e-5
+        ours.unmerge_adapter()
+        assert rel_err(ours(x), before) <= 1e-5
+        merged = copy.deepcopy(ours).merge_and_unload()
+        assert rel_err(merged(x), before) <= 1e-5 and rel_err(merged(x), model.merge_and_unload()(x)) <= 1e-6
