@@ -15,6 +15,7 @@ from python_ref.nf4 import (
 from python_ref.lora import lora_backward, lora_forward
 from python_ref.adalora import adalora_forward
 from python_ref.dora import dora_forward, dora_weight_norm
+from python_ref.mixed import mixed_lora_forward, mixed_lora_forward_segments, rows_of, segments_of
 
 __all__ = [
     "NF4_CODE",
@@ -30,4 +31,8 @@ __all__ = [
     "adalora_forward",
     "dora_forward",
     "dora_weight_norm",
+    "mixed_lora_forward",
+    "mixed_lora_forward_segments",
+    "rows_of",
+    "segments_of",
 ]
