@@ -1,0 +1,106 @@
+"""Triton kernels: the LoRA terms of a mixed-adapter batch, each row through its own adapter (gather form, for
+decode-sized batches; ``python_ref/mixed.py`` is the oracle):
+
+    S[m]  = round(x[m] @ round(A_a).T)                     [R]   a = index[m]   (shrink: lora_gather_shrink_kernel)
+    y[m] += s_a * S[m] @ round(B_a).T                      [N]   no term where a = -1 (expand: ..._expand_kernel)
+
+The adapters are stacked and zero-padded to the largest rank ``R`` (:func:`stack_adapters`): ``A_all [n, R, K]``,
+``B_all [n, N, R]``, ``scalings [n]`` fp32, so a row of rank ``r_a < R`` adds exact zeros. Adapters may be fp32 (as
+peft keeps them) and are rounded to x's dtype as they are read; sums accumulate in fp32; ``S`` is rounded to x's
+dtype as the single-adapter path rounds it, and ``y[m] + s_a * (S @ B.T)`` once more at the end.
+
+Tiling: the shrink runs one program per row (``BLOCK_R >= R`` ranks at once, K in ``BLOCK_K`` steps); the expand one
+program per (row, ``BLOCK_N`` output columns) reading the row's ``S`` and a ``[BLOCK_N, BLOCK_R]`` tile of its
+``B``. Rows of one adapter read the same ``A`` / ``B`` tiles, which stay in L2 across the batch. Products are
+multiply-and-sum (no ``tl.dot``): a decode row is one vector, and the interpreter computes these in every dtype.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from lowrank_kernels.kernels.launch import cdiv, launch, next_pow2
+
+BLOCK_K = 128
+BLOCK_N = 64
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def lora_gather_shrink_kernel(x_ptr, idx_ptr, a_ptr, s_ptr, K, R, stride_xm, stride_an, stride_ar,
+                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    m = tl.program_id(0)
+    a = tl.load(idx_ptr + m).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if a >= 0:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0)
+            ak = tl.load(a_ptr + a * stride_an + offs_r[:, None] * stride_ar + offs_k[None, :],
+                         mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+            acc += tl.sum(ak.to(xk.dtype).to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
+    tl.store(s_ptr + m * R + offs_r, acc.to(s_ptr.dtype.element_ty), mask=offs_r < R)
+
+
+@triton.jit
+def lora_gather_expand_kernel(s_ptr, idx_ptr, b_ptr, scal_ptr, y_ptr, N, R, stride_ym, stride_bn, stride_bo,
+                              BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    m = tl.program_id(0)
+    a = tl.load(idx_ptr + m).to(tl.int64)
+    if a >= 0:
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_R)
+        s = tl.load(s_ptr + m * R + offs_r, mask=offs_r < R, other=0.0)
+        b = tl.load(b_ptr + a * stride_bn + offs_n[:, None] * stride_bo + offs_r[None, :],
+                    mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
+        term = tl.sum(b.to(s.dtype).to(tl.float32) * s.to(tl.float32)[None, :], axis=1) * tl.load(scal_ptr + a)
+        y_ptrs = y_ptr + m * stride_ym + offs_n
+        y = tl.load(y_ptrs, mask=offs_n < N, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + term).to(y.dtype), mask=offs_n < N)
+
+
+def stack_adapters(adapters, dtype=None):
+    """``(A_all [n, R, K], B_all [n, N, R], scalings [n] fp32)`` of ``adapters`` (a list of ``(A_i [r_i, K],
+    B_i [N, r_i], s_i)``), zero-padded to ``R = max r_i``, in ``dtype`` (default the first A's)."""
+    if not adapters:
+        raise ValueError("adapters: expected at least one (lora_A, lora_B, scaling)")
+    A0, B0, _ = adapters[0]
+    K, N = A0.shape[1], B0.shape[0]
+    R = max(A.shape[0] for A, _, _ in adapters)
+    dtype = dtype or A0.dtype
+    A_all = A0.new_zeros((len(adapters), R, K), dtype=dtype)
+    B_all = A0.new_zeros((len(adapters), N, R), dtype=dtype)
+    for i, (A, B, _) in enumerate(adapters):
+        if A.shape[1] != K or B.shape != (N, A.shape[0]):
+            raise ValueError(f"adapters[{i}]: expected lora_A [r, {K}] and lora_B [{N}, r], got {tuple(A.shape)} and "
+                             f"{tuple(B.shape)}")
+        A_all[i, : A.shape[0]] = A
+        B_all[i, :, : A.shape[0]] = B
+    scalings = torch.tensor([float(s) for _, _, s in adapters], dtype=torch.float32, device=A0.device)
+    return A_all, B_all, scalings
+
+
+def lora_gather(x, y, adapter_index, A_all, B_all, scalings):
+    """``y`` plus each row's LoRA term (a new tensor; ``y`` unchanged): ``x [M, K]`` (bf16 / fp16 / fp32, unit
+    stride along K), ``y [M, N]`` in x's dtype (e.g. the base product), ``adapter_index [M]`` int32 / int64 in
+    ``[-1, n)`` (-1: no adapter; not checked here: the caller validates), ``A_all``, ``B_all``, ``scalings`` from
+    :func:`stack_adapters`."""
+    M, K = x.shape
+    n, R, _ = A_all.shape
+    N = B_all.shape[1]
+    if x.dtype not in _DTYPES or y.dtype != x.dtype or tuple(y.shape) != (M, N):
+        raise ValueError(f"lora_gather: x (bf16 / fp16 / fp32) and y [M, N] in its dtype, got x {x.dtype} and y "
+                         f"{y.dtype} {tuple(y.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    A_all, B_all = A_all.contiguous(), B_all.contiguous()
+    out = y.contiguous().clone()
+    if M == 0 or N == 0:
+        return out
+    S = x.new_empty((M, R))
+    block_r = max(2, next_pow2(R))
+    launch(lora_gather_shrink_kernel, (M,), (x, adapter_index, A_all, S, K, R, x.stride(0), A_all.stride(0),
+                                             A_all.stride(1), block_r, BLOCK_K), num_warps=4)
+    launch(lora_gather_expand_kernel, (M, cdiv(N, BLOCK_N)),
+           (S, adapter_index, B_all, scalings, out, N, R, out.stride(0), B_all.stride(0), B_all.stride(1), block_r,
+            BLOCK_N), num_warps=4)
+    return out

@@ -1,0 +1,66 @@
+"""The mixed-adapter LoRA kernels (``kernels/lora_gather.py``) against the oracle ``python_ref.mixed_lora_forward``
+(itself checked against peft's ``adapter_names`` batches): >= 4 adapters of different ranks, rows without adapter,
+unused adapters, ragged M / N / K, fp32 adapters on 16-bit activations. CPU: the interpreter (fp32 and fp16)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import python_ref
+from lowrank_kernels.kernels.lora_gather import lora_gather, stack_adapters
+from tests.conftest import DEVICE
+from tests.test_lora_forward import rel_err
+
+RANKS = [1, 4, 8, 16, 3]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def make(M, N, K, dtype, ranks=RANKS):
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    W = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    bias = torch.randn(N, device=DEVICE).to(dtype)
+    adapters = [(torch.randn(r, K, device=DEVICE) / K**0.5, torch.randn(N, r, device=DEVICE), 0.5 + i)
+                for i, r in enumerate(ranks)]
+    index = torch.randint(-1, len(ranks) - 1, (M,), device=DEVICE)  # the last adapter unused
+    index[0] = -1
+    return x, W, bias, adapters, index
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 24, 40), (7, 72, 96), (16, 130, 200), (33, 24, 300)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_matches_oracle(M, N, K, dtype, index_dtype):
+    x, W, bias, adapters, index = make(M, N, K, dtype)
+    base = F.linear(x, W, bias)
+    y = lora_gather(x, base, index.to(index_dtype), *stack_adapters(adapters))
+    ref = python_ref.mixed_lora_forward(x.double(), W.double(), [(A.double(), B.double(), s) for A, B, s in adapters],
+                                        index, bias.double())
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert rel_err(y, ref) <= TOL[dtype]
+    rows = index < 0
+    assert torch.equal(y[rows], base[rows])  # no adapter: the base product, untouched
+
+
+def test_every_row_its_own_adapter():
+    """Each row equals the single-adapter LoRA of its adapter (fp32, python_ref.lora_forward)."""
+    x, W, bias, adapters, index = make(9, 24, 40, torch.float32)
+    y = lora_gather(x, F.linear(x, W, bias), index, *stack_adapters(adapters))
+    for m in range(9):
+        a = int(index[m])
+        if a < 0:
+            continue
+        A, B, s = adapters[a]
+        ref, _ = python_ref.lora_forward(x[m:m + 1].double(), W.double(), A.double(), B.double(), s, bias.double())
+        assert rel_err(y[m:m + 1], ref) <= 1e-5
+
+
+def test_stack_adapters_pads_with_zeros_and_checks_shapes():
+    _, _, _, adapters, _ = make(2, 24, 40, torch.float32, ranks=[2, 5])
+    A_all, B_all, scal = stack_adapters(adapters)
+    assert A_all.shape == (2, 5, 40) and B_all.shape == (2, 24, 5) and scal.tolist() == [0.5, 1.5]
+    assert torch.equal(A_all[0, 2:], torch.zeros(3, 40, device=DEVICE)) and torch.equal(A_all[0, :2], adapters[0][0])
+    assert torch.equal(B_all[0, :, 2:], torch.zeros(24, 3, device=DEVICE))
+    with pytest.raises(ValueError, match=r"adapters\[1\]"):
+        stack_adapters([adapters[0], (adapters[1][0], adapters[1][1][:, :3], 1.0)])
+    with pytest.raises(ValueError, match="adapters"):
+        stack_adapters([])
