@@ -1,0 +1,86 @@
+"""Mixed-adapter batches: one base weight, several LoRA adapters (different ranks allowed), each row of the batch
+through its own adapter or none, as peft computes a model called with ``adapter_names=[...]``
+(``python_ref/mixed.py`` states peft's semantics and is the oracle):
+
+    y[m] = x[m] @ W.T + bias + s_a * (x[m] @ A_a.T) @ B_a.T      a = adapter_index[m]   (-1: no adapter)
+
+The base product runs once for the whole batch; the LoRA terms in one shrink and one expand launch for all rows
+(``kernels/lora_gather.py``: each row gathers its adapter's tiles), where peft loops over the adapters, gathering
+and scattering each one's rows. With a gradient to compute (peft's mixed path is differentiable in eval mode), or
+on the torch backend, the terms are torch products per adapter, as in the oracle.
+"""
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from lowrank_kernels import dispatch, policy
+from lowrank_kernels.nf4 import NF4Weight
+
+__all__ = ["mixed_lora_linear"]
+_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _check(x, weight, adapters, adapter_index, bias):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.dtype not in _X_DTYPES:
+        raise TypeError(f"x: expected a bf16 / fp16 / fp32 / fp64 tensor [..., K], got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(weight, (torch.Tensor, NF4Weight)) or len(weight.shape) != 2:
+        raise TypeError(f"weight: expected a dense [N, K] tensor or an NF4Weight, got {type(weight).__name__}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x: last dimension must be in_features={K}, got shape {tuple(x.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,)):
+        raise ValueError(f"bias: expected shape [{N}], got {tuple(getattr(bias, 'shape', ()))}")
+    if isinstance(adapters, (torch.Tensor, str)) or not isinstance(adapters, (list, tuple)) or not adapters:
+        raise TypeError("adapters: expected a non-empty list of (lora_A [r, K], lora_B [N, r], scaling)")
+    for i, ad in enumerate(adapters):
+        if not isinstance(ad, (tuple, list)) or len(ad) != 3:
+            raise TypeError(f"adapters[{i}]: expected a tuple (lora_A, lora_B, scaling), got {type(ad).__name__}")
+        A, B, s = ad
+        if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor) and A.is_floating_point()
+                and B.is_floating_point()) or A.dim() != 2 or A.shape[0] < 1 or A.shape[1] != K \
+                or tuple(B.shape) != (N, A.shape[0]):
+            raise ValueError(f"adapters[{i}]: expected float lora_A [r, {K}] and lora_B [{N}, r], got "
+                             f"{tuple(getattr(A, 'shape', ()))} and {tuple(getattr(B, 'shape', ()))}")
+        if A.device != x.device or B.device != x.device:
+            raise ValueError(f"adapters[{i}]: on {A.device} / {B.device}, but x is on {x.device}")
+        if isinstance(s, bool) or not isinstance(s, numbers.Real):
+            raise TypeError(f"adapters[{i}]: scaling must be a real number, got {type(s).__name__}")
+    M = x.numel() // K if K else 0
+    if not isinstance(adapter_index, torch.Tensor) or adapter_index.dtype not in (torch.int64, torch.int32) \
+            or tuple(adapter_index.shape) != (M,):
+        raise TypeError(f"adapter_index: expected an int64 / int32 tensor [{M}] (one entry per row of x), got "
+                        f"{getattr(adapter_index, 'dtype', type(adapter_index).__name__)} "
+                        f"{tuple(getattr(adapter_index, 'shape', ()))}")
+    if M:
+        lo, hi = int(adapter_index.min()), int(adapter_index.max())  # a host read: validate before indexing
+        if lo < -1 or hi >= len(adapters):
+            raise ValueError(f"adapter_index: values must lie in [-1, {len(adapters)}) (-1 = no adapter), got "
+                             f"[{lo}, {hi}]")
+
+
+def mixed_lora_linear(x, weight, adapters, adapter_index, bias=None, *, backend=None):
+    """``x [..., K]``, ``weight`` dense ``[N, K]`` or ``NF4Weight``, ``adapters`` a list of ``(lora_A [r_i, K],
+    lora_B [N, r_i], scaling_i)``, ``adapter_index [M]`` (rows of x flattened; -1 = no adapter; peft's per-sample
+    names give it through ``python_ref.rows_of``), ``bias [N]`` -> ``[..., N]`` in x's dtype. ``backend``: as in
+    :func:`~lowrank_kernels.functional.lora_linear`."""
+    _check(x, weight, adapters, adapter_index, bias)
+    N, K = weight.shape
+    x2 = x.reshape(-1, K)
+    index = adapter_index.to(x.device, non_blocking=True)
+    W = dispatch.dense_weight(weight, x.dtype, backend)
+    y = F.linear(x2, W, None if bias is None else bias.to(x.dtype))
+    tracked = [x2] + [t for A, B, _ in adapters for t in (A, B)]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+    if grad or x.dtype == torch.float64 or policy.choose_backend(x.device, backend) == "torch":
+        for i, (A, B, s) in enumerate(adapters):  # torch products per adapter (differentiable)
+            rows = torch.nonzero(index == i).squeeze(1)
+            if rows.numel():
+                term = F.linear(F.linear(x2[rows], A.to(x.dtype)), B.to(x.dtype)) * float(s)
+                y = y.index_put((rows,), y[rows] + term.to(x.dtype))
+    else:
+        from lowrank_kernels.kernels.lora_gather import lora_gather, stack_adapters
+
+        y = lora_gather(x2, y, index, *stack_adapters([(A, B, float(s)) for A, B, s in adapters]))
+    return y.reshape(*x.shape[:-1], N)
