@@ -46,6 +46,7 @@ from torch.nn.modules import module as _torch_module
 from lowrank_kernels.adalora import active_indices, adalora_linear, check_mask
 from lowrank_kernels.dora import dora_linear
 from lowrank_kernels.functional import lora_linear, qlora_linear
+from lowrank_kernels.mixed import mixed_lora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
 try:
@@ -159,7 +160,38 @@ class _FusedForward:
         """Whether the base weight is in a form our kernels read (a 4-bit one may not be: see the subclass)."""
         return True
 
+    def _lowrank_mixed(self, x, adapter_names):
+        """peft's mixed batch (``adapter_names``: one adapter name per sample, ``"__base__"`` for none) through
+        ``mixed_lora_linear``, or ``None`` where peft's forward must run: adapters disabled or merged, a used adapter
+        that is not a plain LoRA adapter or whose dropout is active, hooks."""
+        if self.disable_adapters or self.merged or not self._lowrank_base_ok():
+            return None
+        self._check_forward_args(x, adapter_names=adapter_names)  # peft's own errors (lengths, merged, DoRA)
+        used = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and n in self.lora_A]
+        if not used:
+            return None
+        modules = []
+        for n in used:
+            dropout = self.lora_dropout[n]
+            if n in self.lora_variant or self.lora_bias.get(n, False) or (
+                    isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0) or \
+                    type(dropout) not in (nn.Dropout, nn.Identity):
+                return None
+            modules += [self.lora_A[n], self.lora_B[n], dropout]
+        if _runtime_hooks(self, tuple(modules)):
+            return None
+        position = {n: i for i, n in enumerate(used)}
+        per_sample = torch.tensor([position.get(n, -1) for n in adapter_names], dtype=torch.int64)
+        index = per_sample.repeat_interleave(x[0].numel() // x.shape[-1] if x.dim() > 1 else 1)
+        base = self.get_base_layer()
+        adapters = [(self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in used]
+        return mixed_lora_linear(x, self._lowrank_weight(base), adapters, index, base.bias)
+
     def forward(self, x, *args, **kwargs):
+        if not args and kwargs.keys() == {"adapter_names"} and kwargs["adapter_names"] is not None:
+            y = self._lowrank_mixed(x, kwargs["adapter_names"])
+            if y is not None:
+                return y
         name = None if (args or kwargs) else self._lowrank_adapter()
         if name is None or not self._lowrank_base_ok():
             return super().forward(x, *args, **kwargs)

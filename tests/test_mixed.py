@@ -118,3 +118,53 @@ def test_bad_input(change, exc, match):
         kw["adapters"] = [(A.to(DEVICE), B.to(DEVICE), s) for A, B, s in change["adapters"]]
     with pytest.raises(exc, match=match):
         mixed_lora_linear(**kw)
+
+
+# ------------------------------------------------------------------------------------------------ peft convert
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "bnb-nf4"])
+def test_converted_layers_run_adapter_names_batches(quantized, monkeypatch):
+    """A converted peft model with 4 adapters (ranks 1-16; one of them on ``up`` only) called with
+    ``adapter_names``: equal to peft's per-adapter loop, without running it."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    from lowrank_kernels import peft as lk_peft
+    from tests.test_peft_convert import Tiny, quantized_tiny
+
+    if quantized:
+        if DEVICE == "cpu":
+            pytest.skip("bitsandbytes repacks 4-bit weights for its CPU kernel in eval mode (peft's forward runs "
+                        "then, and its kernel refuses these shapes): the 4-bit case runs on CUDA")
+        pytest.importorskip("bitsandbytes")
+        base = quantized_tiny()
+    else:
+        base = Tiny().to(DEVICE)
+    names, ranks = ["a", "b", "c", "d"], [1, 4, 8, 16]
+    model = None
+    for name, r in zip(names, ranks):
+        config = peft.LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=["up"] if name == "d" else ["up", "down"])
+        if model is None:
+            model = peft.get_peft_model(base, config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.normal_(std=0.1)
+    model.eval()
+    ours = copy.deepcopy(model)
+    assert lk_peft.convert(ours) == 2
+    per_sample = ["c", "__base__", "a", "d", "c", "b", "c"]
+    x = torch.randn(len(per_sample), 3, 40, device=DEVICE)
+    with torch.no_grad():
+        y_peft = model(x, adapter_names=per_sample)
+        from peft.tuners.lora.layer import LoraLayer
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("peft's mixed-batch loop ran in a converted layer")
+
+        monkeypatch.setattr(LoraLayer, "_mixed_batch_forward", refuse)
+        y = ours(x, adapter_names=per_sample)
+    assert rel_err(y, y_peft) <= 1e-5
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        ours(x, adapter_names=per_sample[:-1])
