@@ -13,12 +13,31 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_kernels import dispatch, policy
 from lowrank_kernels.nf4 import NF4Weight
 
 __all__ = ["mixed_lora_linear"]
+# adapter_index tensors whose values were checked: tensor -> (its version, number of adapters)
+_CHECKED = WeakIdKeyDictionary()
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+# the first adapter's lora_A -> (key of all adapters, their stacked form): serving calls a layer with the same
+# adapters every step; stacking copies them (and a CUDA graph cannot capture the host-to-device copy of the scalings)
+_STACKS = WeakIdKeyDictionary()
+
+
+def _stacked(adapters, stack_adapters):
+    def version(t):
+        return -1 if t.is_inference() else t._version
+
+    key = tuple((id(A), A.data_ptr(), version(A), id(B), B.data_ptr(), version(B), float(s)) for A, B, s in adapters)
+    cached = _STACKS.get(adapters[0][0])
+    if cached is None or cached[0] != key:
+        cached = _STACKS[adapters[0][0]] = (key, stack_adapters([(A, B, float(s)) for A, B, s in adapters]))
+    return cached[1]
 
 
 def _check(x, weight, adapters, adapter_index, bias):
@@ -53,11 +72,16 @@ def _check(x, weight, adapters, adapter_index, bias):
         raise TypeError(f"adapter_index: expected an int64 / int32 tensor [{M}] (one entry per row of x), got "
                         f"{getattr(adapter_index, 'dtype', type(adapter_index).__name__)} "
                         f"{tuple(getattr(adapter_index, 'shape', ()))}")
-    if M:
-        lo, hi = int(adapter_index.min()), int(adapter_index.max())  # a host read: validate before indexing
-        if lo < -1 or hi >= len(adapters):
-            raise ValueError(f"adapter_index: values must lie in [-1, {len(adapters)}) (-1 = no adapter), got "
-                             f"[{lo}, {hi}]")
+    if not M or adapter_index.is_meta:
+        return
+    n = len(adapters)
+    key = (-1 if adapter_index.is_inference() else adapter_index._version, n)
+    if _CHECKED.get(adapter_index) == key:  # a device tensor is read once per version: a CUDA graph replays it
+        return
+    lo, hi = int(adapter_index.min()), int(adapter_index.max())  # a host read (a sync on CUDA)
+    if lo < -1 or hi >= n:
+        raise ValueError(f"adapter_index: values must lie in [-1, {n}) (-1 = no adapter), got [{lo}, {hi}]")
+    _CHECKED[adapter_index] = key
 
 
 def mixed_lora_linear(x, weight, adapters, adapter_index, bias=None, *, backend=None):
@@ -82,5 +106,5 @@ def mixed_lora_linear(x, weight, adapters, adapter_index, bias=None, *, backend=
     else:
         from lowrank_kernels.kernels.lora_gather import lora_gather, stack_adapters
 
-        y = lora_gather(x2, y, index, *stack_adapters([(A, B, float(s)) for A, B, s in adapters]))
+        y = lora_gather(x2, y, index, *_stacked(adapters, stack_adapters))
     return y.reshape(*x.shape[:-1], N)

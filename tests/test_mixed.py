@@ -168,3 +168,26 @@ def test_converted_layers_run_adapter_names_batches(quantized, monkeypatch):
     assert rel_err(y, y_peft) <= 1e-5
     with pytest.raises(ValueError, match="Length of `adapter_names`"):
         ours(x, adapter_names=per_sample[:-1])
+
+
+def test_index_values_read_once_per_version():
+    """A device index is read (a sync) once per version, so a CUDA graph can replay a call on the same tensor; an
+    in-place change to a bad value is caught at the next call."""
+    x, weight, bias, adapters, index = make(4, 24, 64, torch.float32, False)
+    mixed_lora_linear(x, weight, adapters, index, bias)
+    with torch.no_grad():
+        index[1] = len(adapters)
+    with pytest.raises(ValueError, match="adapter_index"):
+        mixed_lora_linear(x, weight, adapters, index, bias)
+
+
+def test_stacked_adapters_follow_in_place_updates():
+    """The stacked adapters are reused across calls and rebuilt when an adapter changes in place."""
+    x, weight, bias, adapters, index = make(5, 24, 64, torch.float32, False)
+    index[1:] = 0
+    first = mixed_lora_linear(x, weight, adapters, index, bias, backend="triton")
+    with torch.no_grad():
+        adapters[0][1].mul_(2.0)
+    second = mixed_lora_linear(x, weight, adapters, index, bias, backend="triton")
+    assert not torch.allclose(first[1:], second[1:])
+    assert rel_err(second, oracle(x, weight, bias, adapters, index)) <= 1e-5
