@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lowrank_kernels import dispatch, policy
+from lowrank_kernels import policy
+from lowrank_kernels.functional import lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
 __all__ = ["mixed_lora_linear"]
@@ -27,6 +28,17 @@ _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # the first adapter's lora_A -> (key of all adapters, their stacked form): serving calls a layer with the same
 # adapters every step; stacking copies them (and a CUDA graph cannot capture the host-to-device copy of the scalings)
 _STACKS = WeakIdKeyDictionary()
+
+
+_ZEROS = {}
+
+
+def _zero_adapter(device, dtype, N, K):
+    key = (device, dtype, N, K)
+    if key not in _ZEROS:
+        with torch.inference_mode(False):
+            _ZEROS[key] = (torch.zeros(1, K, device=device, dtype=dtype), torch.zeros(N, 1, device=device, dtype=dtype))
+    return _ZEROS[key]
 
 
 def _stacked(adapters, stack_adapters):
@@ -93,8 +105,11 @@ def mixed_lora_linear(x, weight, adapters, adapter_index, bias=None, *, backend=
     N, K = weight.shape
     x2 = x.reshape(-1, K)
     index = adapter_index.to(x.device, non_blocking=True)
-    W = dispatch.dense_weight(weight, x.dtype, backend)
-    y = F.linear(x2, W, None if bias is None else bias.to(x.dtype))
+    # the base product through the LoRA functional's paths (the decode kernels at small M), with an all-zero rank-1
+    # adapter: its term is exactly 0
+    zero_A, zero_B = _zero_adapter(x.device, x.dtype, N, K)
+    base = qlora_linear if isinstance(weight, NF4Weight) else lora_linear
+    y = base(x2, weight, zero_A, zero_B, 0.0, bias, backend=backend)
     tracked = [x2] + [t for A, B, _ in adapters for t in (A, B)]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
     if grad or x.dtype == torch.float64 or policy.choose_backend(x.device, backend) == "torch":
