@@ -7,7 +7,8 @@ through its own adapter or none, as peft computes a model called with ``adapter_
 The base product runs once for the whole batch; the LoRA terms in one shrink and one expand launch for all rows
 (``kernels/lora_gather.py``: each row gathers its adapter's tiles), where peft loops over the adapters, gathering
 and scattering each one's rows. With a gradient to compute (peft's mixed path is differentiable in eval mode), or
-on the torch backend, the terms are torch products per adapter, as in the oracle.
+on the torch backend, the terms are torch products per used adapter over all rows, kept where the row's adapter is
+that one (no data-dependent shapes).
 """
 import numbers
 
@@ -86,6 +87,10 @@ def _check(x, weight, adapters, adapter_index, bias):
                         f"{tuple(getattr(adapter_index, 'shape', ()))}")
     if not M or adapter_index.is_meta:
         return
+    if torch.compiler.is_compiling():  # traced: the same check as a device-side assert (no host read)
+        torch._assert_async((adapter_index.min() >= -1) & (adapter_index.max() < len(adapters)),
+                            f"adapter_index: values must lie in [-1, {len(adapters)}) (-1 = no adapter)")
+        return
     n = len(adapters)
     key = (-1 if adapter_index.is_inference() else adapter_index._version, n)
     if _CHECKED.get(adapter_index) == key:  # a device tensor is read once per version: a CUDA graph replays it
@@ -113,13 +118,20 @@ def mixed_lora_linear(x, weight, adapters, adapter_index, bias=None, *, backend=
     tracked = [x2] + [t for A, B, _ in adapters for t in (A, B)]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
     if grad or x.dtype == torch.float64 or policy.choose_backend(x.device, backend) == "torch":
-        for i, (A, B, s) in enumerate(adapters):  # torch products per adapter (differentiable)
-            rows = torch.nonzero(index == i).squeeze(1)
-            if rows.numel():
-                term = F.linear(F.linear(x2[rows], A.to(x.dtype)), B.to(x.dtype)) * float(s)
-                y = y.index_put((rows,), y[rows] + term.to(x.dtype))
+        # torch products per adapter over all rows, kept where the row is that adapter's (no data-dependent shapes);
+        # eagerly only for the adapters some row uses, so an unused one gets no gradient (as under peft), where a
+        # traced call gives it zeros
+        used = range(len(adapters)) if torch.compiler.is_compiling() else sorted(set(index.tolist()) - {-1})
+        for i in used:
+            A, B, s = adapters[i]
+            rows = (index == i).unsqueeze(1)
+            term = F.linear(F.linear(x2, A.to(x.dtype)), B.to(x.dtype)) * float(s)
+            y = torch.where(rows, y + term.to(x.dtype), y)
     else:
-        from lowrank_kernels.kernels.lora_gather import lora_gather, stack_adapters
+        from lowrank_kernels import ops
+        from lowrank_kernels.kernels.lora_gather import stack_adapters
 
-        y = lora_gather(x2, y, index, *_stacked(adapters, stack_adapters))
+        stack = stack_adapters([(A, B, float(s)) for A, B, s in adapters]) if torch.compiler.is_compiling() \
+            else _stacked(adapters, stack_adapters)
+        y = ops.lora_gather(x2, y, index, *stack)
     return y.reshape(*x.shape[:-1], N)

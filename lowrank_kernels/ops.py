@@ -9,6 +9,7 @@ autograd formula. ``torch.compile`` sees each call as one opaque node, so a comp
     lowrank_kernels::lora_linear(x, weight, ...)        (Y [M, N], S [M, r]), differentiable
     lowrank_kernels::lora_linear_backward(dY, ...)      the gradients asked for, in order
     lowrank_kernels::nf4_dequantize(nf4, meta, dtype)   the dequantized NF4 weight
+    lowrank_kernels::lora_gather(x, y, index, ...)      y plus each row's LoRA term of a mixed-adapter batch
 
 Weights travel as ``Tensor[] weight`` + ``int[] nf4_meta``: ``[W]`` and ``[]`` for a dense weight, else
 ``NF4Weight.op_args()``. ``config`` (tile overrides of the fused Triton GEMM) travels as JSON.
@@ -167,6 +168,22 @@ def lora_linear(x, weight, lora_A, lora_B, scaling: float, bias, dropout: float,
     y, _ = lora_linear_op(x, tensors, nf4_meta, lora_A, lora_B, bias, scaling, dropout, seed, need_S, backend,
                           None if config is None else json.dumps(config, sort_keys=True))
     return y
+
+
+# --------------------------------------------------------------------------------------------- mixed adapters
+@torch.library.custom_op(f"{NAMESPACE}::lora_gather", mutates_args=())
+def lora_gather(x: Tensor, y: Tensor, adapter_index: Tensor, A_all: Tensor, B_all: Tensor,
+                scalings: Tensor) -> Tensor:
+    """``kernels.lora_gather.lora_gather``: ``y`` plus each row's LoRA term of a mixed-adapter batch (no autograd:
+    serving; ``mixed_lora_linear`` takes torch products where a gradient is needed)."""
+    from lowrank_kernels.kernels.lora_gather import lora_gather as launch_gather
+
+    return launch_gather(x, y, adapter_index, A_all, B_all, scalings)
+
+
+@lora_gather.register_fake
+def _(x, y, adapter_index, A_all, B_all, scalings):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------------------------- NF4 dequantize

@@ -191,3 +191,21 @@ def test_stacked_adapters_follow_in_place_updates():
     second = mixed_lora_linear(x, weight, adapters, index, bias, backend="triton")
     assert not torch.allclose(first[1:], second[1:])
     assert rel_err(second, oracle(x, weight, bias, adapters, index)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiles_fullgraph(backend):
+    """Serving under torch.compile: the gather kernels are the ``lowrank_kernels::lora_gather`` operator."""
+    x, weight, bias, adapters, index = make(6, 24, 64, torch.float32, True)
+    fn = torch.compile(lambda x: mixed_lora_linear(x, weight, adapters, index, bias, backend=backend), fullgraph=True,
+                       backend="aot_eager")
+    with torch.no_grad():
+        assert rel_err(fn(x), mixed_lora_linear(x, weight, adapters, index, bias, backend=backend)) <= 1e-6
+
+
+def test_opcheck_lora_gather():
+    from lowrank_kernels.kernels.lora_gather import stack_adapters
+
+    x, weight, bias, adapters, index = make(5, 24, 64, torch.float32, False)
+    y = torch.randn(5, 24, device=DEVICE)
+    torch.library.opcheck(torch.ops.lowrank_kernels.lora_gather.default, (x, y, index, *stack_adapters(adapters)))
