@@ -17,7 +17,7 @@ from bench.layer import DEVICE, DTYPE, layers
 from lowrank_kernels import qlora_linear
 from lowrank_kernels.mixed import mixed_lora_linear
 
-TOKENS = [16, 64] if HAS_CUDA else [8]  # M; --bench-m overrides
+TOKENS = [16, 64, 2048] if HAS_CUDA else [8, 80]  # M (decode: gather kernels; 2048: segments); --bench-m overrides
 RANKS = [8, 16, 24, 32, 40, 48, 56, 64]
 
 

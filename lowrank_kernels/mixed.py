@@ -5,8 +5,9 @@ through its own adapter or none, as peft computes a model called with ``adapter_
     y[m] = x[m] @ W.T + bias + s_a * (x[m] @ A_a.T) @ B_a.T      a = adapter_index[m]   (-1: no adapter)
 
 The base product runs once for the whole batch; the LoRA terms in one shrink and one expand launch for all rows
-(``kernels/lora_gather.py``: each row gathers its adapter's tiles), where peft loops over the adapters, gathering
-and scattering each one's rows. With a gradient to compute (peft's mixed path is differentiable in eval mode), or
+(``kernels/lora_gather.py``: each row gathers its adapter's tiles at decode sizes, rows sorted by adapter into
+tensor-core tiles above; ``policy.mixed_path`` decides), where peft loops over the adapters, gathering and
+scattering each one's rows. With a gradient to compute (peft's mixed path is differentiable in eval mode), or
 on the torch backend, the terms are torch products per used adapter over all rows, kept where the row's adapter is
 that one (no data-dependent shapes).
 """
@@ -116,8 +117,8 @@ def mixed_lora_linear(x, weight, adapters, adapter_index, bias=None, *, backend=
     base = qlora_linear if isinstance(weight, NF4Weight) else lora_linear
     y = base(x2, weight, zero_A, zero_B, 0.0, bias, backend=backend)
     tracked = [x2] + [t for A, B, _ in adapters for t in (A, B)]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
-    if grad or x.dtype == torch.float64 or policy.choose_backend(x.device, backend) == "torch":
+    path = policy.mixed_path(x2, backend, torch.is_grad_enabled() and any(t.requires_grad for t in tracked))
+    if path == "torch":
         # torch products per adapter over all rows, kept where the row is that adapter's (no data-dependent shapes);
         # eagerly only for the adapters some row uses, so an unused one gets no gradient (as under peft), where a
         # traced call gives it zeros
@@ -133,5 +134,5 @@ def mixed_lora_linear(x, weight, adapters, adapter_index, bias=None, *, backend=
 
         stack = stack_adapters([(A, B, float(s)) for A, B, s in adapters]) if torch.compiler.is_compiling() \
             else _stacked(adapters, stack_adapters)
-        y = ops.lora_gather(x2, y, index, *stack)
+        y = (ops.lora_gather if path == "gather" else ops.lora_segments)(x2, y, index, *stack)
     return y.reshape(*x.shape[:-1], N)

@@ -10,6 +10,7 @@ autograd formula. ``torch.compile`` sees each call as one opaque node, so a comp
     lowrank_kernels::lora_linear_backward(dY, ...)      the gradients asked for, in order
     lowrank_kernels::nf4_dequantize(nf4, meta, dtype)   the dequantized NF4 weight
     lowrank_kernels::lora_gather(x, y, index, ...)      y plus each row's LoRA term of a mixed-adapter batch
+    lowrank_kernels::lora_segments(x, y, index, ...)    the same, rows grouped by adapter (prefill)
 
 Weights travel as ``Tensor[] weight`` + ``int[] nf4_meta``: ``[W]`` and ``[]`` for a dense weight, else
 ``NF4Weight.op_args()``. ``config`` (tile overrides of the fused Triton GEMM) travels as JSON.
@@ -182,6 +183,20 @@ def lora_gather(x: Tensor, y: Tensor, adapter_index: Tensor, A_all: Tensor, B_al
 
 
 @lora_gather.register_fake
+def _(x, y, adapter_index, A_all, B_all, scalings):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::lora_segments", mutates_args=())
+def lora_segments(x: Tensor, y: Tensor, adapter_index: Tensor, A_all: Tensor, B_all: Tensor,
+                  scalings: Tensor) -> Tensor:
+    """``kernels.lora_gather.lora_segments``: as ``lora_gather``, rows grouped by adapter (the prefill form)."""
+    from lowrank_kernels.kernels.lora_gather import lora_segments as launch_segments
+
+    return launch_segments(x, y, adapter_index, A_all, B_all, scalings)
+
+
+@lora_segments.register_fake
 def _(x, y, adapter_index, A_all, B_all, scalings):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 

@@ -292,6 +292,20 @@ def _gemv_config(M, N, K, dtype, sms, tma) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- merge
+# Mixed-adapter batches (lowrank_kernels.mixed): the per-row gather kernels up to this many rows, the sorted
+# segment kernels (tensor cores) above; a first guess, not yet measured on a GPU.
+MIXED_GATHER_MAX_M = 64
+
+
+def mixed_path(x: torch.Tensor, backend=None, grad: bool = False) -> str:
+    """How a mixed-adapter batch computes its LoRA terms for ``x [M, K]``: ``"torch"`` (torch products per adapter:
+    with a gradient to compute, fp64, or on the torch backend), ``"gather"`` (one row per program,
+    ``M <= MIXED_GATHER_MAX_M``) or ``"segment"`` (rows sorted by adapter, tiles on tensor cores)."""
+    if grad or x.dtype == torch.float64 or choose_backend(x.device, backend) == "torch":
+        return "torch"
+    return "gather" if x.shape[0] <= MIXED_GATHER_MAX_M else "segment"
+
+
 def merge_on_cuda_kernel(nf4, r: int, dtype: torch.dtype, cuda=None) -> bool:
     """Whether ``kernels.nf4_merge`` runs the CUDA C++ kernel (``kernels.nf4_merge_mma``): by default wherever it
     supports the call; ``cuda=False`` forces Triton, ``cuda=True`` raises where it cannot run."""

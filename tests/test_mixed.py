@@ -37,7 +37,7 @@ def oracle(x, weight, bias, adapters, index):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-@pytest.mark.parametrize("M,N,K", [(1, 24, 64), (9, 72, 128), (3, 40, 192)])
+@pytest.mark.parametrize("M,N,K", [(1, 24, 64), (9, 72, 128), (3, 40, 192), (40, 24, 64)])  # 2 x 40 rows: segments
 def test_matches_oracle(backend, nf4, dtype, tol, M, N, K):
     if backend == "triton" and DEVICE == "cpu" and dtype == torch.float16 and nf4:
         pytest.skip("interpreter: the fp16 NF4 case is covered on fp32 and on the GPU (keeps CI short)")
@@ -203,9 +203,10 @@ def test_compiles_fullgraph(backend):
         assert rel_err(fn(x), mixed_lora_linear(x, weight, adapters, index, bias, backend=backend)) <= 1e-6
 
 
-def test_opcheck_lora_gather():
+@pytest.mark.parametrize("op", ["lora_gather", "lora_segments"])
+def test_opcheck_mixed_operators(op):
     from lowrank_kernels.kernels.lora_gather import stack_adapters
 
     x, weight, bias, adapters, index = make(5, 24, 64, torch.float32, False)
     y = torch.randn(5, 24, device=DEVICE)
-    torch.library.opcheck(torch.ops.lowrank_kernels.lora_gather.default, (x, y, index, *stack_adapters(adapters)))
+    torch.library.opcheck(getattr(torch.ops.lowrank_kernels, op).default, (x, y, index, *stack_adapters(adapters)))

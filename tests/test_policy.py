@@ -176,3 +176,13 @@ def test_backend_choice():
     assert policy.choose_backend(torch.device("meta"), "torch") == "torch"
     with pytest.raises(ValueError, match="backend: expected one of"):
         policy.choose_backend(torch.device("cpu"), "cuda")
+
+
+def test_mixed_path():
+    x = torch.empty(8, 16)
+    assert policy.mixed_path(x, "torch") == "torch"
+    assert policy.mixed_path(x.double(), "triton") == "torch"
+    assert policy.mixed_path(x, "triton", grad=True) == "torch"
+    if policy.interpreting():
+        assert policy.mixed_path(x, "triton") == "gather"
+        assert policy.mixed_path(torch.empty(policy.MIXED_GATHER_MAX_M + 1, 16), "triton") == "segment"

@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.kernels.launch import cdiv, launch, next_pow2
+from lowrank_kernels.kernels.dot import dot
+from lowrank_kernels.kernels.launch import INTERPRET, cdiv, launch, next_pow2
+from lowrank_kernels.policy import fp32_dot_precision
 
 BLOCK_K = 128
 BLOCK_N = 64
@@ -103,4 +105,98 @@ def lora_gather(x, y, adapter_index, A_all, B_all, scalings):
     launch(lora_gather_expand_kernel, (M, cdiv(N, BLOCK_N)),
            (S, adapter_index, B_all, scalings, out, N, R, out.stride(0), B_all.stride(0), B_all.stride(1), block_r,
             BLOCK_N), num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- segment form
+@triton.jit
+def lora_segment_shrink_kernel(x_ptr, perm_ptr, idx_ptr, a_ptr, s_ptr, M, K, R, stride_xm, stride_an, stride_ar,
+                               BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows sorted by adapter (``perm``: original row of sorted row i, ``idx``: sorted adapters, -1 first): a tile of
+    ``BLOCK_M`` sorted rows, for each adapter it holds (a contiguous range), ``S = x_rows @ A_a.T`` by ``tl.dot``
+    on the rows of that adapter (the others masked to zero). Writes ``S`` in sorted row order."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    rows = tl.load(perm_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+    ids = tl.load(idx_ptr + offs_m, mask=row_ok, other=-1).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    first = tl.min(tl.where(row_ok & (ids >= 0), ids, 2**30), axis=0)  # no adapter row: first > last
+    last = tl.max(tl.where(row_ok, ids, -1), axis=0)
+    total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for a in range(first, last + 1):
+        mine = row_ok & (ids == a)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                         mask=mine[:, None] & (offs_k[None, :] < K), other=0.0)
+            ak = tl.load(a_ptr + a * stride_an + offs_r[None, :] * stride_ar + offs_k[:, None],
+                         mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)
+            acc = dot(xk, ak.to(xk.dtype), acc, DOT_FP32, PRECISION)
+        total += tl.where(mine[:, None], acc, 0.0)
+    tl.store(s_ptr + offs_m[:, None] * R + offs_r[None, :], total.to(s_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_r[None, :] < R))
+
+
+@triton.jit
+def lora_segment_expand_kernel(s_ptr, perm_ptr, idx_ptr, b_ptr, scal_ptr, y_ptr, M, N, R, stride_ym, stride_bn,
+                               stride_bo, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """``y[perm[i]] += s_a * S[i] @ B_a.T`` for a tile of sorted rows and ``BLOCK_N`` columns, one ``tl.dot`` per
+    adapter in the tile (rows of other adapters masked)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    rows = tl.load(perm_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+    ids = tl.load(idx_ptr + offs_m, mask=row_ok, other=-1).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    first = tl.min(tl.where(row_ok & (ids >= 0), ids, 2**30), axis=0)
+    last = tl.max(tl.where(row_ok, ids, -1), axis=0)
+    s = tl.load(s_ptr + offs_m[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & (offs_r[None, :] < R),
+                other=0.0)
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for a in range(first, last + 1):
+        mine = row_ok & (ids == a)
+        b = tl.load(b_ptr + a * stride_bn + offs_n[None, :] * stride_bo + offs_r[:, None],
+                    mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+        term = dot(tl.where(mine[:, None], s, 0.0).to(s.dtype), b.to(s.dtype),
+                   tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, PRECISION) * tl.load(scal_ptr + a)
+        total += tl.where(mine[:, None], term, 0.0)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+    ok = row_ok[:, None] & (ids[:, None] >= 0) & (offs_n[None, :] < N)
+    y = tl.load(y_ptrs, mask=ok, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + total).to(y.dtype), mask=ok)
+
+
+SEGMENT_BLOCK_M = 32
+
+
+def lora_segments(x, y, adapter_index, A_all, B_all, scalings):
+    """As :func:`lora_gather`, with the rows grouped by adapter (a stable sort on the device) and each group's
+    products on tensor cores (``tl.dot`` over ``BLOCK_M``-row tiles): the prefill form. ``R`` is padded to at least
+    16 inside the kernels (``tl.dot``'s least inner dimension)."""
+    M, K = x.shape
+    n, R, _ = A_all.shape
+    N = B_all.shape[1]
+    if x.dtype not in _DTYPES or y.dtype != x.dtype or tuple(y.shape) != (M, N):
+        raise ValueError(f"lora_segments: x (bf16 / fp16 / fp32) and y [M, N] in its dtype, got x {x.dtype} and y "
+                         f"{y.dtype} {tuple(y.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    A_all, B_all = A_all.contiguous(), B_all.contiguous()
+    out = y.contiguous().clone()
+    if M == 0 or N == 0:
+        return out
+    ids, perm = torch.sort(adapter_index.to(torch.int64), stable=True)
+    S = x.new_empty((M, R))
+    block_r = max(16, next_pow2(R))
+    grid_m = cdiv(M, SEGMENT_BLOCK_M)
+    precision = fp32_dot_precision(x.dtype, "ieee")
+    dot_fp32 = INTERPRET and x.dtype == torch.bfloat16
+    launch(lora_segment_shrink_kernel, (grid_m,), (x, perm, ids, A_all, S, M, K, R, x.stride(0), A_all.stride(0),
+                                                   A_all.stride(1), SEGMENT_BLOCK_M, block_r, 32, dot_fp32,
+                                                   precision), num_warps=4)
+    launch(lora_segment_expand_kernel, (grid_m, cdiv(N, BLOCK_N)),
+           (S, perm, ids, B_all, scalings, out, M, N, R, out.stride(0), B_all.stride(0), B_all.stride(1),
+            SEGMENT_BLOCK_M, block_r, BLOCK_N, dot_fp32, precision), num_warps=4)
     return out
