@@ -1,5 +1,6 @@
 """Mixed-adapter batch over one NF4 layer (bf16 activations, fp32 adapters as peft keeps them): 8 adapters of ranks
 8, 16, 24, 32, 40, 48, 56, 64, each row of the M-row batch through one of them, round-robin. Forward only (serving).
+M = 16, 64: decode (the gather kernels); 2048: prefill (the segment kernels).
   lowrank_kernels  ``mixed_lora_linear`` (the base product once, every row's LoRA term in one shrink and one expand)
   peft+bnb         peft's ``_mixed_batch_forward`` as it runs: ``bnb.matmul_4bit``, then per adapter a gather of its
                    rows, x cast to fp32, ``lora_B(lora_A(x))``, a scatter-add (CUDA only)
