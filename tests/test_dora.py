@@ -243,23 +243,29 @@ def test_peft_dora_layers_convert_and_match_peft(quantized, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_converted_dora_with_dropout_runs_ours():
-    """With dropout our masks differ from peft's: the converted layer draws its own (new ones each step), and in
-    eval mode (no dropout) equals peft again."""
-    peft = pytest.importorskip("peft")
+def tiny_dora_pair(peft, **config):
+    """(peft DoRA model on tests' ``Tiny``, r = 4 on up / down, lora_B random; its converted deep copy)."""
     import copy
 
     from lowrank_kernels import peft as lk_peft
     from tests.test_peft_convert import Tiny
 
-    model = peft.get_peft_model(Tiny().to(DEVICE), peft.LoraConfig(r=4, use_dora=True, lora_dropout=0.5,
-                                                                   target_modules=["up", "down"]))
+    model = peft.get_peft_model(Tiny().to(DEVICE), peft.LoraConfig(r=4, use_dora=True, target_modules=["up", "down"],
+                                                                   **config))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.1)
     ours = copy.deepcopy(model)
     assert lk_peft.convert(ours) == 2
+    return model, ours
+
+
+def test_converted_dora_with_dropout_runs_ours():
+    """With dropout our masks differ from peft's: the converted layer draws its own (new ones each step), and in
+    eval mode (no dropout) equals peft again."""
+    peft = pytest.importorskip("peft")
+    model, ours = tiny_dora_pair(peft, lora_dropout=0.5)
     x = torch.randn(6, 40, device=DEVICE)
     a, b = ours(x), ours(x)
     assert torch.isfinite(a).all() and not torch.equal(a, b)
@@ -273,16 +279,7 @@ def test_converted_dora_merges_as_peft():
     peft = pytest.importorskip("peft")
     import copy
 
-    from lowrank_kernels import peft as lk_peft
-    from tests.test_peft_convert import Tiny
-
-    model = peft.get_peft_model(Tiny().to(DEVICE), peft.LoraConfig(r=4, use_dora=True, target_modules=["up", "down"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
-    ours = copy.deepcopy(model)
-    assert lk_peft.convert(ours) == 2
+    model, ours = tiny_dora_pair(peft)
     x = torch.randn(5, 40, device=DEVICE)
     with torch.no_grad():
         before = ours(x)

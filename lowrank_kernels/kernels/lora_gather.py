@@ -85,20 +85,24 @@ def stack_adapters(adapters, dtype=None):
     return A_all, B_all, scalings
 
 
+def _operands(name, x, y, A_all, B_all):
+    """``(x, A_all, B_all, out)`` as the kernels read them (unit stride along K, contiguous stacks, ``out`` a
+    contiguous copy of ``y``), after checking that ``y`` is ``[M, N]`` in x's dtype."""
+    M, N = x.shape[0], B_all.shape[1]
+    if x.dtype not in _DTYPES or y.dtype != x.dtype or tuple(y.shape) != (M, N):
+        raise ValueError(f"{name}: x (bf16 / fp16 / fp32) and y [M, N] in its dtype, got x {x.dtype} and y "
+                         f"{y.dtype} {tuple(y.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    return x, A_all.contiguous(), B_all.contiguous(), y.contiguous().clone()
+
+
 def lora_gather(x, y, adapter_index, A_all, B_all, scalings):
     """``y`` plus each row's LoRA term (a new tensor; ``y`` unchanged): ``x [M, K]`` (bf16 / fp16 / fp32, unit
     stride along K), ``y [M, N]`` in x's dtype (e.g. the base product), ``adapter_index [M]`` int32 / int64 in
     ``[-1, n)`` (-1: no adapter; not checked here: the caller validates), ``A_all``, ``B_all``, ``scalings`` from
     :func:`stack_adapters`."""
-    M, K = x.shape
-    n, R, _ = A_all.shape
-    N = B_all.shape[1]
-    if x.dtype not in _DTYPES or y.dtype != x.dtype or tuple(y.shape) != (M, N):
-        raise ValueError(f"lora_gather: x (bf16 / fp16 / fp32) and y [M, N] in its dtype, got x {x.dtype} and y "
-                         f"{y.dtype} {tuple(y.shape)}")
-    x = x if x.stride(1) == 1 else x.contiguous()
-    A_all, B_all = A_all.contiguous(), B_all.contiguous()
-    out = y.contiguous().clone()
+    x, A_all, B_all, out = _operands("lora_gather", x, y, A_all, B_all)
+    (M, K), R, N = x.shape, A_all.shape[1], out.shape[1]
     if M == 0 or N == 0:
         return out
     S = x.new_empty((M, R))
@@ -179,15 +183,8 @@ def lora_segments(x, y, adapter_index, A_all, B_all, scalings):
     """As :func:`lora_gather`, with the rows grouped by adapter (a stable sort on the device) and each group's
     products on tensor cores (``tl.dot`` over ``BLOCK_M``-row tiles): the prefill form. ``R`` is padded to at least
     16 inside the kernels (``tl.dot``'s least inner dimension)."""
-    M, K = x.shape
-    n, R, _ = A_all.shape
-    N = B_all.shape[1]
-    if x.dtype not in _DTYPES or y.dtype != x.dtype or tuple(y.shape) != (M, N):
-        raise ValueError(f"lora_segments: x (bf16 / fp16 / fp32) and y [M, N] in its dtype, got x {x.dtype} and y "
-                         f"{y.dtype} {tuple(y.shape)}")
-    x = x if x.stride(1) == 1 else x.contiguous()
-    A_all, B_all = A_all.contiguous(), B_all.contiguous()
-    out = y.contiguous().clone()
+    x, A_all, B_all, out = _operands("lora_segments", x, y, A_all, B_all)
+    (M, K), R, N = x.shape, A_all.shape[1], out.shape[1]
     if M == 0 or N == 0:
         return out
     ids, perm = torch.sort(adapter_index.to(torch.int64), stable=True)
