@@ -9,7 +9,9 @@ and bias are frozen (``requires_grad=False``, as peft leaves them); ``lora_A`` (
 ``weight.absmax``, ..., ``bias``). Initialization as peft: ``"kaiming"`` (or ``True``; A kaiming-uniform,
 B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0) or ``False`` (nn.Linear's default init for both).
 Dropout acts on the LoRA branch, in training mode only. Adapters are fp32 by default (``lora_dtype``), as
-peft keeps them; the products run in the activation dtype.
+peft keeps them; the products run in the activation dtype. ``use_dora=True`` makes the layer peft's DoRA: a
+magnitude Parameter ``lora_magnitude_vector [out]`` (initialized to the base weight's row norms, as peft does) and
+the forward ``lowrank_kernels.dora.dora_linear``; merging a DoRA layer is left to peft (``convert`` a peft model).
 """
 import math
 import numbers
@@ -21,6 +23,7 @@ from torch import nn
 
 from lowrank_kernels import nf4_module
 from lowrank_kernels.checks import FLOAT_DTYPES, check_finite, check_float_dtype, check_rank
+from lowrank_kernels.dora import dora_linear, dora_weight_norm
 from lowrank_kernels.functional import lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
@@ -31,7 +34,7 @@ class _LoraAdapter(nn.Module):
     """The adapter half shared by both layers: ``lora_A``, ``lora_B``, ``scaling``, ``lora_dropout``."""
 
     def _init_adapter(self, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                      device, dtype):
+                      device, dtype, use_dora=False):
         r = check_rank(r, "r")
         lora_alpha = check_finite(lora_alpha, "lora_alpha")
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) \
@@ -48,6 +51,24 @@ class _LoraAdapter(nn.Module):
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
         self.reset_lora_parameters(init_lora_weights)
+        self.use_dora = bool(use_dora)
+        if self.use_dora:  # peft: the row norms of W + s * B @ A at init (B = 0 with peft's inits: ||W row||)
+            norm = dora_weight_norm(self._base_weight(), self.lora_A.weight, self.lora_B.weight, self.scaling)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(dtype))
+
+    def _lora_forward(self, x, weight):
+        """The adapted product of ``x`` over base ``weight`` (LoRA, or DoRA with the magnitude)."""
+        if self.use_dora:
+            return dora_linear(x, weight, self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector,
+                               self.scaling, self.bias, dropout=self._dropout())
+        lora = qlora_linear if isinstance(weight, NF4Weight) else lora_linear
+        return lora(x, weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.bias,
+                    dropout=self._dropout())
+
+    def _check_not_dora(self, what):
+        if self.use_dora:
+            raise NotImplementedError(f"{type(self).__name__}.{what}: not implemented for DoRA layers (peft's DoRA "
+                                      "merge rescales rows by the magnitude); convert a peft model to merge DoRA")
 
     def reset_lora_parameters(self, init_lora_weights="kaiming"):
         """peft's init: A kaiming-uniform (``"kaiming"``/``True``) or N(0, 1/r) (``"gaussian"``); B = 0."""
@@ -67,13 +88,14 @@ class _LoraAdapter(nn.Module):
 
     def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
         """``scaling * lora_B @ lora_A`` ``[out, in]``, computed in fp32, returned in ``dtype``."""
+        self._check_not_dora("delta_weight")
         with torch.no_grad():
             return (self.lora_B.weight.float() @ self.lora_A.weight.float()).mul_(self.scaling).to(dtype)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
-                f"merged={self.merged}")
+                f"merged={self.merged}" + (", use_dora=True" if self.use_dora else ""))
 
 
 class LoraLinear(_LoraAdapter):
@@ -84,7 +106,8 @@ class LoraLinear(_LoraAdapter):
     """
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                 bias=True, init_lora_weights="kaiming", device=None, dtype=None, lora_dtype=torch.float32):
+                 bias=True, init_lora_weights="kaiming", device=None, dtype=None, lora_dtype=torch.float32,
+                 use_dora=False):
         super().__init__()
         check_float_dtype(dtype, "dtype")
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
@@ -93,11 +116,14 @@ class LoraLinear(_LoraAdapter):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
                                  requires_grad=False) if bias else None
         self._init_adapter(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                           device, lora_dtype)
+                           device, lora_dtype, use_dora)
+
+    def _base_weight(self):
+        return self.weight
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                    init_lora_weights="kaiming", lora_dtype=torch.float32):
+                    init_lora_weights="kaiming", lora_dtype=torch.float32, use_dora=False):
         """Wraps ``linear``, sharing its ``weight`` and ``bias`` Parameters (frozen)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
@@ -109,16 +135,16 @@ class LoraLinear(_LoraAdapter):
         self.weight = linear.weight.requires_grad_(False)
         self.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
         self._init_adapter(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora,
-                           init_lora_weights, linear.weight.device, lora_dtype)
+                           init_lora_weights, linear.weight.device, lora_dtype, use_dora)
         return self
 
     def forward(self, x):
         if self.merged:
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return lora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.bias,
-                           dropout=self._dropout())
+        return self._lora_forward(x, self.weight)
 
     def merge(self):
+        self._check_not_dora("merge")
         if self.merged:
             warnings.warn("LoraLinear.merge: already merged; nothing done")
             return
@@ -127,6 +153,7 @@ class LoraLinear(_LoraAdapter):
         self.merged = True
 
     def unmerge(self):
+        self._check_not_dora("unmerge")
         if not self.merged:
             warnings.warn("LoraLinear.unmerge: not merged; nothing done")
             return
@@ -145,7 +172,7 @@ class QLoraLinear(_LoraAdapter):
     """
 
     def __init__(self, weight: NF4Weight, bias=None, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                 init_lora_weights="kaiming", lora_dtype=torch.float32):
+                 init_lora_weights="kaiming", lora_dtype=torch.float32, use_dora=False):
         super().__init__()
         if not isinstance(weight, NF4Weight):
             raise TypeError(f"weight: expected an NF4Weight, got {type(weight).__name__} "
@@ -161,7 +188,10 @@ class QLoraLinear(_LoraAdapter):
         self.nf4 = weight
         self.bias = bias
         self._init_adapter(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                           weight.device, lora_dtype)
+                           weight.device, lora_dtype, use_dora)
+
+    def _base_weight(self):
+        return self.nf4
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize=64, double_quant=True, **lora_kwargs):
@@ -188,11 +218,11 @@ class QLoraLinear(_LoraAdapter):
     def forward(self, x):
         if self.merged:
             return F.linear(x, self.nf4.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return qlora_linear(x, self.nf4, self.lora_A.weight, self.lora_B.weight, self.scaling, self.bias,
-                            dropout=self._dropout())
+        return self._lora_forward(x, self.nf4)
 
     def merged_linear(self, dtype=None) -> nn.Linear:
         """A dense ``nn.Linear`` with weight ``deq(W) + delta`` (``dtype``: the NF4 weight's), and this bias."""
+        self._check_not_dora("merged_linear")
         dtype = dtype or self.nf4.dtype
         delta = 0 if self.merged else self.delta_weight(torch.float32)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.nf4.device,
@@ -209,6 +239,7 @@ class QLoraLinear(_LoraAdapter):
                                       double_quant=self.nf4.nested)
 
     def merge(self):
+        self._check_not_dora("merge")
         if self.merged:
             warnings.warn("QLoraLinear.merge: already merged; nothing done")
             return
@@ -218,6 +249,7 @@ class QLoraLinear(_LoraAdapter):
         self.merged = True
 
     def unmerge(self):
+        self._check_not_dora("unmerge")
         if not self.merged:
             warnings.warn("QLoraLinear.unmerge: not merged; nothing done")
             return

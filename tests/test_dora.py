@@ -289,3 +289,35 @@ def test_converted_dora_merges_as_peft():
         assert rel_err(ours(x), before) <= 1e-5
         merged = copy.deepcopy(ours).merge_and_unload()
         assert rel_err(merged(x), before) <= 1e-5 and rel_err(merged(x), model.merge_and_unload()(x)) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ our layers
+@pytest.mark.parametrize("quantized", [False, True], ids=["LoraLinear", "QLoraLinear"])
+def test_our_layers_with_use_dora(quantized):
+    """``use_dora=True`` on our layers: the magnitude starts at the base rows' norms (the layer then equals its base
+    layer), is a saved Parameter, and the forward / gradients are the oracle's; merging is refused clearly."""
+    from lowrank_kernels import LoraLinear, QLoraLinear
+
+    linear = torch.nn.Linear(40, 24).to(DEVICE)
+    cls = QLoraLinear if quantized else LoraLinear
+    layer = cls.from_linear(linear, r=4, lora_alpha=8, use_dora=True)
+    W = dense_oracle(layer.weight)
+    m = layer.lora_magnitude_vector
+    assert m.requires_grad and m.dtype == torch.float32 and "lora_magnitude_vector" in layer.state_dict()
+    assert rel_err(m.detach(), W.norm(dim=1)) <= 1e-6
+    x = torch.randn(3, 5, 40, device=DEVICE)
+    assert rel_err(layer(x), torch.nn.functional.linear(x.double(), W, linear.bias.double())) <= 1e-5
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.1)
+        m.mul_(1.1)
+    y = layer(x)
+    y.square().sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (layer.lora_A.weight, layer.lora_B.weight, m)]
+    ref = python_ref.dora_forward(x.double(), W, *leaves, layer.scaling, linear.bias.double())
+    ref.square().sum().backward()
+    assert rel_err(y, ref) <= 1e-5
+    for p, r in zip((layer.lora_A.weight, layer.lora_B.weight, m), leaves):
+        assert rel_err(p.grad, r.grad) <= 1e-4
+    assert "use_dora=True" in repr(layer)
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        layer.merge()
