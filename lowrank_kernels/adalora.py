@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_kernels import dispatch, nf4_module
-from lowrank_kernels.checks import check_finite, check_float_dtype, check_rank
+from lowrank_kernels.checks import check_finite, check_float_dtype, check_rank, tensor_version
 from lowrank_kernels.functional import check_inputs, lora_linear, qlora_linear
 from lowrank_kernels.nf4 import DTYPES as NF4_DTYPES, NF4Weight
 
@@ -41,18 +41,13 @@ def active_indices(mask: torch.Tensor, device) -> torch.Tensor:
     """Sorted int64 indices of the True entries of bool ``mask``, on ``device``; computed where ``mask`` lives
     (no device sync for a CPU mask: the copy to the device is asynchronous)."""
     active = mask.nonzero().flatten().to(device, non_blocking=True)
-    _CHECKED_ACTIVE[active] = (_version(active), mask.shape[0])  # valid by construction: no check needed
+    _CHECKED_ACTIVE[active] = (tensor_version(active), mask.shape[0])  # valid by construction: no check needed
     return active
 
 
 # Index tensors ``active`` whose values were checked (sorted, unique, in [0, r)): tensor -> (its _version, r).
 # Reading values of a CUDA tensor syncs the device, so each tensor is checked once, not at every forward.
 _CHECKED_ACTIVE = WeakIdKeyDictionary()
-
-
-def _version(t) -> int:
-    """``t``'s version counter (inference tensors have none: -1)."""
-    return -1 if t.is_inference() else t._version
 
 
 def check_active(active, r: int, device) -> None:
@@ -78,7 +73,7 @@ def check_active(active, r: int, device) -> None:
                                 f"active: rank indices must lie in [0, {r})")
             torch._assert_async((active[1:] > active[:-1]).all(), "active: rank indices must be sorted and distinct")
         return
-    if _CHECKED_ACTIVE.get(active, (None, None)) == (_version(active), r):
+    if _CHECKED_ACTIVE.get(active, (None, None)) == (tensor_version(active), r):
         return
     if active.numel():
         lo, hi, increasing = int(active.min()), int(active.max()), bool((active[1:] > active[:-1]).all())
@@ -86,7 +81,7 @@ def check_active(active, r: int, device) -> None:
             raise ValueError(f"active: rank indices must lie in [0, {r}), got values in [{lo}, {hi}]")
         if not increasing:
             raise ValueError("active: rank indices must be sorted and distinct (as active_indices returns them)")
-    _CHECKED_ACTIVE[active] = (_version(active), r)
+    _CHECKED_ACTIVE[active] = (tensor_version(active), r)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

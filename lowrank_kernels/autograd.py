@@ -99,7 +99,5 @@ class LoraLinearFunction(torch.autograd.Function):
         scaling, dropout, backend, config = ctx.args
         weight = dense_w if ctx.nf4 is None else ctx.nf4
         grad_y = dispatch.cast(grad_y, ctx.dtypes[4])
-        grads = lora_backward(grad_y, x, weight, A, B, S, scaling, dropout, seed, ctx.needs_input_grad[:5], backend,
-                              config, ctx.dtypes[:4])
-        dx, dA, dB, db, dw = grads
-        return dx, dA, dB, db, dw, None, None, None, None, None
+        return (*lora_backward(grad_y, x, weight, A, B, S, scaling, dropout, seed, ctx.needs_input_grad[:5], backend,
+                               config, ctx.dtypes[:4]), None, None, None, None, None)

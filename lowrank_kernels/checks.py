@@ -28,3 +28,9 @@ def check_float_dtype(dtype, name):
     """Raises unless ``dtype`` is ``None`` or one of FLOAT_DTYPES (the layers' parameters are trained in it)."""
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected one of bfloat16, float16, float32, float64 (or None), got {dtype!r}")
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """``t``'s version counter (in-place writes bump it), -1 for an inference tensor (which has none): the key of
+    the caches that read a tensor's values once per version."""
+    return -1 if t.is_inference() else t._version

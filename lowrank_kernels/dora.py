@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_kernels import dispatch, ops
-from lowrank_kernels.checks import check_finite
+from lowrank_kernels.checks import check_finite, tensor_version
 from lowrank_kernels.functional import check_inputs, lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
@@ -45,12 +45,9 @@ _NORMS = WeakIdKeyDictionary()
 
 
 def _norm_key(weight, lora_A, lora_B, scaling, backend):
-    def version(t):
-        return -1 if t.is_inference() else t._version
-
     t = weight.packed if isinstance(weight, NF4Weight) else weight
-    return (id(weight), t.data_ptr(), version(t), t.dtype, lora_A.data_ptr(), version(lora_A), id(lora_B),
-            lora_B.data_ptr(), version(lora_B), float(scaling), backend)
+    return (id(weight), t.data_ptr(), tensor_version(t), t.dtype, lora_A.data_ptr(), tensor_version(lora_A),
+            id(lora_B), lora_B.data_ptr(), tensor_version(lora_B), float(scaling), backend)
 
 
 def dora_weight_norm(weight, lora_A, lora_B, scaling: float, backend=None) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_kernels import policy
+from lowrank_kernels.checks import tensor_version
 from lowrank_kernels.functional import lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
@@ -44,10 +45,8 @@ def _zero_adapter(device, dtype, N, K):
 
 
 def _stacked(adapters, stack_adapters):
-    def version(t):
-        return -1 if t.is_inference() else t._version
-
-    key = tuple((id(A), A.data_ptr(), version(A), id(B), B.data_ptr(), version(B), float(s)) for A, B, s in adapters)
+    key = tuple((id(A), A.data_ptr(), tensor_version(A), id(B), B.data_ptr(), tensor_version(B), float(s))
+                for A, B, s in adapters)
     cached = _STACKS.get(adapters[0][0])
     if cached is None or cached[0] != key:
         cached = _STACKS[adapters[0][0]] = (key, stack_adapters([(A, B, float(s)) for A, B, s in adapters]))
@@ -93,7 +92,7 @@ def _check(x, weight, adapters, adapter_index, bias):
                             f"adapter_index: values must lie in [-1, {len(adapters)}) (-1 = no adapter)")
         return
     n = len(adapters)
-    key = (-1 if adapter_index.is_inference() else adapter_index._version, n)
+    key = (tensor_version(adapter_index), n)
     if _CHECKED.get(adapter_index) == key:  # a device tensor is read once per version: a CUDA graph replays it
         return
     lo, hi = int(adapter_index.min()), int(adapter_index.max())  # a host read (a sync on CUDA)
