@@ -7,8 +7,9 @@
 Parameter objects, so an optimizer built before conversion keeps working, ``model.state_dict()`` and
 ``model.save_pretrained()`` write exactly what peft writes, and peft's own methods (merge, adapter switching,
 ``disable_adapter()``) keep working: whenever a layer is in a state our kernels do not cover (adapters disabled
-or merged, several active adapters, extra forward arguments, mixed batches with a non-LoRA adapter or active dropout) its
-forward is peft's. ``adapter_names=`` mixed batches of plain LoRA adapters run ``mixed_lora_linear``. ``revert(model)`` undoes the conversion.
+or merged, several active adapters, extra forward arguments, mixed batches with a non-LoRA adapter or active
+dropout) its forward is peft's. ``adapter_names=`` mixed batches of plain LoRA adapters run ``mixed_lora_linear``.
+``revert(model)`` undoes the conversion.
 
 Numerics: peft computes the LoRA branch in the adapters' dtype (fp32 by default, after casting ``x``); ours
 computes it in the activation dtype (bf16 / fp16) with fp32 accumulation and returns each gradient in its
