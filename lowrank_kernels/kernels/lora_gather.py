@@ -11,7 +11,8 @@ dtype as the single-adapter path rounds it, and ``y[m] + s_a * (S @ B.T)`` once 
 
 Two forms. Gather (decode-sized batches, :func:`lora_gather`), tiling: the shrink runs one program per row
 (``BLOCK_R >= R`` ranks at once, K in ``BLOCK_K`` steps); the expand one program per (row, ``BLOCK_N`` output
-columns) reading the row's ``S`` and a ``[BLOCK_N, BLOCK_R]`` tile of its ``B``. Rows of one adapter read the same ``A`` / ``B`` tiles, which stay in L2 across the batch. Products are
+columns) reading the row's ``S`` and a ``[BLOCK_N, BLOCK_R]`` tile of its ``B``. Rows of one adapter read the
+same ``A`` / ``B`` tiles, which stay in L2 across the batch. Products are
 multiply-and-sum (no ``tl.dot``): a decode row is one vector, and the interpreter computes these in every dtype.
 Segments (prefill, :func:`lora_segments`): the rows sorted by adapter (a stable device sort), tiles of
 ``SEGMENT_BLOCK_M`` sorted rows, one ``tl.dot`` per adapter a tile holds (its rows kept, the others masked), so a
