@@ -13,7 +13,9 @@ The norm never materializes ``W + s * B @ A``: with ``w_n`` the rows of W and ``
     ||w_n + s (B A)_n||^2 = ||w_n||^2 + 2 s b_n . (A w_n^T) + s^2 b_n (A A^T) b_n^T
 
 so it takes ``||w_n||^2``, one skinny product ``W @ A.T [N, r]`` and ``A @ A.T [r, r]``, in fp32 (peft forms the
-``[N, K]`` sum, and ``B @ A`` through a ``[K, K]`` identity). ``eps`` (default 1e-12): peft divides by the norm
+``[N, K]`` sum, and ``B @ A`` through a ``[K, K]`` identity). On the Triton backend one kernel
+(``kernels.dora_norm``) reads W once (NF4: 0.5 byte per element, dequantized in registers) for both; elsewhere,
+and in fp64, torch products over W dequantized to fp32 (``policy.dora_norm_on_triton`` decides). ``eps`` (default 1e-12): peft divides by the norm
 without one, so an all-zero row of ``W + s * B @ A`` (Llama-3.1-8B's ``o_proj`` has 511 zero rows of W, and B starts
 at zero) gives NaN there; here ``c = m / eps`` for such a row, and with ``m`` initialized from that zero norm
 (``m = 0``, as peft initializes it) the row's output is ``bias`` (no dropout) and it gets no gradient: it stays
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lowrank_kernels import dispatch, ops
+from lowrank_kernels import dispatch, ops, policy
 from lowrank_kernels.checks import check_finite, tensor_version
 from lowrank_kernels.functional import check_inputs, lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
@@ -65,6 +67,13 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling: float, backend=None) -> to
 
 
 def _weight_norm(weight, lora_A, lora_B, scaling, backend):
+    if torch.compiler.is_compiling():  # one operator node; its implementation comes back here
+        return ops.dora_weight_norm(weight, lora_A, lora_B, scaling, backend)
+    if policy.dora_norm_on_triton(weight, lora_A, lora_B, backend):
+        from lowrank_kernels.kernels.dora_norm import dora_norm
+
+        with torch.no_grad():
+            return dora_norm(weight, lora_A, lora_B, scaling, policy.fp32_dot_precision(torch.float32, "tf32x3"))
     with torch.no_grad():
         dtype = torch.float64 if torch.float64 in (lora_A.dtype, lora_B.dtype, getattr(weight, "dtype", None)) \
             else torch.float32

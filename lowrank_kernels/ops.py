@@ -9,6 +9,7 @@ autograd formula. ``torch.compile`` sees each call as one opaque node, so a comp
     lowrank_kernels::lora_linear(x, weight, ...)        (Y [M, N], S [M, r]), differentiable
     lowrank_kernels::lora_linear_backward(dY, ...)      the gradients asked for, in order
     lowrank_kernels::nf4_dequantize(nf4, meta, dtype)   the dequantized NF4 weight
+    lowrank_kernels::dora_weight_norm(weight, ...)      DoRA's row norms of W + s * B @ A (detached)
     lowrank_kernels::lora_gather(x, y, index, ...)      y plus each row's LoRA term of a mixed-adapter batch
     lowrank_kernels::lora_segments(x, y, index, ...)    the same, rows grouped by adapter (prefill)
 
@@ -217,3 +218,24 @@ def nf4_dequantize(w: NF4Weight, dtype, backend=None) -> Tensor:
     """``w`` dequantized to ``dtype`` through the ``nf4_dequantize`` operator."""
     tensors, meta = w.op_args()
     return nf4_dequantize_op(tensors, meta, dtype, backend)
+
+
+# --------------------------------------------------------------------------------------------- DoRA weight norm
+@torch.library.custom_op(f"{NAMESPACE}::dora_weight_norm", mutates_args=())
+def dora_weight_norm_op(weight: list[Tensor], nf4_meta: list[int], lora_A: Tensor, lora_B: Tensor, scaling: float,
+                        backend: Optional[str]) -> Tensor:
+    """``dora.dora_weight_norm`` of the weight given as :func:`weight_args`: fp32 ``[N]``."""
+    from lowrank_kernels import dora
+
+    return dora.dora_weight_norm(_weight(weight, nf4_meta), lora_A, lora_B, scaling, backend)
+
+
+@dora_weight_norm_op.register_fake
+def _(weight, nf4_meta, lora_A, lora_B, scaling, backend):
+    return lora_B.new_empty((lora_B.shape[0],), dtype=torch.float32)
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling, backend=None) -> Tensor:
+    """DoRA's weight norm through the ``dora_weight_norm`` operator (no gradient flows through it)."""
+    tensors, meta = weight_args(weight)
+    return dora_weight_norm_op(tensors, meta, lora_A.detach(), lora_B.detach(), float(scaling), backend)

@@ -306,6 +306,18 @@ def mixed_path(x: torch.Tensor, backend=None, grad: bool = False) -> str:
     return "gather" if x.shape[0] <= MIXED_GATHER_MAX_M else "segment"
 
 
+def dora_norm_on_triton(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, backend=None) -> bool:
+    """Whether DoRA's weight norm runs the one-pass Triton kernel (``kernels.dora_norm``) rather than torch products
+    over the weight dequantized to fp32: on the Triton backend, for fp32 / 16-bit weights and adapters, NF4
+    weights within the kernels' int32 element indices."""
+    if choose_backend(lora_A.device, backend) != "triton":
+        return False
+    dtypes = (getattr(weight, "dtype", None), lora_A.dtype, lora_B.dtype)
+    if torch.float64 in dtypes:
+        return False
+    return isinstance(weight, torch.Tensor) or weight.shape[0] * weight.shape[1] <= MAX_ELEMENTS
+
+
 def merge_on_cuda_kernel(nf4, r: int, dtype: torch.dtype, cuda=None) -> bool:
     """Whether ``kernels.nf4_merge`` runs the CUDA C++ kernel (``kernels.nf4_merge_mma``): by default wherever it
     supports the call; ``cuda=False`` forces Triton, ``cuda=True`` raises where it cannot run."""

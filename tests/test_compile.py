@@ -327,6 +327,15 @@ def test_opcheck_nf4_dequantize(nested, dtype):
     torch.library.opcheck(torch.ops.lowrank_kernels.nf4_dequantize.default, (tensors, meta, dtype, None))
 
 
+@pytest.mark.parametrize("weight", sorted(WEIGHTS))
+def test_opcheck_dora_weight_norm(weight):
+    w = WEIGHTS[weight]()
+    tensors, meta = ops.weight_args(w)
+    A = torch.randn(4, w.shape[1], device=DEVICE)
+    B = torch.randn(w.shape[0], 4, device=DEVICE)
+    torch.library.opcheck(torch.ops.lowrank_kernels.dora_weight_norm.default, (tensors, meta, A, B, 1.5, None))
+
+
 def test_opcheck_dropout_seed():
     """A random operator: the schema, fake and dispatch checks (``test_aot_dispatch_dynamic`` compares two draws)."""
     x = torch.randn(3, device=DEVICE)

@@ -186,3 +186,14 @@ def test_mixed_path():
     if policy.interpreting():
         assert policy.mixed_path(x, "triton") == "gather"
         assert policy.mixed_path(torch.empty(policy.MIXED_GATHER_MAX_M + 1, 16), "triton") == "segment"
+
+
+def test_dora_norm_kernel_choice():
+    """DoRA's norm: the one-pass Triton kernel on the Triton backend, torch for fp64 and on the torch backend."""
+    W, A, B = torch.empty(24, 64), torch.empty(4, 64), torch.empty(24, 4)
+    assert not policy.dora_norm_on_triton(W, A, B, "torch")
+    if policy.interpreting():
+        assert policy.dora_norm_on_triton(W, A, B, "triton")
+        assert policy.dora_norm_on_triton(W.bfloat16(), A, B.half(), "triton")
+        assert not policy.dora_norm_on_triton(W.double(), A, B, "triton")
+        assert not policy.dora_norm_on_triton(W, A.double(), B, "triton")

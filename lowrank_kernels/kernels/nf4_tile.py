@@ -41,7 +41,7 @@ def nf4_tile_even_odd(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr
                       dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                       NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
     """``(W[rows, k0 + 2j], W[rows, k0 + 2j + 1])`` for ``j < BLOCK_K // 2``: two ``[BLOCK_N, BLOCK_K // 2]`` tiles
-    of the NF4 weight ``W [*, K]`` dequantized to ``dtype``, for any K (0 past K and where ``row_ok`` is False).
+    of the NF4 weight ``W [*, K]`` dequantized to ``dtype``, for any K (undefined past K and where ``row_ok`` is False).
 
     A tile row may start on a low nibble (odd ``n*K + k0``) and cross scale blocks anywhere, so its even-position
     and odd-position elements are read as two sets of consecutive bytes, from byte ``e0 >> 1`` and
@@ -83,7 +83,9 @@ def nf4_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_pt
               offs_n, n_ok, k0, K, dtype: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
               NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ALIGNED: tl.constexpr, SHFL: tl.constexpr):
-    """The ``[BLOCK_N, BLOCK_K]`` tile ``W[offs_n, k0:k0+BLOCK_K]`` dequantized to ``dtype`` (0 where masked)."""
+    """The ``[BLOCK_N, BLOCK_K]`` tile ``W[offs_n, k0:k0+BLOCK_K]`` dequantized to ``dtype``. Masked elements (rows
+    not ``n_ok``, columns past K) are undefined (a nested scale reads as ``offset`` there): callers mask the tile's
+    use (a store, a zero operand) or the tile."""
     row_elem = offs_n * K  # flat index of W[n, 0]; int32 (launcher checks N*K < 2**31)
     if ALIGNED:
         SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE  # elements of one tile row per scale
