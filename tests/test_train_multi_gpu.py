@@ -7,8 +7,7 @@ function in every layer, the NF4 bytes, scales, dequantized weights and layer ou
 wrapping and after the steps (``--check-exact``), FSDP2 holds half of the packed bytes on each rank, and the JSON
 has its fields.
 
-The two launches share the module's fixtures (about 30 s on 2 CPU cores, mostly imports); each is killed after
-``LAUNCH_TIMEOUT_S``.
+The two launches are the module's fixtures, shared by all tests; each is killed after ``LAUNCH_TIMEOUT_S``.
 """
 import json
 import os
@@ -41,8 +40,8 @@ ARGS = ["--model", "tiny", "--layers", str(LAYERS), "--dtype", "float32", "--seq
 PROVIDERS = ["ours", "peft-bnb"]
 WRAPS = ["ddp", "fsdp2", "fsdp2-replicate"]
 # fp32 with the batch split over ranks and micro-batches: the products and the gradient reduction round
-# differently (observed: <= 2e-7 relative in losses and gradient norms over the 4 steps). 1e-5 leaves room for
-# other CPUs' blocking yet fails on what a wrong split or averaging does: another slice of the random tokens moves
+# differently, a few 1e-7 relative in losses and gradient norms over the 4 steps. 1e-5 leaves room for other
+# CPUs' blocking yet fails on what a wrong split or averaging does: another slice of the random tokens moves
 # the loss by ~1e-3 relative (its step-to-step change, asserted below to exceed 100 * TOL), and gradients averaged
 # over N where they should be summed (or the reverse) change the gradient norm by a factor N. (At lr 1e-2 Adam's
 # first step, ~lr * sign(g), amplifies the rounding of near-zero gradient entries to ~2e-6: hence lr 1e-3.)
