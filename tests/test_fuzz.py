@@ -830,6 +830,8 @@ def test_invalid_input(kind, op, vseed):
         kw = _valid_args(rng, op)
         FN[op](**kw)  # the arguments are valid before the defect
         defect(rng, op, kw)
+        if kw.get("backend") == "triton" and not INTERPRETER:
+            pytest.skip("these CPU cases reach the Triton backend only through Triton's interpreter")
         thunk = lambda: FN[op](**kw)  # noqa: E731
     with pytest.raises((TypeError, ValueError), match=rf"\b({name})\b"):
         thunk()

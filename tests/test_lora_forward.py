@@ -247,6 +247,12 @@ def _good():
                 bias=torch.randn(N))
 
 
+def _triton_ready(args):
+    """``args`` where ``backend="triton"`` can run: on CUDA where there is one (CPU tensors take the Triton backend
+    only through the interpreter)."""
+    return {k: v.to(DEVICE) if isinstance(v, (torch.Tensor, NF4Weight)) else v for k, v in args.items()}
+
+
 @pytest.mark.parametrize("change,exc,name", [
     (dict(x=[[1.0]]), TypeError, "x"),
     (dict(x=torch.ones(3, 32, dtype=torch.int32)), TypeError, "x"),
@@ -272,12 +278,14 @@ def _good():
 ])
 def test_qlora_bad_input(change, exc, name):
     args = {**_good(), **change}
+    if args.get("backend") == "triton":
+        args = _triton_ready(args)
     with pytest.raises(exc, match=name):
         qlora_linear(**args)
 
 
 def test_bad_backend_and_config():
-    args = _good()
+    args = _triton_ready(_good())
     with pytest.raises(ValueError, match="backend"):
         qlora_linear(**args, backend="cuda")
     with pytest.raises(ValueError, match="config"):

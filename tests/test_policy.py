@@ -57,7 +57,8 @@ def nf4(N, K):
     (8192, "nf4", True, "torch", None, policy.LayerPlan("torch")),
 ])
 def test_forward_plan(M, weight, dropout, backend, config, expected, cuda_default):
-    device = "cpu" if backend == "triton" else "meta"  # a forced Triton backend runs on CPU tensors (interpreter)
+    # a forced Triton backend needs real tensors: CUDA ones, or CPU ones through the interpreter
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if backend == "triton" else "meta"
     x = torch.empty(M, 256, device=device)
     w = NF4Weight.empty((300, 256), torch.float32, device=device) if weight == "nf4" else \
         torch.empty(300, 256, device=device)

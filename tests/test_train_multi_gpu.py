@@ -36,7 +36,8 @@ STEPS = 4
 LAYERS = 2
 NF4_LAYERS = 7 * LAYERS  # q, k, v, o, gate, up, down
 ARGS = ["--model", "tiny", "--layers", str(LAYERS), "--dtype", "float32", "--seq", "64", "--global-batch", "4",
-        "--steps", str(STEPS), "--warmup", "1", "--lr", "1e-3", "--check-exact", "--timeout", "60"]
+        "--steps", str(STEPS), "--warmup", "1", "--lr", "1e-3", "--check-exact", "--timeout", "60",
+        "--device", "cpu"]  # gloo on the CPU, also on a machine with GPUs (one GPU cannot hold two CUDA ranks)
 PROVIDERS = ["ours", "peft-bnb"]
 WRAPS = ["ddp", "fsdp2", "fsdp2-replicate"]
 # fp32 with the batch split over ranks and micro-batches: the products and the gradient reduction round
