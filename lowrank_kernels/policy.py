@@ -24,6 +24,7 @@ Environment switches, read here once: ``LOWRANK_KERNELS_PDL=0`` turns the progra
 ``LOWRANK_KERNELS_CUDA=0`` keeps the CUDA C++ kernels from being built or used.
 """
 import functools
+import importlib.util
 import os
 from typing import NamedTuple
 
@@ -84,17 +85,14 @@ def choose_backend(device: torch.device, backend=None) -> str:
     return backend
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
+# read once at import: torch.compile cannot trace importlib's find_spec
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _check_triton(device):
     """Raises unless Triton kernels can run on ``device``: CUDA, or CPU tensors under Triton's interpreter."""
     if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        if not _triton_installed():
+        if not TRITON_INSTALLED:
             raise RuntimeError("backend='triton': the `triton` package is not installed (pip install triton)")
         return
     hint = ("set TRITON_INTERPRET=1 before Triton is imported to run the kernels in Triton's interpreter (slow, "
