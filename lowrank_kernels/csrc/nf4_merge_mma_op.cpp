@@ -16,6 +16,7 @@
 #include <climits>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "nf4_entry.h"
 #include "nf4_op_checks.h"
@@ -34,11 +35,13 @@ at::Tensor nf4_merge_mma(const at::Tensor& packed, const at::Tensor& absmax, con
   TORCH_CHECK(lora_B.scalar_type() == dtype, "nf4_merge_mma: lora_B must have lora_A's dtype ", dtype, ", got ",
               lora_B.scalar_type());
   const int64_t R = lora_A.size(0), K = lora_A.size(1), N = lora_B.size(0);
-  TORCH_CHECK(1 <= R && R <= 32, "nf4_merge_mma: r must be 1 to 32, got ", R);
+  TORCH_CHECK(1 <= R && R <= 32, "nf4_merge_mma: r must be 1 to 32, got ", std::to_string(R));
   TORCH_CHECK(lora_B.size(1) == (R + 15) / 16 * 16 && lora_B.is_contiguous() && lk::aligned(lora_B, 8),
-              "nf4_merge_mma: lora_B must be a contiguous 8-byte aligned [N, 16 * cdiv(r, 16)] tensor, r = ", R);
-  TORCH_CHECK(K % 64 == 0 && K <= INT_MAX && N <= INT_MAX, "nf4_merge_mma: K must be a multiple of 64, got ", K);
-  TORCH_CHECK(warps >= 1 && warps <= 8, "nf4_merge_mma: warps must be 1 to 8, got ", warps);
+              "nf4_merge_mma: lora_B must be a contiguous 8-byte aligned [N, 16 * cdiv(r, 16)] tensor, r = ",
+              std::to_string(R));
+  TORCH_CHECK(K % 64 == 0 && K <= INT_MAX && N <= INT_MAX, "nf4_merge_mma: K must be a multiple of 64, got ",
+              std::to_string(K));
+  TORCH_CHECK(warps >= 1 && warps <= 8, "nf4_merge_mma: warps must be 1 to 8, got ", std::to_string(warps));
   lk::check_nf4_weight("nf4_merge_mma", N, K, packed, 4, absmax, 1, absmax2, code2, offset, code, blocksize,
                        nested_blocksize, packed, "packed");
   lk::check_on("nf4_merge_mma", lora_A, "lora_A", packed, "packed");

@@ -16,6 +16,7 @@
 #include <climits>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "nf4_entry.h"
 #include "nf4_op_checks.h"
@@ -35,14 +36,15 @@ void nf4_mma_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "nf4_mma_gemv: x must be bfloat16 or float16, got ", x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(1 <= M && M <= 16, "nf4_mma_gemv: x must have 1 to 16 rows, got ", M);
-  TORCH_CHECK(K > 0 && K % 256 == 0 && K <= INT_MAX, "nf4_mma_gemv: K must be a positive multiple of 256, got ", K);
+  TORCH_CHECK(1 <= M && M <= 16, "nf4_mma_gemv: x must have 1 to 16 rows, got ", std::to_string(M));
+  TORCH_CHECK(K > 0 && K % 256 == 0 && K <= INT_MAX, "nf4_mma_gemv: K must be a positive multiple of 256, got ",
+              std::to_string(K));
   TORCH_CHECK(x.stride(1) == 1 && lk::aligned(x, 16) && (M == 1 || x.stride(0) * 2 % 16 == 0),
               "nf4_mma_gemv: x needs unit stride along K and 16-byte aligned rows");
   TORCH_CHECK(ws.dim() == 3 && ws.size(1) == M && ws.scalar_type() == at::kFloat && ws.is_contiguous(),
               "nf4_mma_gemv: ws must be a contiguous float32 tensor [n_split, M, N]");
   const int64_t n_split = ws.size(0), N = ws.size(2);
-  TORCH_CHECK(N >= 1 && N <= INT_MAX, "nf4_mma_gemv: ws must have N >= 1 columns, got ", N);
+  TORCH_CHECK(N >= 1 && N <= INT_MAX, "nf4_mma_gemv: ws must have N >= 1 columns, got ", std::to_string(N));
   TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == K && lora_A.size(0) >= 1 && lora_A.size(0) <= INT_MAX,
               "nf4_mma_gemv: lora_A must be [r, K] with r >= 1");
   TORCH_CHECK(lora_A.scalar_type() == at::kFloat || lora_A.scalar_type() == at::kHalf ||

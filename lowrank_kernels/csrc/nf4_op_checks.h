@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 namespace lk {
 
@@ -41,7 +42,8 @@ inline void check_nf4_weight(const char* op, int64_t N, int64_t K, const at::Ten
   TORCH_CHECK(pow2(blocksize) && blocksize >= 64, op, ": blocksize must be a power of two >= 64");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == N * K / 2 &&
                   aligned(packed, packed_align),
-              op, ": packed must be a contiguous ", packed_align, "-byte aligned uint8 tensor of N * K / 2 bytes");
+              op, ": packed must be a contiguous ", std::to_string(packed_align),
+              "-byte aligned uint8 tensor of N * K / 2 bytes");
   const bool nested = absmax2.has_value();
   TORCH_CHECK(code2.has_value() == nested && offset.has_value() == nested,
               op, ": absmax2, code2 and offset: give all three (double quantization) or none");
@@ -49,7 +51,7 @@ inline void check_nf4_weight(const char* op, int64_t N, int64_t K, const at::Ten
   TORCH_CHECK(absmax.scalar_type() == (nested ? at::kByte : at::kFloat) && absmax.is_contiguous() &&
                   absmax.numel() >= blocks && aligned(absmax, absmax_align),
               op, ": absmax must be a contiguous ", nested ? "uint8" : "float32", " tensor of cdiv(N * K, blocksize)",
-              " elements, ", absmax_align, "-byte aligned");
+              " elements, ", std::to_string(absmax_align), "-byte aligned");
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.is_contiguous() && code.numel() >= 16,
               op, ": code must be a contiguous float32 tensor of 16 elements");
   check_on(op, packed, "packed", ref, ref_name);
