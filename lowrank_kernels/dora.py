@@ -5,7 +5,8 @@
 
 Without dropout (``Xd = x``) that is ``y = c * (x @ W.T + s * (x @ A.T) @ B.T) + bias``: the LoRA layer's product
 (``lora_linear`` / ``qlora_linear``: our kernels, the merged weight at large M) scaled per output column, plus the
-bias. With dropout, as peft, the base product is computed a second time on the dropped ``x`` (torch products over
+bias; on the Triton backend the scale and bias take one pass over ``[M, N]`` forward and one backward
+(``kernels.dora_scale``, :class:`DoraScaleFunction`), where torch ops make fp32 ``[M, N]`` temporaries. With dropout, as peft, the base product is computed a second time on the dropped ``x`` (torch products over
 the dequantized weight: not fused yet).
 
 The norm never materializes ``W + s * B @ A``: with ``w_n`` the rows of W and ``b_n`` those of B,
@@ -85,6 +86,28 @@ def _weight_norm(weight, lora_A, lora_B, scaling, backend):
         return norm2.clamp_min(0).sqrt()  # rounding can leave a tiny negative for an (almost) zero row
 
 
+class DoraScaleFunction(torch.autograd.Function):
+    """``y = round(L * c + bias)`` for ``L [M, N]``, ``c [N]``, ``bias [N]`` or ``None``, in one Triton pass
+    (``kernels.dora_scale``), and its backward in one more: gradients to ``L``, ``c`` and ``bias``."""
+
+    @staticmethod
+    def forward(ctx, L, c, bias, dtype):
+        from lowrank_kernels.kernels.dora_scale import dora_scale_forward
+
+        ctx.save_for_backward(L, c)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return dora_scale_forward(L, c, bias, dtype)
+
+    @staticmethod
+    def backward(ctx, dY):
+        from lowrank_kernels.kernels.dora_scale import dora_scale_backward
+
+        L, c = ctx.saved_tensors
+        need_dL, need_dc, need_db = ctx.needs_input_grad[:3]
+        dL, dc, db = dora_scale_backward(dY, L, c, need_dL, need_dc, need_db)
+        return dL, None if dc is None else dc.to(c.dtype), None if db is None else db.to(ctx.bias_dtype), None
+
+
 def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dropout=0.0, eps=1e-12,
                 backend=None, config=None):
     """``x [..., K]``, ``weight`` dense ``[N, K]`` or ``NF4Weight``, ``lora_A [r, K]``, ``lora_B [N, r]``,
@@ -111,6 +134,8 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
     if dropout == 0:
         L = lora(x, weight, lora_A, lora_B, scaling, None, backend=backend, config=config)
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            if policy.dora_scale_on_triton(L, backend):
+                return DoraScaleFunction.apply(L.reshape(-1, N), c, bias, dtype).reshape(L.shape)
             y = (L * c).to(dtype)
             return y if bias is None else y + bias.to(dtype)
     # peft's form: base(x) + (c - 1) * (Xd @ W.T) + c * s * (Xd @ A.T) @ B.T, the base product twice (x and Xd)

@@ -316,6 +316,14 @@ def dora_norm_on_triton(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, back
     return isinstance(weight, torch.Tensor) or weight.shape[0] * weight.shape[1] <= MAX_ELEMENTS
 
 
+def dora_scale_on_triton(L: torch.Tensor, backend=None) -> bool:
+    """Whether DoRA's column scale of the layer product ``L`` (``y = L * c + bias`` and its backward) runs the
+    one-pass Triton kernels (``kernels.dora_scale``): on the Triton backend, for bf16 / fp16 / fp32 products, not
+    while ``torch.compile`` traces (inductor fuses the torch form into one kernel itself)."""
+    return not torch.compiler.is_compiling() and L.dtype != torch.float64 and \
+        choose_backend(L.device, backend) == "triton"
+
+
 def merge_on_cuda_kernel(nf4, r: int, dtype: torch.dtype, cuda=None) -> bool:
     """Whether ``kernels.nf4_merge`` runs the CUDA C++ kernel (``kernels.nf4_merge_mma``): by default wherever it
     supports the call; ``cuda=False`` forces Triton, ``cuda=True`` raises where it cannot run."""

@@ -198,3 +198,13 @@ def test_dora_norm_kernel_choice():
         assert policy.dora_norm_on_triton(W.bfloat16(), A, B.half(), "triton")
         assert not policy.dora_norm_on_triton(W.double(), A, B, "triton")
         assert not policy.dora_norm_on_triton(W, A.double(), B, "triton")
+
+
+def test_dora_scale_kernel_choice():
+    """DoRA's column scale: the Triton kernels on the Triton backend (not fp64), torch ops elsewhere."""
+    L = torch.empty(8, 24)
+    assert not policy.dora_scale_on_triton(L, "torch")
+    if policy.interpreting():
+        assert policy.dora_scale_on_triton(L, "triton")
+        assert policy.dora_scale_on_triton(L.bfloat16(), "triton")
+        assert not policy.dora_scale_on_triton(L.double(), "triton")
