@@ -10,9 +10,10 @@
 #   bash scripts/gpu_pending.sh dora        the DoRA / QDoRA layer benchmark
 #   bash scripts/gpu_pending.sh mixed       the mixed-adapter batch benchmark (8 adapters, M = 16 / 64)
 #   bash scripts/gpu_pending.sh ab          the A/B of the layer benchmarks against .ab_base (2 rounds)
+#   bash scripts/gpu_pending.sh profile-compiled   host vs GPU time of the batch-1 step, converted, eager and compiled
 # Logs and results under $OUT (or ./gpu_out).
 set -uo pipefail
-part=${1:?usage: bash scripts/gpu_pending.sh suite [FILES]|train-1|train-4|liger|dora|mixed|ab}
+part=${1:?usage: bash scripts/gpu_pending.sh suite [FILES]|train-1|train-4|liger|dora|mixed|ab|profile-compiled}
 lora_step='train_step and not adalora'
 case "$part" in
   suite) shift; files=("$@"); [ ${#files[@]} -eq 0 ] && files=(tests); export PYTHONPATH=/tmp/lk-site:$PWD
@@ -29,5 +30,9 @@ case "$part" in
   mixed) bash scripts/gpu_check.sh bench bench/test_mixed.py ;;
   ab) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
       SITE=/tmp/lk-site bash scripts/gpu_ab.sh .ab_base 2 ;;
+  profile-compiled) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
+      export PYTHONPATH=/tmp/lk-site:$PWD
+      python3 scripts/profile_train_step.py --providers lowrank_kernels --rows 25
+      python3 scripts/profile_train_step.py --providers lowrank_kernels,peft+bnb --compile --rows 25 ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac

@@ -1,10 +1,11 @@
 """Where a batch-1 training step's time goes: host (Python + launches) vs GPU, for peft+bnb and converted.
 
-    python scripts/profile_train_step.py [--batch 1] [--layers 4]
+    python scripts/profile_train_step.py [--batch 1] [--layers 4] [--compile] [--providers peft+bnb,lowrank_kernels]
 
 Prints, per provider: the step's wall time (synchronized), the GPU's kernel time per step (profiler, sum of
 kernel durations), the host time to enqueue a step (no synchronization until the end of the 5 steps), and the
-top host-side ops by self CPU time.
+top host-side ops by self CPU time. ``--compile``: the model under ``torch.compile`` (inductor), as
+bench/test_train_step.py's "compiled" mode.
 """
 import argparse
 import os
@@ -22,8 +23,10 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--providers", default="peft+bnb,lowrank_kernels")
     a = ap.parse_args()
-    for provider in ("peft+bnb", "lowrank_kernels"):
+    for provider in a.providers.split(","):
         profile_one(provider, a)
         torch.cuda.empty_cache()
 
@@ -35,9 +38,10 @@ def profile_one(provider, a):
         convert(net)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, net.config.vocab_size, (a.batch, 2048), device="cuda")
+    forward = torch.compile(net) if a.compile else net
 
     def step():
-        net(input_ids=ids, labels=ids).loss.backward()
+        forward(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     for _ in range(3):
@@ -55,7 +59,7 @@ def profile_one(provider, a):
             step()
         torch.cuda.synchronize()
     kernels = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    print(f"== {provider}: wall {(t2 - t0) / 5 * 1e3:.2f} ms/step, host enqueue {(t1 - t0) / 5 * 1e3:.2f} "
+    print(f"== {provider}{' compiled' if a.compile else ''}: wall {(t2 - t0) / 5 * 1e3:.2f} ms/step, host enqueue {(t1 - t0) / 5 * 1e3:.2f} "
           f"ms/step, GPU kernels {kernels / 2 / 1e3:.2f} ms/step")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60))
 
