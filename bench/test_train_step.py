@@ -1,5 +1,6 @@
-"""One QLoRA (LoRA or AdaLoRA) training step of a Llama-architecture model: peft + bitsandbytes as users run it, and
-the same model after ``lowrank_kernels.peft.convert`` (AdaLoRA: with our ``RankAllocator`` instead of peft's).
+"""One QLoRA (LoRA, AdaLoRA or DoRA) training step of a Llama-architecture model: peft + bitsandbytes as users run
+it, and the same model after ``lowrank_kernels.peft.convert`` (AdaLoRA: with our ``RankAllocator`` instead of
+peft's; DoRA: peft's ``use_dora=True``, eager steps only).
 
 Model: ``LlamaForCausalLM`` with the layer dimensions of a bench/shapes.py model (head_dim 128), random init
 (nothing downloaded), bf16, --bench-layers decoder layers (default 4). The vocabulary is cut to 32000 so that the
@@ -85,7 +86,8 @@ def build(model, layers, grad_ckpt, method="lora", quantized=True):
     if method == "adalora":
         config = peft.AdaLoraConfig(lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, **ADALORA)
     else:
-        config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+        config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                 use_dora=method == "dora")
     return peft.get_peft_model(net, config)
 
 
@@ -108,7 +110,7 @@ COMPILE_BACKEND = "inductor" if HAS_CUDA else "aot_eager"
 @pytest.mark.parametrize("provider", ["peft+bnb", "lowrank_kernels", "peft-bf16"])
 @pytest.mark.parametrize("batch", [1, 4] if HAS_CUDA else [1], ids=lambda b: f"batch{b}")
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
-@pytest.mark.parametrize("method", ["lora", "adalora"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "dora"])
 def test_train_step(run, benchmark, request, model, method, mode, batch, provider):
     """One step; for AdaLoRA, ``update_and_allocate`` (peft's, or our ``RankAllocator`` on the converted model)
     runs after ``optimizer.step()`` as peft documents it. ``peft-bf16``: the same LoRA model on an unquantized
@@ -116,6 +118,8 @@ def test_train_step(run, benchmark, request, model, method, mode, batch, provide
     pytest.importorskip("transformers", reason="transformers is not installed")
     if provider == "peft-bf16" and method != "lora":
         pytest.skip("the bf16-base reference is measured for LoRA")
+    if method == "dora" and mode == "compiled":
+        pytest.skip("the DoRA step is measured eagerly")
     layers = request.config.getoption("--bench-layers") or (4 if HAS_CUDA else 2)
     seq = 32 if model == "tiny" else 2048
     tokens = batch * seq
@@ -148,7 +152,7 @@ def test_train_step(run, benchmark, request, model, method, mode, batch, provide
         optimizer.zero_grad(set_to_none=True)
 
     peak, baseline = peak_memory(step)
-    name = "train_step" if method == "lora" else "adalora_train_step"
+    name = "train_step" if method == "lora" else f"{method}_train_step"
     run(step, provider, eager=True, rounds=5, group=f"{name} {model} batch={batch} {mode}", layers=layers,
         tokens=tokens, mode=mode, liger=bool(liger),
         grad_ckpt=bool(request.config.getoption("--bench-grad-ckpt")),

@@ -8,13 +8,14 @@
 #   bash scripts/gpu_pending.sh train-4     the same at batch 4
 #   bash scripts/gpu_pending.sh liger       both batches with Liger-Kernel's Llama kernels on every provider
 #   bash scripts/gpu_pending.sh dora        the DoRA / QDoRA layer benchmark
+#   bash scripts/gpu_pending.sh dora-train  the QDoRA training step, batch 1 and 4, peft+bnb against converted
 #   bash scripts/gpu_pending.sh mixed       the mixed-adapter batch benchmark (8 adapters, M = 16 / 64)
 #   bash scripts/gpu_pending.sh ab          the A/B of the layer benchmarks against .ab_base (2 rounds)
 #   bash scripts/gpu_pending.sh profile-compiled   host vs GPU time of the batch-1 step, converted, eager and compiled
 # Logs and results under $OUT (or ./gpu_out).
 set -uo pipefail
-part=${1:?usage: bash scripts/gpu_pending.sh suite [FILES]|train-1|train-4|liger|dora|mixed|ab|profile-compiled}
-lora_step='train_step and not adalora'
+part=${1:?usage: bash scripts/gpu_pending.sh suite [FILES]|train-1|train-4|liger|dora|dora-train|mixed|ab|profile-compiled}
+lora_step='train_step and not adalora and not dora'
 case "$part" in
   suite) shift; files=("$@"); [ ${#files[@]} -eq 0 ] && files=(tests); export PYTHONPATH=/tmp/lk-site:$PWD
          crash=(tests/test_nf4_gemv_cuda.py::test_operator_checks_its_inputs
@@ -27,6 +28,7 @@ case "$part" in
   train-4) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "$lora_step and batch4" ;;
   liger) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "$lora_step and not compiled" --bench-liger ;;
   dora) bash scripts/gpu_check.sh bench bench/test_dora.py ;;
+  dora-train) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "train_step and dora and not adalora" ;;
   mixed) bash scripts/gpu_check.sh bench bench/test_mixed.py ;;
   ab) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
       SITE=/tmp/lk-site bash scripts/gpu_ab.sh .ab_base 2 ;;
