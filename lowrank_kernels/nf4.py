@@ -103,7 +103,9 @@ class NF4Weight:
     def from_bnb(cls, packed, quant_state=None) -> "NF4Weight":
         """From a ``bnb.nn.Params4bit``, or from ``(packed, QuantState)`` as ``bnb.functional.quantize_4bit`` returns.
 
-        Shares storage with the bitsandbytes tensors (no copy).
+        Shares storage with the bitsandbytes tensors (no copy). A weight quantized with another ``quant_storage``
+        than uint8 (FSDP-QLoRA recipes store the packed bytes as bfloat16 so that FSDP shards them like the other
+        parameters) is read through a uint8 view of the same bytes: bitsandbytes packs them identically.
         """
         if quant_state is None:
             quant_state = getattr(packed, "quant_state", None)
@@ -116,12 +118,17 @@ class NF4Weight:
         if getattr(quant_state, "packing_format_for_cpu", False):
             raise ValueError("quant_state: bitsandbytes repacked this weight for its CPU kernel "
                              "(packing_format_for_cpu); its bytes are not in NF4's layout")
-        if packed.dtype != torch.uint8:
-            raise TypeError(f"packed: expected uint8 storage, got {packed.dtype} (quant_storage other than "
-                            "uint8 is not supported)")
+        if not isinstance(packed, torch.Tensor) or packed.dtype == torch.bool or packed.is_complex():
+            raise TypeError(f"packed: expected a tensor of packed NF4 bytes, got "
+                            f"{getattr(packed, 'dtype', type(packed).__name__)}")
         data = packed.detach()
         if not torch.compiler.is_compiling():  # traced, a Params4bit already is a plain tensor (as_subclass is not)
             data = data.as_subclass(torch.Tensor)  # a plain tensor view of Params4bit's storage
+        if data.dtype != torch.uint8:  # quant_storage: the same bytes as another dtype
+            if not data.is_contiguous():
+                raise TypeError(f"packed: {data.dtype} storage (quant_storage) must be contiguous to be read as "
+                                "bytes")
+            data = data.reshape(-1).view(torch.uint8).reshape(-1, 1)
         if quant_state.shape is None:
             raise ValueError("quant_state.shape: missing")
         nested = quant_state.state2 is not None

@@ -12,9 +12,11 @@
 #   bash scripts/gpu_pending.sh mixed       the mixed-adapter batch benchmark (8 adapters, M = 16 / 64)
 #   bash scripts/gpu_pending.sh ab          the A/B of the layer benchmarks against .ab_base (2 rounds)
 #   bash scripts/gpu_pending.sh profile-compiled   host vs GPU time of the batch-1 step, converted, eager and compiled
+#   bash scripts/gpu_pending.sh multi-gpu   (2 GPUs: kind nvidia-h100-x2) #29: one GPU, then DDP / FSDP2 on two, both
+#                                           providers, bf16 quant_storage (shardable on torch 2.11), 50 steps
 # Logs and results under $OUT (or ./gpu_out).
 set -uo pipefail
-part=${1:?usage: bash scripts/gpu_pending.sh suite [FILES]|train-1|train-4|liger|dora|dora-train|mixed|ab|profile-compiled}
+part=${1:?usage: bash scripts/gpu_pending.sh suite [FILES]|train-1|train-4|liger|dora|dora-train|mixed|ab|profile-compiled|multi-gpu}
 lora_step='train_step and not adalora and not dora'
 case "$part" in
   suite) shift; files=("$@"); [ ${#files[@]} -eq 0 ] && files=(tests); export PYTHONPATH=/tmp/lk-site:$PWD
@@ -36,5 +38,11 @@ case "$part" in
       export PYTHONPATH=/tmp/lk-site:$PWD
       python3 scripts/profile_train_step.py --providers lowrank_kernels --rows 25
       python3 scripts/profile_train_step.py --providers lowrank_kernels,peft+bnb --compile --rows 25 ;;
+  multi-gpu) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
+      export PYTHONPATH=/tmp/lk-site:$PWD OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+      run=(scripts/train_multi_gpu.py --check-exact --quant-storage bfloat16)
+      torchrun --standalone --nproc-per-node 1 "${run[@]}" --wrap none --out "$OUT/multi-gpu-1x.json" | tail -8
+      torchrun --standalone --nproc-per-node 2 "${run[@]}" --wrap ddp,fsdp2,fsdp2-replicate \
+        --baseline "$OUT/multi-gpu-1x.json" --out "$OUT/multi-gpu-2x.json" | tail -12 ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac

@@ -19,8 +19,8 @@ recipe). Sharded, a ``Params4bit`` becomes a ``DTensor`` holding 1/N of the pack
 forward and the converted layers read when the weight has none. ``fully_shard`` of a uint8 parameter fails on
 torch releases that create the sharded ``nn.Parameter`` requiring grad (pytorch/pytorch#177844; torch 2.11
 does): the run is then recorded as refused. ``--quant-storage bfloat16`` (bitsandbytes packs the bytes into a
-bf16 tensor, FSDP-QLoRA's way around that) runs for ``peft-bnb``; ``convert`` leaves such layers to peft (our
-``NF4Weight`` reads uint8 storage), recorded as a refusal too.
+bf16 tensor, FSDP-QLoRA's way around that) shards for both providers (``NF4Weight`` reads such storage as a uint8
+view of its bytes).
 
 Data: each step, ``--global-batch`` sequences of ``--seq`` random tokens (drawn from ``--seed`` and the step
 only: the same for any world size), split into equal contiguous slices, one per rank, run ``--micro-batch``

@@ -104,5 +104,7 @@ def test_from_bnb_errors():
     with pytest.raises(ValueError, match="packed"):
         NF4Weight.from_bnb(packed, state)
     packed, state = F.quantize_4bit(torch.randn(8, 64), quant_type="nf4", quant_storage=torch.bfloat16)
-    with pytest.raises(TypeError, match="quant_storage"):
-        NF4Weight.from_bnb(packed, state)
+    with pytest.raises(TypeError, match="contiguous"):  # other storage is read as bytes: only where contiguous
+        NF4Weight.from_bnb(torch.cat([packed, packed], 1)[:, :1], state)
+    with pytest.raises(TypeError, match="packed"):
+        NF4Weight.from_bnb(packed.bool(), state)

@@ -192,6 +192,23 @@ def test_to_bnb_round_trip(nested):
     assert torch.equal(back.dequantize(torch.float32), w.dequantize(torch.float32))
 
 
+@needs_bnb
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32, torch.int8])
+def test_from_bnb_reads_other_quant_storage_as_bytes(storage):
+    """bitsandbytes' ``quant_storage``: the packed bytes of a uint8 quantization, held as another dtype. Read as a
+    uint8 view of the same storage (no copy, no float arithmetic on the bytes): dequantized bit-identically."""
+    import bitsandbytes.functional as F
+
+    w = torch.randn(24, 128, dtype=torch.bfloat16)
+    ref_packed, ref_state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    packed, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True, quant_storage=storage)
+    assert packed.dtype == storage
+    got = NF4Weight.from_bnb(packed, state)
+    assert got.packed.dtype == torch.uint8 and got.packed.data_ptr() == packed.data_ptr()
+    assert torch.equal(got.packed, ref_packed)
+    assert torch.equal(got.dequantize(), NF4Weight.from_bnb(ref_packed, ref_state).dequantize())
+
+
 def _bnb_linear(in_f, out_f, nested, dtype=torch.bfloat16):
     import bitsandbytes as bnb
 

@@ -27,19 +27,21 @@ class Tiny(nn.Module):
         return self.head(self.down(torch.relu(self.up(x))))
 
 
-def quantized_tiny(device=DEVICE, owned=False):
+def quantized_tiny(device=DEVICE, owned=False, quant_storage=torch.uint8):
     """``Tiny`` with up/down as bitsandbytes NF4 ``Linear4bit`` layers (double quant), on ``device`` (the move
     quantizes). ``owned``: each ``Params4bit`` knows its layer (``module=``, as transformers builds them), so
-    bitsandbytes also keeps the quant_state on the layer."""
+    bitsandbytes also keeps the quant_state on the layer. ``quant_storage``: the dtype holding the packed bytes."""
     import bitsandbytes as bnb
 
     model = Tiny()
     for name in ("up", "down"):
         lin = getattr(model, name)
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                              compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True,
+                              quant_storage=quant_storage)
         q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                     compress_statistics=True, **(dict(module=q) if owned else {}))
+                                     compress_statistics=True, quant_storage=quant_storage,
+                                     **(dict(module=q) if owned else {}))
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
         setattr(model, name, q)
@@ -109,9 +111,13 @@ def test_dense_lora_bf16_activations_fp32_adapters():
 
 
 @needs_bnb
-def test_qlora_bnb_matches_peft():
-    model, ours = peft_pair(quantized_tiny())
-    assert type(ours.base_model.model.up).__name__ == "PeftLoraLinear4bit"
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16, torch.float32])
+def test_qlora_bnb_matches_peft(quant_storage):
+    """Also with the packed bytes stored as another dtype (FSDP-QLoRA's ``bnb_4bit_quant_storage``): read as bytes."""
+    model, ours = peft_pair(quantized_tiny(quant_storage=quant_storage))
+    up = ours.base_model.model.up
+    assert type(up).__name__ == "PeftLoraLinear4bit"
+    assert up.base_layer.weight.dtype == quant_storage
     assert_same(model, ours, torch.randn(7, 40, device=DEVICE), 1e-4)
 
 

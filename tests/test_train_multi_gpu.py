@@ -165,3 +165,19 @@ def test_json_fields(one, two):
             assert run["timed_steps"] == STEPS - 1
             assert run["tokens_per_s"] > 0
             assert run["resident_bytes"] == [None] * world and run["peak_bytes"] == [None] * world  # CPU: none
+
+
+def test_bf16_quant_storage_shards_and_matches_one_process(tmp_path):
+    """FSDP-QLoRA's storage (``--quant-storage bfloat16``: the packed bytes in a bf16 tensor, which torch releases
+    refusing uint8 parameters shard): converted layers read it as bytes; under FSDP2 each rank holds half of it,
+    the bytes survive the all-gather bit-exactly, and the losses equal one process's."""
+    storage = ("--quant-storage", "bfloat16", "--provider", "ours")
+    ref = run_of(launch(tmp_path, 1, "--wrap", "none", *storage), "ours", "none")
+    got = run_of(launch(tmp_path, 2, "--wrap", "fsdp2", *storage), "ours", "fsdp2")
+    assert got["converted_layers"] == got["our_autograd_nodes"] == NF4_LAYERS
+    assert got["exact_wrapped"]["equal"] and got["exact_trained"]["equal"], (got["exact_wrapped"],
+                                                                             got["exact_trained"])
+    assert got["nf4_bytes_per_rank"] == [got["nf4_bytes_total"] // 2] * 2
+    assert max(rel(x, ref["losses"][0]) for x in ref["losses"]) > 100 * TOL, ref["losses"]
+    for a, b in zip(got["losses"], ref["losses"]):
+        assert rel(a, b) <= TOL, (got["losses"], ref["losses"])
