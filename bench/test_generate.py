@@ -26,8 +26,9 @@ through adapter i mod 9 (the 9th choice ``"__base__"``: no adapter), generating 
   peft+bnb         peft's ``_mixed_batch_forward``: ``bnb.matmul_4bit``, then per adapter a gather of its rows,
                    ``lora_B(lora_A(x))`` in fp32 and a scatter-add
   single           converted, the same batch through one adapter (r=16, no ``adapter_names``): the target
-All three eagerly: both mixed paths build the per-row adapter index on the host from the names at every layer call
-and copy it to the GPU, which a CUDA graph cannot capture.
+peft+bnb eagerly (its loop selects each adapter's rows on the host at every layer call); the converted model's
+decode steps as CUDA graphs like the single-adapter runs (its row index is built once per set of requests and
+reused by every layer and step: ``lowrank_kernels.peft.row_index``), and ``single`` the same way.
 Timed: the whole generation, from the cache reset and prefill to the last token (GPU clock, host launch time
 included where the GPU waits for it). extra_info: ``tokens`` = batch × new tokens (tokens/s in bench/report.py),
 ``tokens_per_s``, ``ms_per_token`` (time / new tokens: one step of the whole batch), ``peak_bytes`` (max allocated
@@ -295,7 +296,12 @@ def test_generate_mixed(benchmark, request, model, provider):
     if provider != "peft+bnb":
         convert_checked(net, ids, expected=len(TARGETS) * layers, **kwargs)
     decoder = Decoder(net, ids, NEW_TOKENS, **kwargs)
-    decoder.reason = "eager: the adapter_names paths copy a host-built row index to the GPU at every layer call" \
-        if kwargs else "eager, as the mixed-adapter rows it is the reference of"
+    if provider == "peft+bnb":
+        decoder.reason = "eager: peft's adapter_names loop selects each adapter's rows on the host at every call"
+    elif request.config.getoption("--bench-eager"):
+        decoder.reason = "--bench-eager: eager"
+    else:
+        decoder.capture()
+        decoder.check_graph()
     timed(benchmark, decoder, provider, f"generate_mixed_8_adapters {model} batch={MIXED_BATCH}", layers=layers,
           adapters=len(RANKS), ranks=RANKS, adapter_names=kwargs.get("adapter_names"))

@@ -139,6 +139,32 @@ def _dora(module, name) -> bool:
     return _DoraLinearVariant is not None and type(module.lora_variant.get(name)) is _DoraLinearVariant
 
 
+
+# (adapter names per sample, adapters used, rows per sample, device) -> the row index on the device: every layer of a
+# forward, and every decode step with the same requests, reuses it (no host-to-device copy per layer call, which
+# from pageable memory waits for the stream; and a CUDA graph can capture the calls)
+_ROW_INDEX = {}
+_ROW_INDEX_MAX = 64
+
+
+def row_index(adapter_names: tuple, used: tuple, rows_per_sample: int, device) -> torch.Tensor:
+    """The int64 row index of a mixed batch on ``device``: for each sample's name in ``adapter_names``, its position
+    in ``used`` (-1 for a name not in it, such as ``"__base__"``), repeated ``rows_per_sample`` times. Cached per
+    arguments (the same tensor for the same requests; never modified in place)."""
+    key = (adapter_names, used, rows_per_sample, device)
+    index = None if torch.compiler.is_compiling() else _ROW_INDEX.get(key)
+    if index is None:
+        position = {n: i for i, n in enumerate(used)}
+        with torch.inference_mode(False):  # also usable outside the inference mode it may be first built in
+            per_sample = torch.tensor([position.get(n, -1) for n in adapter_names], dtype=torch.int64)
+            index = per_sample.repeat_interleave(rows_per_sample).to(device)
+        if not torch.compiler.is_compiling():
+            if len(_ROW_INDEX) >= _ROW_INDEX_MAX:
+                _ROW_INDEX.clear()
+            _ROW_INDEX[key] = index
+    return index
+
+
 class _FusedForward:
     """Mixin for a peft LoRA layer: our forward whenever exactly one plain LoRA adapter is active and nothing
     peft's forward would run around the base product or the adapters (hooks) would be skipped."""
@@ -181,9 +207,8 @@ class _FusedForward:
             modules += [self.lora_A[n], self.lora_B[n], dropout]
         if _runtime_hooks(self, tuple(modules)):
             return None
-        position = {n: i for i, n in enumerate(used)}
-        per_sample = torch.tensor([position.get(n, -1) for n in adapter_names], dtype=torch.int64)
-        index = per_sample.repeat_interleave(x[0].numel() // x.shape[-1] if x.dim() > 1 else 1)
+        index = row_index(tuple(adapter_names), tuple(used), x[0].numel() // x.shape[-1] if x.dim() > 1 else 1,
+                          x.device)
         base = self.get_base_layer()
         adapters = [(self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in used]
         return mixed_lora_linear(x, self._lowrank_weight(base), adapters, index, base.bias)

@@ -170,6 +170,21 @@ def test_converted_layers_run_adapter_names_batches(quantized, monkeypatch):
         ours(x, adapter_names=per_sample[:-1])
 
 
+def test_converted_layers_reuse_the_row_index():
+    """Every layer of a forward, and every call with the same requests, reuses one device index (built once, on the
+    host, then copied): a decode step copies nothing per layer call. Built under inference mode, it is a normal
+    tensor (usable by a later training call)."""
+    from lowrank_kernels.peft import row_index
+
+    names, used = ("c", "__base__", "a"), ("a", "c")
+    with torch.inference_mode():
+        first = row_index(names, used, 2, torch.device(DEVICE))
+    assert not first.is_inference() and first.device.type == torch.device(DEVICE).type
+    assert first is row_index(names, used, 2, torch.device(DEVICE))
+    assert first.tolist() == [1, 1, -1, -1, 0, 0]
+    assert row_index(names, used, 1, torch.device(DEVICE)).tolist() == [1, -1, 0]
+
+
 def test_index_values_read_once_per_version():
     """A device index is read (a sync) once per version, so a CUDA graph can replay a call on the same tensor; an
     in-place change to a bad value is caught at the next call."""
