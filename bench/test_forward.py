@@ -1,6 +1,8 @@
 """QLoRA linear forward, r=16, bf16: ours vs what users run today.
 
-providers: lowrank_kernels (the default dispatch), lowrank_kernels[fused] (the fused NF4 GEMM + LoRA), peft+bnb
+providers: lowrank_kernels (the default dispatch), lowrank_kernels[inference] (the same on the weight's inference form,
+``NF4Weight.with_flat_scales``: what ``prepare_for_inference`` makes layers read), lowrank_kernels[fused] (the fused
+NF4 GEMM + LoRA), peft+bnb
 (``bnb.matmul_4bit`` + the LoRA branch as peft runs it), unfused (our bit-exact dequant + cuBLAS + addmm for the
 LoRA term), dense (bf16 ``x @ W.t()``, no LoRA, no quantization: the floor). FLOPs = 2·M·N·K + 2·M·r·(K + N).
 """
@@ -14,12 +16,15 @@ from bench.layer import DEVICE, DTYPE, RANK, layers, peft_lora
 from lowrank_kernels import qlora_linear
 
 TOKENS = [1, 4, 16, 64, 256, 4096, 8192] if HAS_CUDA else [1, 64]  # M; --bench-m overrides
-PROVIDERS = ["lowrank_kernels", "lowrank_kernels[fused]", "peft+bnb", "unfused", "dense"]
+PROVIDERS = ["lowrank_kernels", "lowrank_kernels[inference]", "lowrank_kernels[fused]", "peft+bnb", "unfused", "dense"]
 
 
 def provider_fn(provider, layer, x):
     if provider == "lowrank_kernels":  # the default dispatch
         return lambda: qlora_linear(x, layer.nf4, layer.A, layer.B, layer.scaling)
+    if provider == "lowrank_kernels[inference]":  # double quantization undone once (prepare_for_inference)
+        flat = layer.nf4.with_flat_scales()
+        return lambda: qlora_linear(x, flat, layer.A, layer.B, layer.scaling)
     if provider == "lowrank_kernels[fused]":  # the fused Triton GEMM, forced
         return lambda: qlora_linear(x, layer.nf4, layer.A, layer.B, layer.scaling, backend="triton")
     if provider == "dense":

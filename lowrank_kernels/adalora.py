@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lowrank_kernels import dispatch, nf4_module
 from lowrank_kernels.checks import check_finite, check_float_dtype, check_rank, tensor_version
 from lowrank_kernels.functional import check_inputs, lora_linear, qlora_linear
-from lowrank_kernels.nf4 import DTYPES as NF4_DTYPES, NF4Weight
+from lowrank_kernels.nf4 import DTYPES as NF4_DTYPES, FlatScalesCache, NF4Weight
 
 __all__ = ["AdaLoraLinear", "adalora_linear", "active_indices", "check_active", "check_mask", "pack_mask", "unpack_mask"]
 
@@ -281,9 +281,16 @@ class AdaLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x):
-        return adalora_linear(x, self.weight, self.lora_A, self.lora_E, self.lora_B, self.scaling, self.bias,
-                              ranknum=self.ranknum, active=self.active_idx,
+        weight, flat = self.weight, self.__dict__.get("_flat_scales")
+        return adalora_linear(x, weight if flat is None else flat(weight), self.lora_A, self.lora_E, self.lora_B,
+                              self.scaling, self.bias, ranknum=self.ranknum, active=self.active_idx,
                               dropout=self.lora_dropout if self.training else 0.0)
+
+    def set_inference_form(self, enabled: bool = True) -> bool:
+        """As :meth:`QLoraLinear.set_inference_form` for an NF4 weight; a dense one has no other form (False)."""
+        nf4 = isinstance(self.weight, NF4Weight)
+        self.__dict__["_flat_scales"] = FlatScalesCache() if enabled and nf4 else None
+        return nf4
 
     def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
         """``B[:, idx] @ (A * E)[idx] * scaling / (ranknum + 1e-5)`` ``[N, K]``, computed in fp32."""

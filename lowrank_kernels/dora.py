@@ -6,8 +6,9 @@
 Without dropout (``Xd = x``) that is ``y = c * (x @ W.T + s * (x @ A.T) @ B.T) + bias``: the LoRA layer's product
 (``lora_linear`` / ``qlora_linear``: our kernels, the merged weight at large M) scaled per output column, plus the
 bias; on the Triton backend the scale and bias take one pass over ``[M, N]`` forward and one backward
-(``kernels.dora_scale``, :class:`DoraScaleFunction`), where torch ops make fp32 ``[M, N]`` temporaries. With dropout, as peft, the base product is computed a second time on the dropped ``x`` (torch products over
-the dequantized weight: not fused yet).
+(``kernels.dora_scale``, :class:`DoraScaleFunction`), where torch ops make fp32 ``[M, N]`` temporaries. With
+dropout, as peft, the base product is computed a second time on the dropped ``x`` (torch products over the
+dequantized weight: not fused yet).
 
 The norm never materializes ``W + s * B @ A``: with ``w_n`` the rows of W and ``b_n`` those of B,
 
@@ -16,11 +17,12 @@ The norm never materializes ``W + s * B @ A``: with ``w_n`` the rows of W and ``
 so it takes ``||w_n||^2``, one skinny product ``W @ A.T [N, r]`` and ``A @ A.T [r, r]``, in fp32 (peft forms the
 ``[N, K]`` sum, and ``B @ A`` through a ``[K, K]`` identity). On the Triton backend one kernel
 (``kernels.dora_norm``) reads W once (NF4: 0.5 byte per element, dequantized in registers) for both; elsewhere,
-and in fp64, torch products over W dequantized to fp32 (``policy.dora_norm_on_triton`` decides). ``eps`` (default 1e-12): peft divides by the norm
-without one, so an all-zero row of ``W + s * B @ A`` (Llama-3.1-8B's ``o_proj`` has 511 zero rows of W, and B starts
-at zero) gives NaN there; here ``c = m / eps`` for such a row, and with ``m`` initialized from that zero norm
-(``m = 0``, as peft initializes it) the row's output is ``bias`` (no dropout) and it gets no gradient: it stays
-inert, finite.
+and in fp64, torch products over W dequantized to fp32 (``policy.dora_norm_on_triton`` decides).
+
+``eps`` (default 1e-12): peft divides by the norm without one, so an all-zero row of ``W + s * B @ A``
+(Llama-3.1-8B's ``o_proj`` has 511 zero rows of W, and B starts at zero) gives NaN there; here ``c = m / eps`` for
+such a row, and with ``m`` initialized from that zero norm (``m = 0``, as peft initializes it) the row's output is
+``bias`` (no dropout) and it gets no gradient: it stays inert, finite.
 
 Gradients flow to ``x``, ``lora_A``, ``lora_B``, ``magnitude``, ``bias`` (and a dense weight that requires one),
 through the LoRA functional and torch ops (autograd): ``dm = sum_rows(dY * L) / norm`` with ``L`` the unscaled

@@ -25,7 +25,7 @@ from lowrank_kernels import nf4_module
 from lowrank_kernels.checks import FLOAT_DTYPES, check_finite, check_float_dtype, check_rank
 from lowrank_kernels.dora import dora_linear, dora_weight_norm
 from lowrank_kernels.functional import lora_linear, qlora_linear
-from lowrank_kernels.nf4 import NF4Weight
+from lowrank_kernels.nf4 import FlatScalesCache, NF4Weight
 
 _INITS = (True, False, "kaiming", "gaussian")
 
@@ -218,7 +218,16 @@ class QLoraLinear(_LoraAdapter):
     def forward(self, x):
         if self.merged:
             return F.linear(x, self.nf4.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return self._lora_forward(x, self.nf4)
+        flat = self.__dict__.get("_flat_scales")
+        return self._lora_forward(x, self.nf4 if flat is None else flat(self.nf4))
+
+    def set_inference_form(self, enabled: bool = True) -> bool:
+        """Whether the kernels read the NF4 weight with its double quantization undone once
+        (:meth:`NF4Weight.with_flat_scales`: same outputs, bit for bit; 3 more bytes per block of scales, kept
+        beside the saved format, which does not change). :func:`lowrank_kernels.prepare_for_inference` sets it.
+        Returns whether this layer has such a form (an NF4 weight: True)."""
+        self.__dict__["_flat_scales"] = FlatScalesCache() if enabled else None
+        return True
 
     def merged_linear(self, dtype=None) -> nn.Linear:
         """A dense ``nn.Linear`` with weight ``deq(W) + delta`` (``dtype``: the NF4 weight's), and this bias."""

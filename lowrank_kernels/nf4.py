@@ -12,6 +12,7 @@ import torch
 
 import python_ref
 from lowrank_kernels import dispatch
+from lowrank_kernels.checks import tensor_version
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -309,6 +310,20 @@ class NF4Weight:
         self.dtype, self.shape = DTYPES[meta[2]], torch.Size(meta[3:])
         return self
 
+    def with_flat_scales(self) -> "NF4Weight":
+        """This weight with double quantization undone once: each block's fp32 scale ``code2[q] * absmax2 + offset``
+        (two fp32 roundings, as every kernel rebuilds it) stored as a plain fp32 ``absmax``; the packed nibbles
+        shared, not copied. Dequantizes bit-identically (and so computes identical layer outputs), at 4 instead of
+        1 byte per block of scales, and saves the kernels the dependent second-level lookup per block: the
+        inference form of :func:`lowrank_kernels.prepare_for_inference`. A weight without double quantization is
+        returned as is."""
+        if not self.nested:
+            return self
+        with torch.no_grad():
+            absmax = python_ref.dequantize_absmax(self.absmax, self.absmax2, self.code2, self.offset,
+                                                  self.nested_blocksize)
+        return NF4Weight(self.packed, absmax, self.shape, self.dtype, self.blocksize, code=self.code)
+
     def dequantize(self, dtype=None, backend=None) -> torch.Tensor:
         """The tensor ``[*shape]`` in ``dtype`` (default: the original dtype), bit-identical to bitsandbytes.
 
@@ -416,3 +431,22 @@ def _expect(t, dtype, numel_shape, name):
         raise ValueError(f"{name}: expected {numel_shape[0]} elements, got {t.numel()}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: must be contiguous")
+
+
+class FlatScalesCache:
+    """A layer's inference form of its NF4 weight (:meth:`NF4Weight.with_flat_scales`), kept while the weight is
+    the same and its scales unchanged (their version counters: ``load_state_dict`` copies into them in place), and
+    rebuilt otherwise. While ``torch.compile`` traces, the weight is handed on as it is (same results)."""
+
+    def __init__(self):
+        self._key, self._flat = None, None
+
+    def __call__(self, weight: NF4Weight) -> NF4Weight:
+        if not weight.nested or torch.compiler.is_compiling():
+            return weight
+        scales = (weight.absmax, weight.absmax2, weight.code2, weight.offset)
+        key = (weight.packed.data_ptr(), weight.packed.device,
+               *((t.data_ptr(), tensor_version(t)) for t in scales))
+        if key != self._key:
+            self._key, self._flat = key, weight.with_flat_scales()
+        return self._flat

@@ -48,7 +48,7 @@ from lowrank_kernels.adalora import active_indices, adalora_linear, check_mask
 from lowrank_kernels.dora import dora_linear
 from lowrank_kernels.functional import lora_linear, qlora_linear
 from lowrank_kernels.mixed import mixed_lora_linear
-from lowrank_kernels.nf4 import NF4Weight
+from lowrank_kernels.nf4 import FlatScalesCache, NF4Weight
 
 try:
     from peft.tuners.lora import Linear as _PeftLinear
@@ -265,7 +265,14 @@ if _PeftLinear4bit is not None:
             if cached is None or cached[0] != key:
                 cached = (key, NF4Weight.from_bnb(weight, quant_state))
                 self.__dict__["_lowrank_nf4_cache"] = cached
-            return cached[1]
+            flat = self.__dict__.get("_flat_scales")
+            return cached[1] if flat is None else flat(cached[1])
+
+        def set_inference_form(self, enabled: bool = True) -> bool:
+            """As :meth:`lowrank_kernels.QLoraLinear.set_inference_form`: the kernels read the bitsandbytes
+            weight with its double quantization undone once (same outputs; bitsandbytes' tensors untouched)."""
+            self.__dict__["_flat_scales"] = FlatScalesCache() if enabled else None
+            return True
 else:
     PeftLoraLinear4bit = None
 
@@ -456,6 +463,7 @@ if _PeftSVDLinear4bit is not None:
 
         _lowrank_weight = PeftLoraLinear4bit._lowrank_weight
         _lowrank_base_ok = PeftLoraLinear4bit._lowrank_base_ok
+        set_inference_form = PeftLoraLinear4bit.set_inference_form
 else:
     PeftAdaLoraLinear4bit = None
 

@@ -11,12 +11,16 @@
 #   bash scripts/gpu_pending.sh dora-train  the QDoRA training step, batch 1 and 4, peft+bnb against converted
 #   bash scripts/gpu_pending.sh mixed       the mixed-adapter batch benchmark (8 adapters, M = 16 / 64)
 #   bash scripts/gpu_pending.sh ab          the A/B of the layer benchmarks against .ab_base (2 rounds)
+#   bash scripts/gpu_pending.sh inference   #28: decode forward (M = 1, 4, 16, 64) on the inference form against the
+#                                           bitsandbytes form, matmul_4bit + peft, dense
 #   bash scripts/gpu_pending.sh profile-compiled   host vs GPU time of the batch-1 step, converted, eager and compiled
 #   bash scripts/gpu_pending.sh multi-gpu   (2 GPUs: kind nvidia-h100-x2) #29: one GPU, then DDP / FSDP2 on two, both
 #                                           providers, bf16 quant_storage (shardable on torch 2.11), 50 steps
 # Logs and results under $OUT (or ./gpu_out).
 set -uo pipefail
-part=${1:?usage: bash scripts/gpu_pending.sh suite [FILES]|train-1|train-4|liger|dora|dora-train|mixed|ab|profile-compiled|multi-gpu}
+parts='suite [FILES] | train-1 | train-4 | liger | dora | dora-train | mixed | inference | ab |
+       profile-compiled | multi-gpu'
+part=${1:?usage: bash scripts/gpu_pending.sh $parts}
 lora_step='train_step and not adalora and not dora'
 case "$part" in
   suite) shift; files=("$@"); [ ${#files[@]} -eq 0 ] && files=(tests); export PYTHONPATH=/tmp/lk-site:$PWD
@@ -32,6 +36,8 @@ case "$part" in
   dora) bash scripts/gpu_check.sh bench bench/test_dora.py ;;
   dora-train) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "train_step and dora and not adalora" ;;
   mixed) bash scripts/gpu_check.sh bench bench/test_mixed.py ;;
+  inference) bash scripts/gpu_check.sh bench bench/test_forward.py --bench-m 1,4,16,64 --bench-modes forward \
+      --bench-providers "lowrank_kernels,lowrank_kernels[inference],peft+bnb,dense" ;;
   ab) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
       SITE=/tmp/lk-site bash scripts/gpu_ab.sh .ab_base 2 ;;
   profile-compiled) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
