@@ -90,3 +90,8 @@ def test_doc_python_blocks_run(doc, tmp_path):
     where = f"block {int(failed[1]) + 1} of {len(blocks)} (line {failed[2]})" if failed else "before any block"
     pytest.fail(f"{doc}: {where} failed (exit {proc.returncode})\n--- stdout\n{proc.stdout[-4000:]}\n"
                 f"--- stderr\n{proc.stderr[-8000:]}", pytrace=False)
+
+
+def test_readme_is_a_short_guide():
+    """The README stays a user guide (performance logs live in docs/): at most 150 lines."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 150
