@@ -139,7 +139,6 @@ def _dora(module, name) -> bool:
     return _DoraLinearVariant is not None and type(module.lora_variant.get(name)) is _DoraLinearVariant
 
 
-
 # (adapter names per sample, adapters used, rows per sample, device) -> the row index on the device: every layer of a
 # forward, and every decode step with the same requests, reuses it (no host-to-device copy per layer call, which
 # from pageable memory waits for the stream; and a CUDA graph can capture the calls)
