@@ -16,10 +16,12 @@
 #   bash scripts/gpu_pending.sh profile-compiled   host vs GPU time of the batch-1 step, converted, eager and compiled
 #   bash scripts/gpu_pending.sh multi-gpu   (2 GPUs: kind nvidia-h100-x2) #29: one GPU, then DDP / FSDP2 on two, both
 #                                           providers, bf16 quant_storage (shardable on torch 2.11), 50 steps
-# Logs and results under $OUT (or ./gpu_out).
+#   bash scripts/gpu_pending.sh round1|round2|round3   the parts above in three calls of < 10 minutes each:
+#       round1 = suite, profile-compiled; round2 = dora, dora-train, inference, mixed; round3 = the generation bench
+# Logs and results under $OUT (or ./gpu_out); a round puts each part's under $OUT/<part>.
 set -uo pipefail
 parts='suite [FILES] | train-1 | train-4 | liger | dora | dora-train | mixed | inference | ab |
-       profile-compiled | multi-gpu'
+       profile-compiled | multi-gpu | round1 | round2 | round3'
 part=${1:?usage: bash scripts/gpu_pending.sh $parts}
 lora_step='train_step and not adalora and not dora'
 case "$part" in
@@ -50,5 +52,14 @@ case "$part" in
       torchrun --standalone --nproc-per-node 1 "${run[@]}" --wrap none --out "$OUT/multi-gpu-1x.json" | tail -8
       torchrun --standalone --nproc-per-node 2 "${run[@]}" --wrap ddp,fsdp2,fsdp2-replicate \
         --baseline "$OUT/multi-gpu-1x.json" --out "$OUT/multi-gpu-2x.json" | tail -12 ;;
+  round1|round2|round3)
+      case "$part" in round1) parts=(suite profile-compiled) ;; round2) parts=(dora dora-train inference mixed) ;;
+                      round3) parts=(generate) ;; esac
+      out=${OUT:-gpu_out}
+      for p in "${parts[@]}"; do
+        echo "== $p"; mkdir -p "$out/$p"
+        if [ "$p" = generate ]; then OUT=$out/$p bash scripts/gpu_check.sh bench bench/test_generate.py
+        else OUT=$out/$p bash "$0" "$p"; fi 2>&1 | grep -v "^WARNING: Target directory" | tee "$out/$p/run.log" | tail -40
+      done ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
