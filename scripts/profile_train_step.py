@@ -47,6 +47,12 @@ def profile_one(provider, a):
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if a.compile:  # graph breaks and recompiles cost host time on every step
+        from torch._dynamo.utils import counters
+
+        print(f"== {provider} compiled: {counters['stats'].get('unique_graphs', 0)} graphs, graph breaks "
+              f"{dict(counters['graph_break'])}, recompiles {dict(counters['recompiles'])}")
+        counters.clear()
     t0 = time.perf_counter()
     for _ in range(5):
         step()
