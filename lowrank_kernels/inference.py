@@ -5,8 +5,9 @@ quantization stores each block's scale as a uint8 index into a 256-entry table p
 and an offset; a decode kernel rebuilds every block's scale from those (two dependent loads) while it streams the
 weight. The inference form rebuilds them once: an fp32 scale per block (:meth:`NF4Weight.with_flat_scales`), the
 packed nibbles shared. Every kernel computes the same fp32 scale either way, so outputs (and gradients) are
-bit-identical; the cost is 3 more bytes per block of 64 weights, held beside bitsandbytes' tensors, which stay
-as they are (``state_dict`` and ``save_pretrained`` write the same bytes).
+bit-identical. The cost: a kernel reads 4 bytes of scale per block of 64 weights instead of about 1, and the layer
+holds those fp32 scales (1/8 of the packed weight's size) beside bitsandbytes' tensors, which stay as they are
+(``state_dict`` and ``save_pretrained`` write the same bytes).
 """
 from torch import nn
 

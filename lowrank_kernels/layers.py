@@ -223,9 +223,10 @@ class QLoraLinear(_LoraAdapter):
 
     def set_inference_form(self, enabled: bool = True) -> bool:
         """Whether the kernels read the NF4 weight with its double quantization undone once
-        (:meth:`NF4Weight.with_flat_scales`: same outputs, bit for bit; 3 more bytes per block of scales, kept
-        beside the saved format, which does not change). :func:`lowrank_kernels.prepare_for_inference` sets it.
-        Returns whether this layer has such a form (an NF4 weight: True)."""
+        (:meth:`NF4Weight.with_flat_scales`: same outputs, bit for bit; an fp32 scale per block held beside
+        the saved format, which does not change: 4 bytes per 64 weights, 1/8 of the packed weight's size).
+        :func:`lowrank_kernels.prepare_for_inference` sets it. Returns whether this layer has such a form (an NF4
+        weight: True)."""
         self.__dict__["_flat_scales"] = FlatScalesCache() if enabled else None
         return True
 
