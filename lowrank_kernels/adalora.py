@@ -281,15 +281,14 @@ class AdaLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x):
-        weight, flat = self.weight, self.__dict__.get("_flat_scales")
-        return adalora_linear(x, weight if flat is None else flat(weight), self.lora_A, self.lora_E, self.lora_B,
+        return adalora_linear(x, FlatScalesCache.weight_of(self, self.weight), self.lora_A, self.lora_E, self.lora_B,
                               self.scaling, self.bias, ranknum=self.ranknum, active=self.active_idx,
                               dropout=self.lora_dropout if self.training else 0.0)
 
     def set_inference_form(self, enabled: bool = True) -> bool:
         """As :meth:`QLoraLinear.set_inference_form` for an NF4 weight; a dense one has no other form (False)."""
         nf4 = isinstance(self.weight, NF4Weight)
-        self.__dict__["_flat_scales"] = FlatScalesCache() if enabled and nf4 else None
+        FlatScalesCache.attach(self, enabled and nf4)
         return nf4
 
     def delta_weight(self, dtype=torch.float32) -> torch.Tensor:

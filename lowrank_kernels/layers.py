@@ -218,8 +218,7 @@ class QLoraLinear(_LoraAdapter):
     def forward(self, x):
         if self.merged:
             return F.linear(x, self.nf4.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        flat = self.__dict__.get("_flat_scales")
-        return self._lora_forward(x, self.nf4 if flat is None else flat(self.nf4))
+        return self._lora_forward(x, FlatScalesCache.weight_of(self, self.nf4))
 
     def set_inference_form(self, enabled: bool = True) -> bool:
         """Whether the kernels read the NF4 weight with its double quantization undone once
@@ -227,7 +226,7 @@ class QLoraLinear(_LoraAdapter):
         the saved format, which does not change: 4 bytes per 64 weights, 1/8 of the packed weight's size).
         :func:`lowrank_kernels.prepare_for_inference` sets it. Returns whether this layer has such a form (an NF4
         weight: True)."""
-        self.__dict__["_flat_scales"] = FlatScalesCache() if enabled else None
+        FlatScalesCache.attach(self, enabled)
         return True
 
     def merged_linear(self, dtype=None) -> nn.Linear:

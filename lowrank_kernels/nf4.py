@@ -450,3 +450,16 @@ class FlatScalesCache:
         if key != self._key:
             self._key, self._flat = key, weight.with_flat_scales()
         return self._flat
+
+    @staticmethod
+    def attach(layer, enabled: bool) -> None:
+        """Gives ``layer`` (a module computing over an NF4 weight) a cache of its weight's inference form, or with
+        ``enabled=False`` removes it; kept out of the module's parameters, buffers and state_dict."""
+        layer.__dict__["_flat_scales"] = FlatScalesCache() if enabled else None
+
+    @staticmethod
+    def weight_of(layer, weight):
+        """``weight`` in the form ``layer`` computes with: its inference form where :meth:`attach` enabled one,
+        else ``weight`` itself (also a dense one)."""
+        cache = layer.__dict__.get("_flat_scales")
+        return weight if cache is None else cache(weight)

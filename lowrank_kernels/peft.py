@@ -151,13 +151,14 @@ def row_index(adapter_names: tuple, used: tuple, rows_per_sample: int, device) -
     in ``used`` (-1 for a name not in it, such as ``"__base__"``), repeated ``rows_per_sample`` times. Cached per
     arguments (the same tensor for the same requests; never modified in place)."""
     key = (adapter_names, used, rows_per_sample, device)
-    index = None if torch.compiler.is_compiling() else _ROW_INDEX.get(key)
+    cache = not torch.compiler.is_compiling()  # traced, the index is built in the graph
+    index = _ROW_INDEX.get(key) if cache else None
     if index is None:
         position = {n: i for i, n in enumerate(used)}
         with torch.inference_mode(False):  # also usable outside the inference mode it may be first built in
             per_sample = torch.tensor([position.get(n, -1) for n in adapter_names], dtype=torch.int64)
             index = per_sample.repeat_interleave(rows_per_sample).to(device)
-        if not torch.compiler.is_compiling():
+        if cache:
             if len(_ROW_INDEX) >= _ROW_INDEX_MAX:
                 _ROW_INDEX.clear()
             _ROW_INDEX[key] = index
@@ -264,13 +265,12 @@ if _PeftLinear4bit is not None:
             if cached is None or cached[0] != key:
                 cached = (key, NF4Weight.from_bnb(weight, quant_state))
                 self.__dict__["_lowrank_nf4_cache"] = cached
-            flat = self.__dict__.get("_flat_scales")
-            return cached[1] if flat is None else flat(cached[1])
+            return FlatScalesCache.weight_of(self, cached[1])
 
         def set_inference_form(self, enabled: bool = True) -> bool:
             """As :meth:`lowrank_kernels.QLoraLinear.set_inference_form`: the kernels read the bitsandbytes
             weight with its double quantization undone once (same outputs; bitsandbytes' tensors untouched)."""
-            self.__dict__["_flat_scales"] = FlatScalesCache() if enabled else None
+            FlatScalesCache.attach(self, enabled)
             return True
 else:
     PeftLoraLinear4bit = None

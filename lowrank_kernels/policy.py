@@ -289,7 +289,7 @@ def _gemv_config(M, N, K, dtype, sms, tma) -> dict:
     return nf4_gemv.default_config(M, N, K, dtype, sms, tma)
 
 
-# ---------------------------------------------------------------------------------------------- merge
+# ---------------------------------------------------------------------------------------------- mixed, DoRA
 # Mixed-adapter batches (lowrank_kernels.mixed): the per-row gather kernels up to this many rows, the sorted
 # segment kernels (tensor cores) above; a first guess, not yet measured on a GPU.
 MIXED_GATHER_MAX_M = 64
@@ -324,6 +324,7 @@ def dora_scale_on_triton(L: torch.Tensor, backend=None) -> bool:
         choose_backend(L.device, backend) == "triton"
 
 
+# ---------------------------------------------------------------------------------------------- merge
 def merge_on_cuda_kernel(nf4, r: int, dtype: torch.dtype, cuda=None) -> bool:
     """Whether ``kernels.nf4_merge`` runs the CUDA C++ kernel (``kernels.nf4_merge_mma``): by default wherever it
     supports the call; ``cuda=False`` forces Triton, ``cuda=True`` raises where it cannot run."""
