@@ -14,14 +14,16 @@
 #   bash scripts/gpu_pending.sh inference   #28: decode forward (M = 1, 4, 16, 64) on the inference form against the
 #                                           bitsandbytes form, matmul_4bit + peft, dense
 #   bash scripts/gpu_pending.sh profile-compiled   host vs GPU time of the batch-1 step, converted, eager and compiled
+#   bash scripts/gpu_pending.sh compile-probe  every layer call of a compiled QLoRA stack against eager (#26's two
+#                                           compile-equality failures on the GPU)
 #   bash scripts/gpu_pending.sh multi-gpu   (2 GPUs: kind nvidia-h100-x2) #29: one GPU, then DDP / FSDP2 on two, both
 #                                           providers, bf16 quant_storage (shardable on torch 2.11), 50 steps
 #   bash scripts/gpu_pending.sh round1|round2|round3   the parts above in three calls of < 10 minutes each:
-#       round1 = suite, profile-compiled; round2 = dora, dora-train, inference, mixed; round3 = the generation bench
+#       round1 = suite, compile-probe, profile-compiled; round2 = dora, dora-train, inference, mixed; round3 = the generation bench
 # Logs and results under $OUT (or ./gpu_out); a round puts each part's under $OUT/<part>.
 set -uo pipefail
 parts='suite [FILES] | train-1 | train-4 | liger | dora | dora-train | mixed | inference | ab |
-       profile-compiled | multi-gpu | round1 | round2 | round3'
+       profile-compiled | compile-probe | multi-gpu | round1 | round2 | round3'
 part=${1:?usage: bash scripts/gpu_pending.sh $parts}
 lora_step='train_step and not adalora and not dora'
 case "$part" in
@@ -46,6 +48,7 @@ case "$part" in
       export PYTHONPATH=/tmp/lk-site:$PWD
       python3 scripts/profile_train_step.py --providers lowrank_kernels --rows 25
       python3 scripts/profile_train_step.py --providers lowrank_kernels,peft+bnb --compile --rows 25 ;;
+  compile-probe) python3 experiments/compile_qlora_probe.py qlora 2>&1 | grep -v Warning ;;
   multi-gpu) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
       export PYTHONPATH=/tmp/lk-site:$PWD OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
       run=(scripts/train_multi_gpu.py --check-exact --quant-storage bfloat16)
@@ -53,7 +56,7 @@ case "$part" in
       torchrun --standalone --nproc-per-node 2 "${run[@]}" --wrap ddp,fsdp2,fsdp2-replicate \
         --baseline "$OUT/multi-gpu-1x.json" --out "$OUT/multi-gpu-2x.json" | tail -12 ;;
   round1|round2|round3)
-      case "$part" in round1) parts=(suite profile-compiled) ;; round2) parts=(dora dora-train inference mixed) ;;
+      case "$part" in round1) parts=(suite compile-probe profile-compiled) ;; round2) parts=(dora dora-train inference mixed) ;;
                       round3) parts=(generate) ;; esac
       out=${OUT:-gpu_out}
       for p in "${parts[@]}"; do

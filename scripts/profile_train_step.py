@@ -4,7 +4,7 @@
 
 Prints, per provider: the step's wall time (synchronized), the GPU's kernel time per step (profiler, sum of
 kernel durations), the host time to enqueue a step (no synchronization until the end of the 5 steps), and the
-top host-side ops by self CPU time. ``--compile``: the model under ``torch.compile`` (inductor), as
+top ops by self CPU time and by self GPU time. ``--compile``: the model under ``torch.compile`` (inductor), as
 bench/test_train_step.py's "compiled" mode.
 """
 import argparse
@@ -67,7 +67,9 @@ def profile_one(provider, a):
     kernels = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     print(f"== {provider}{' compiled' if a.compile else ''}: wall {(t2 - t0) / 5 * 1e3:.2f} ms/step, host enqueue {(t1 - t0) / 5 * 1e3:.2f} "
           f"ms/step, GPU kernels {kernels / 2 / 1e3:.2f} ms/step")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60))
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60))
+    print(averages.table(sort_by="self_device_time_total", row_limit=a.rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":
