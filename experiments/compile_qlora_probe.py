@@ -59,6 +59,9 @@ def run(kind, dropout, backend, mode=None, steps=2):
             print(f"     {a} | {b}")
 
 
+from torch._inductor.fx_passes import post_grad
+print(f"torch {torch.__version__}: inductor chains random operators under fallback_random (pytorch#181245): "
+      f"{hasattr(post_grad, '_chain_random_ops_for_ordering')}")
 for kind in sys.argv[1:] or ("qlora", "lora"):
     for dropout in (0.0, 0.2):
         with torch._inductor.config.patch(fallback_random=True):
