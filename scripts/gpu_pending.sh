@@ -47,7 +47,7 @@ case "$part" in
   profile-compiled) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
       export PYTHONPATH=/tmp/lk-site:$PWD
       python3 scripts/profile_train_step.py --providers lowrank_kernels --rows 25
-      python3 scripts/profile_train_step.py --providers lowrank_kernels,peft+bnb --compile --rows 25 ;;
+      python3 scripts/profile_train_step.py --providers lowrank_kernels --compile --rows 25 ;;
   compile-probe) python3 experiments/compile_qlora_probe.py qlora 2>&1 | grep -v Warning ;;
   multi-gpu) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
       export PYTHONPATH=/tmp/lk-site:$PWD OUT=${OUT:-gpu_out}; mkdir -p "$OUT"

@@ -121,8 +121,8 @@ def our_layers(model, kind, dropout, r=4):
 
 def _inductor_keeps_random_order() -> bool:
     """Whether this torch's inductor runs random operators in program order under ``fallback_random=True``: it
-    chains them (torch 2.12 on, pytorch/pytorch#181245); before, its scheduler could reorder the draws of sibling
-    layers, torch's own dropout's as ours (pytorch/pytorch#181136)."""
+    chains them (pytorch/pytorch#181245; torch 2.13 does); without that, its scheduler could reorder the draws of
+    sibling layers, torch's own dropout's as ours (pytorch/pytorch#181136)."""
     from torch._inductor.fx_passes import post_grad
 
     return hasattr(post_grad, "_chain_random_ops_for_ordering")
