@@ -3,7 +3,7 @@
 # bitsandbytes and liger-kernel wheels) and, for "ab", .ab_base/ (see scripts/gpu_ab.sh):
 #   bash scripts/gpu_pending.sh suite [FILES]  the test suite on CUDA in 12 pytest-xdist workers (carry its wheel in
 #                                           .whl/; about 2.5 minutes on an H200), the operator-check tests whose
-#                                           second C++ error crashes the process (an open defect) run alone after it
+#                                           second C++ error crashed the process run after it, one process per case
 #   bash scripts/gpu_pending.sh train-1     the training step at batch 1: 3 providers x eager / compiled
 #   bash scripts/gpu_pending.sh train-4     the same at batch 4
 #   bash scripts/gpu_pending.sh liger       both batches with Liger-Kernel's Llama kernels on every provider
@@ -19,7 +19,7 @@
 #   bash scripts/gpu_pending.sh multi-gpu   (2 GPUs: kind nvidia-h100-x2) #29: one GPU, then DDP / FSDP2 on two, both
 #                                           providers, bf16 quant_storage (shardable on torch 2.11), 50 steps
 #   bash scripts/gpu_pending.sh round1|round2|round3   the parts above in three calls of < 10 minutes each:
-#       round1 = suite, compile-probe, profile-compiled; round2 = dora, dora-train, inference, mixed; round3 = the generation bench
+#       round1 = suite, compile-probe, profile-compiled; round2 = inference, dora, dora-train, mixed; round3 = the generation bench
 # Logs and results under $OUT (or ./gpu_out); a round puts each part's under $OUT/<part>.
 set -uo pipefail
 parts='suite [FILES] | train-1 | train-4 | liger | dora | dora-train | mixed | inference | ab |
@@ -31,9 +31,8 @@ case "$part" in
          crash=(tests/test_nf4_gemv_cuda.py::test_operator_checks_its_inputs
                 tests/test_nf4_merge.py::test_cuda_merge_operator_checks_its_inputs)
          bash scripts/gpu_check.sh tests "${files[@]}" -n 12 --dist loadfile "${crash[@]/#/--deselect=}"
-         for t in "${crash[@]}"; do  # one process per case
-           for c in $(python3 -m pytest -q --collect-only -p no:cacheprovider "$t" | grep "::"); do
-             python3 -m pytest -q -p no:cacheprovider "$c" 2>&1 | tail -1 | sed "s|^|$c: |"; done; done ;;
+         for t in "${crash[@]}"; do python3 -m pytest -q --collect-only -p no:cacheprovider "$t" | grep "::"; done |
+           xargs -P 8 -I{} sh -c 'python3 -m pytest -q -p no:cacheprovider "{}" 2>&1 | tail -1 | sed "s|^|{}: |"' ;;
   train-1) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "$lora_step and batch1" ;;
   train-4) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "$lora_step and batch4" ;;
   liger) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "$lora_step and not compiled" --bench-liger ;;
@@ -48,7 +47,7 @@ case "$part" in
       export PYTHONPATH=/tmp/lk-site:$PWD
       python3 scripts/profile_train_step.py --providers lowrank_kernels --rows 25
       python3 scripts/profile_train_step.py --providers lowrank_kernels --compile --rows 25 ;;
-  compile-probe) python3 experiments/compile_qlora_probe.py qlora 2>&1 | grep -v Warning ;;
+  compile-probe) python3 experiments/compile_qlora_probe.py qlora --quick 2>&1 | grep -v Warning ;;
   multi-gpu) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
       export PYTHONPATH=/tmp/lk-site:$PWD OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
       run=(scripts/train_multi_gpu.py --check-exact --quant-storage bfloat16)
@@ -56,7 +55,7 @@ case "$part" in
       torchrun --standalone --nproc-per-node 2 "${run[@]}" --wrap ddp,fsdp2,fsdp2-replicate \
         --baseline "$OUT/multi-gpu-1x.json" --out "$OUT/multi-gpu-2x.json" | tail -12 ;;
   round1|round2|round3)
-      case "$part" in round1) parts=(suite compile-probe profile-compiled) ;; round2) parts=(dora dora-train inference mixed) ;;
+      case "$part" in round1) parts=(suite compile-probe profile-compiled) ;; round2) parts=(inference dora dora-train mixed) ;;
                       round3) parts=(generate) ;; esac
       out=${OUT:-gpu_out}
       for p in "${parts[@]}"; do
