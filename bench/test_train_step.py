@@ -13,7 +13,8 @@ dropout (peft keeps the adapters in fp32); AdamW over the adapters. Gradient che
 --bench-liger: Liger-Kernel's
 RMSNorm, RoPE, SwiGLU and fused linear cross-entropy on every provider's model. Timed (eager calls of the step,
 compiled model or not): forward + loss + backward + ``optimizer.step()`` +
-``zero_grad()``; ``peft-bf16`` is the same LoRA model on a bf16 base (no quantization).
+``zero_grad()``; mode "graphed" (CUDA, LoRA): the whole step captured once in a CUDA graph and replayed
+(:func:`graphed_step`), the step without host time; ``peft-bf16`` is the same LoRA model on a bf16 base (no quantization).
 extra_info: ``tokens`` per step, ``tokens_per_s``, ``peak_bytes`` (max allocated during one step) and
 ``peak_extra_bytes`` (that minus what was allocated before it: weights, adapters, optimizer state); CUDA only.
 CPU: the "tiny" config below (hidden 64, 2 layers, 32 tokens), to keep the code path alive.
@@ -101,6 +102,40 @@ def apply_liger(net):
                                       cross_entropy=False, model=net.get_base_model())
 
 
+def graphed_step(net, ids, optimizer, provider):
+    """The whole step (forward, loss, backward, ``optimizer.step()``) captured once in a CUDA graph, as PyTorch's
+    whole-network capture recipe does it: warm-up steps on a side stream, gradients set to None before the capture
+    (the captured backward writes them, so each replay overwrites them), a ``capturable`` optimizer. Its replays
+    cost no host time per kernel: the step's device time, the limit of any host-side trimming. Returns
+    ``(replay, loss, peak, baseline)``: the loss tensor each replay rewrites; ``peak`` the bytes allocated at most
+    during the capture (the graph's pool holds them), ``baseline`` those allocated before it."""
+    def body():
+        loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            loss = body()
+    except RuntimeError as e:
+        pytest.skip(f"{provider}: the training step does not capture in a CUDA graph ({e})")
+    torch.cuda.synchronize()
+    return graph.replay, loss, torch.cuda.max_memory_allocated(), baseline
+
+
 # Compiled variants: torch.compile of the whole model (inductor, default mode; on the CPU aot_eager, to keep the
 # path alive in the smoke run at little cost). peft+bnb compiles with graph breaks around bitsandbytes' layers;
 # converted models compile into one graph (the layers are torch operators: lowrank_kernels/ops.py).
@@ -109,7 +144,7 @@ COMPILE_BACKEND = "inductor" if HAS_CUDA else "aot_eager"
 
 @pytest.mark.parametrize("provider", ["peft+bnb", "lowrank_kernels", "peft-bf16"])
 @pytest.mark.parametrize("batch", [1, 4] if HAS_CUDA else [1], ids=lambda b: f"batch{b}")
-@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("mode", ["eager", "compiled", "graphed"])
 @pytest.mark.parametrize("method", ["lora", "adalora", "dora"])
 def test_train_step(run, benchmark, request, model, method, mode, batch, provider):
     """One step; for AdaLoRA, ``update_and_allocate`` (peft's, or our ``RankAllocator`` on the converted model)
@@ -120,6 +155,8 @@ def test_train_step(run, benchmark, request, model, method, mode, batch, provide
         pytest.skip("the bf16-base reference is measured for LoRA")
     if method == "dora" and mode == "compiled":
         pytest.skip("the DoRA step is measured eagerly")
+    if mode == "graphed" and (not HAS_CUDA or method != "lora"):
+        pytest.skip("the step in one CUDA graph is measured for LoRA, on CUDA")
     layers = request.config.getoption("--bench-layers") or (4 if HAS_CUDA else 2)
     seq = 32 if model == "tiny" else 2048
     tokens = batch * seq
@@ -139,7 +176,8 @@ def test_train_step(run, benchmark, request, model, method, mode, batch, provide
             from lowrank_kernels import RankAllocator
 
             allocate = RankAllocator(net, **ADALORA).update_and_allocate
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4,
+                                  capturable=mode == "graphed")
     ids = torch.randint(0, net.config.vocab_size, (batch, seq), device=DEVICE)
     count = iter(range(10**9))
     forward = torch.compile(net, backend=COMPILE_BACKEND) if mode == "compiled" else net
@@ -151,11 +189,16 @@ def test_train_step(run, benchmark, request, model, method, mode, batch, provide
             allocate(next(count))
         optimizer.zero_grad(set_to_none=True)
 
-    peak, baseline = peak_memory(step)
+    if mode == "graphed":
+        step, loss, peak, baseline = graphed_step(net, ids, optimizer, provider)
+    else:
+        peak, baseline = peak_memory(step)
     name = "train_step" if method == "lora" else f"{method}_train_step"
     run(step, provider, eager=True, rounds=5, group=f"{name} {model} batch={batch} {mode}", layers=layers,
         tokens=tokens, mode=mode, liger=bool(liger),
         grad_ckpt=bool(request.config.getoption("--bench-grad-ckpt")),
         peak_bytes=peak, peak_extra_bytes=peak and peak - baseline)
+    if mode == "graphed":
+        assert torch.isfinite(loss).item(), f"{provider}: the replayed step's loss is {loss.item()}"
     if benchmark.stats:  # None under --benchmark-disable
         benchmark.extra_info["tokens_per_s"] = tokens / benchmark.stats.stats.median

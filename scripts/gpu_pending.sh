@@ -6,6 +6,7 @@
 #                                           second C++ error crashed the process run after it, one process per case
 #   bash scripts/gpu_pending.sh train-1     the training step at batch 1: 3 providers x eager / compiled
 #   bash scripts/gpu_pending.sh train-4     the same at batch 4
+#   bash scripts/gpu_pending.sh train-graphed  both batches, the whole step captured in one CUDA graph (3 providers)
 #   bash scripts/gpu_pending.sh liger       both batches with Liger-Kernel's Llama kernels on every provider
 #   bash scripts/gpu_pending.sh dora        the DoRA / QDoRA layer benchmark
 #   bash scripts/gpu_pending.sh dora-train  the QDoRA training step, batch 1 and 4, peft+bnb against converted
@@ -19,10 +20,11 @@
 #   bash scripts/gpu_pending.sh multi-gpu   (2 GPUs: kind nvidia-h100-x2) #29: one GPU, then DDP / FSDP2 on two, both
 #                                           providers, bf16 quant_storage (shardable on torch 2.11), 50 steps
 #   bash scripts/gpu_pending.sh round1|round2|round3   the parts above in three calls of < 10 minutes each:
-#       round1 = suite, compile-probe, profile-compiled; round2 = inference, dora, dora-train, mixed; round3 = the generation bench
+#       round1 = suite, compile-probe, profile-compiled; round2 = inference, dora, dora-train, mixed;
+#       round3 = train-graphed, the generation bench
 # Logs and results under $OUT (or ./gpu_out); a round puts each part's under $OUT/<part>.
 set -uo pipefail
-parts='suite [FILES] | train-1 | train-4 | liger | dora | dora-train | mixed | inference | ab |
+parts='suite [FILES] | train-1 | train-4 | train-graphed | liger | dora | dora-train | mixed | inference | ab |
        profile-compiled | compile-probe | multi-gpu | round1 | round2 | round3'
 part=${1:?usage: bash scripts/gpu_pending.sh $parts}
 lora_step='train_step and not adalora and not dora'
@@ -35,6 +37,7 @@ case "$part" in
            xargs -P 8 -I{} sh -c 'python3 -m pytest -q -p no:cacheprovider "{}" 2>&1 | tail -1 | sed "s|^|{}: |"' ;;
   train-1) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "$lora_step and batch1" ;;
   train-4) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "$lora_step and batch4" ;;
+  train-graphed) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "$lora_step and graphed" ;;
   liger) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "$lora_step and not compiled" --bench-liger ;;
   dora) bash scripts/gpu_check.sh bench bench/test_dora.py ;;
   dora-train) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "train_step and dora and not adalora" ;;
@@ -56,7 +59,7 @@ case "$part" in
         --baseline "$OUT/multi-gpu-1x.json" --out "$OUT/multi-gpu-2x.json" | tail -12 ;;
   round1|round2|round3)
       case "$part" in round1) parts=(suite compile-probe profile-compiled) ;; round2) parts=(inference dora dora-train mixed) ;;
-                      round3) parts=(generate) ;; esac
+                      round3) parts=(train-graphed generate) ;; esac
       out=${OUT:-gpu_out}
       for p in "${parts[@]}"; do
         echo "== $p"; mkdir -p "$out/$p"
