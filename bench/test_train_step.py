@@ -10,11 +10,11 @@ becomes a ``bnb.nn.Linear4bit`` (NF4, double quantization, bf16 compute) as
 ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` makes it, then peft LoRA r=16, alpha 32, no
 dropout (peft keeps the adapters in fp32); AdamW over the adapters. Gradient checkpointing off unless
 --bench-grad-ckpt. Sequences of 2048 random tokens, batch 1 and 4 (M = 2048 and 8192 rows per linear layer).
---bench-liger: Liger-Kernel's
-RMSNorm, RoPE, SwiGLU and fused linear cross-entropy on every provider's model. Timed (eager calls of the step,
-compiled model or not): forward + loss + backward + ``optimizer.step()`` +
+--bench-liger: Liger-Kernel's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy on every provider's model. Timed
+(eager calls of the step, compiled model or not): forward + loss + backward + ``optimizer.step()`` +
 ``zero_grad()``; mode "graphed" (CUDA, LoRA): the whole step captured once in a CUDA graph and replayed
-(:func:`graphed_step`), the step without host time; ``peft-bf16`` is the same LoRA model on a bf16 base (no quantization).
+(:func:`graphed_step`), the step without host time; ``peft-bf16`` is the same LoRA model on a bf16 base (no
+quantization).
 extra_info: ``tokens`` per step, ``tokens_per_s``, ``peak_bytes`` (max allocated during one step) and
 ``peak_extra_bytes`` (that minus what was allocated before it: weights, adapters, optimizer state); CUDA only.
 CPU: the "tiny" config below (hidden 64, 2 layers, 32 tokens), to keep the code path alive.

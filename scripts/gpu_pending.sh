@@ -58,13 +58,14 @@ case "$part" in
       torchrun --standalone --nproc-per-node 2 "${run[@]}" --wrap ddp,fsdp2,fsdp2-replicate \
         --baseline "$OUT/multi-gpu-1x.json" --out "$OUT/multi-gpu-2x.json" | tail -12 ;;
   round1|round2|round3)
-      case "$part" in round1) parts=(suite compile-probe profile-compiled) ;; round2) parts=(inference dora dora-train mixed) ;;
-                      round3) parts=(train-graphed generate) ;; esac
+      case "$part" in round1) parts=(suite compile-probe profile-compiled) ;;
+                      round2) parts=(inference dora dora-train mixed) ;; round3) parts=(train-graphed generate) ;; esac
       out=${OUT:-gpu_out}
       for p in "${parts[@]}"; do
         echo "== $p"; mkdir -p "$out/$p"
         if [ "$p" = generate ]; then OUT=$out/$p bash scripts/gpu_check.sh bench bench/test_generate.py
-        else OUT=$out/$p bash "$0" "$p"; fi 2>&1 | grep -v "^WARNING: Target directory" | tee "$out/$p/run.log" | tail -40
+        else OUT=$out/$p bash "$0" "$p"; fi 2>&1 | grep -v "^WARNING: Target directory" | tee "$out/$p/run.log" |
+          tail -40
       done ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
