@@ -447,6 +447,60 @@ def test_cuda_graph_captures_a_training_step(kind):
 
 
 @needs_cuda
+def test_cuda_graph_captures_a_converted_qlora_llama_step(tmp_path):
+    """The whole training step of a converted bnb-QLoRA Llama (forward, loss, backward, a capturable AdamW) in one
+    CUDA graph, as ``bench/test_train_step.py``'s "graphed" mode times it: a replay equals the eager step from the
+    same parameters and optimizer state."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    from tests.test_training_stack import lora_pair, qlora_llama
+
+    _, model = lora_pair(qlora_llama(tmp_path, device=DEVICE), dropout=0.0)
+    model.train()
+    params = _params(model)
+    ids = torch.randint(0, 128, (2, 9), device=DEVICE)
+    opt = torch.optim.AdamW(params, lr=1e-3, capturable=True)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    start = [p.detach().clone() for p in params]
+    opt_start = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = step()
+
+    def reset():
+        with torch.no_grad():
+            for p, s, state in zip(params, start, opt_start):
+                p.copy_(s)
+                p.grad.zero_()
+                for k, v in state.items():
+                    opt.state[p][k].copy_(v)
+
+    reset()
+    graph.replay()
+    replayed = (static_loss.clone(), [p.detach().clone() for p in params])
+    reset()
+    eager_loss = step()  # accumulates into the zeroed .grad, as the graph's backward writes it
+    assert rel_err(replayed[0], eager_loss) <= TOL
+    for a, b in zip(replayed[1], params):
+        assert rel_err(a, b) <= TOL
+    assert not all(torch.equal(a, s) for a, s in zip(replayed[1], start))  # the replay trained
+
+
+@needs_cuda
 @needs_ordered_random
 @pytest.mark.parametrize("kind", ["qlora", "adalora"])
 def test_reduce_overhead_training_step_equals_eager(kind):
