@@ -107,7 +107,7 @@ def graphed_step(net, ids, optimizer, provider):
     whole-network capture recipe does it: warm-up steps on a side stream, gradients set to None before the capture
     (the captured backward writes them, so each replay overwrites them), a ``capturable`` optimizer. Its replays
     cost no host time per kernel: the step's device time, the limit of any host-side trimming. Returns
-    ``(replay, loss, peak, baseline)``: the loss tensor each replay rewrites; ``peak`` the bytes allocated at most
+    ``(replay, loss, peak, baseline)``: a synchronized replay, the loss tensor each replay rewrites; ``peak`` the bytes allocated at most
     during the capture (the graph's pool holds them), ``baseline`` those allocated before it."""
     def body():
         loss = net(input_ids=ids, labels=ids).loss
@@ -133,7 +133,12 @@ def graphed_step(net, ids, optimizer, provider):
     except RuntimeError as e:
         pytest.skip(f"{provider}: the training step does not capture in a CUDA graph ({e})")
     torch.cuda.synchronize()
-    return graph.replay, loss, torch.cuda.max_memory_allocated(), baseline
+
+    def replay():  # synchronized: a replay is one launch, and unsynchronized the timer would see only launches
+        graph.replay()
+        torch.cuda.synchronize()
+
+    return replay, loss, torch.cuda.max_memory_allocated(), baseline
 
 
 # Compiled variants: torch.compile of the whole model (inductor, default mode; on the CPU aot_eager, to keep the
