@@ -106,9 +106,9 @@ def graphed_step(net, ids, optimizer, provider):
     """The whole step (forward, loss, backward, ``optimizer.step()``) captured once in a CUDA graph, as PyTorch's
     whole-network capture recipe does it: warm-up steps on a side stream, gradients set to None before the capture
     (the captured backward writes them, so each replay overwrites them), a ``capturable`` optimizer. Its replays
-    cost no host time per kernel: the step's device time, the limit of any host-side trimming. Returns
-    ``(replay, loss, peak, baseline)``: a synchronized replay, the loss tensor each replay rewrites; ``peak`` the bytes allocated at most
-    during the capture (the graph's pool holds them), ``baseline`` those allocated before it."""
+    cost no host time per kernel: the step's device time, the limit of any host-side trimming. Returns ``(replay,
+    loss, peak, baseline)``: a synchronized replay, the loss tensor each replay rewrites; ``peak`` the bytes
+    allocated at most during the capture (the graph's pool holds them), ``baseline`` those allocated before it."""
     def body():
         loss = net(input_ids=ids, labels=ids).loss
         loss.backward()
