@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU steps still unrun, one device call each (each fits the 10-minute limit of a call); carry .whl/ (the
-# bitsandbytes and liger-kernel wheels) and, for "ab", .ab_base/ (see scripts/gpu_ab.sh):
+# The GPU benchmark and test parts, one device call each (each fits the 10-minute limit of a call); the rounds at the
+# end are the ones still to run. Carry .whl/ (the bitsandbytes and liger-kernel wheels) and, for "ab", .ab_base/
+# (see scripts/gpu_ab.sh):
 #   bash scripts/gpu_pending.sh suite [FILES]  the test suite on CUDA in 12 pytest-xdist workers (carry its wheel in
 #                                           .whl/; about 2.5 minutes on an H200), the operator-check tests whose
 #                                           second C++ error crashed the process run after it, one process per case
@@ -11,6 +12,8 @@
 #   bash scripts/gpu_pending.sh dora        the DoRA / QDoRA layer benchmark
 #   bash scripts/gpu_pending.sh dora-train  the QDoRA training step, batch 1 and 4, peft+bnb against converted
 #   bash scripts/gpu_pending.sh mixed       the mixed-adapter batch benchmark (8 adapters, M = 16 / 64)
+#   bash scripts/gpu_pending.sh generate    generation: 128 tokens at batch 1 / 16, and 8 mixed adapters
+#   bash scripts/gpu_pending.sh layer-ab    the M = 8192 layer targets timed paired (experiments/probe/layer_ab.py)
 #   bash scripts/gpu_pending.sh ab          the A/B of the layer benchmarks against .ab_base (2 rounds)
 #   bash scripts/gpu_pending.sh inference   #28: decode forward (M = 1, 4, 16, 64) on the inference form against the
 #                                           bitsandbytes form, matmul_4bit + peft, dense
@@ -21,10 +24,11 @@
 #                                           providers, bf16 quant_storage (shardable on torch 2.11), 50 steps
 #   bash scripts/gpu_pending.sh round1|round2|round3   the parts above in three calls of < 10 minutes each:
 #       round1 = suite, compile-probe, profile-compiled; round2 = inference, dora, dora-train, mixed;
-#       round3 = train-graphed, the generation bench
+#       round3 = train-graphed, generate, layer-ab
 # Logs and results under $OUT (or ./gpu_out); a round puts each part's under $OUT/<part>.
 set -uo pipefail
-parts='suite [FILES] | train-1 | train-4 | train-graphed | liger | dora | dora-train | mixed | inference | ab |
+parts='suite [FILES] | train-1 | train-4 | train-graphed | liger | dora | dora-train | mixed | generate |
+       layer-ab | inference | ab |
        profile-compiled | compile-probe | multi-gpu | round1 | round2 | round3'
 part=${1:?usage: bash scripts/gpu_pending.sh $parts}
 lora_step='train_step and not adalora and not dora'
@@ -42,6 +46,10 @@ case "$part" in
   dora) bash scripts/gpu_check.sh bench bench/test_dora.py ;;
   dora-train) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "train_step and dora and not adalora" ;;
   mixed) bash scripts/gpu_check.sh bench bench/test_mixed.py ;;
+  generate) bash scripts/gpu_check.sh bench bench/test_generate.py ;;
+  layer-ab) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
+      export PYTHONPATH=/tmp/lk-site:$PWD OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+      python3 experiments/probe/layer_ab.py --out "$OUT/layer-ab.txt" --rounds 30 ;;
   inference) bash scripts/gpu_check.sh bench bench/test_forward.py --bench-m 1,4,16,64 --bench-modes forward \
       --bench-providers "lowrank_kernels,lowrank_kernels[inference],peft+bnb,dense" ;;
   ab) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
@@ -59,13 +67,12 @@ case "$part" in
         --baseline "$OUT/multi-gpu-1x.json" --out "$OUT/multi-gpu-2x.json" | tail -12 ;;
   round1|round2|round3)
       case "$part" in round1) parts=(suite compile-probe profile-compiled) ;;
-                      round2) parts=(inference dora dora-train mixed) ;; round3) parts=(train-graphed generate) ;; esac
+                      round2) parts=(inference dora dora-train mixed) ;;
+                      round3) parts=(train-graphed generate layer-ab) ;; esac
       out=${OUT:-gpu_out}
       for p in "${parts[@]}"; do
         echo "== $p"; mkdir -p "$out/$p"
-        if [ "$p" = generate ]; then OUT=$out/$p bash scripts/gpu_check.sh bench bench/test_generate.py
-        else OUT=$out/$p bash "$0" "$p"; fi 2>&1 | grep -v "^WARNING: Target directory" | tee "$out/$p/run.log" |
-          tail -40
+        OUT=$out/$p bash "$0" "$p" 2>&1 | grep -v "^WARNING: Target directory" | tee "$out/$p/run.log" | tail -40
       done ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
