@@ -23,7 +23,7 @@
 #   bash scripts/gpu_pending.sh multi-gpu   (2 GPUs: kind nvidia-h100-x2) #29: one GPU, then DDP / FSDP2 on two, both
 #                                           providers, bf16 quant_storage (shardable on torch 2.11), 50 steps
 #   bash scripts/gpu_pending.sh round1|round2|round3   the parts above in three calls of < 10 minutes each:
-#       round1 = suite, compile-probe, profile-compiled; round2 = inference, dora, dora-train, mixed;
+#       round1 = compile-probe, profile-compiled, suite; round2 = inference, dora, dora-train, mixed;
 #       round3 = train-graphed, generate, layer-ab
 # Logs and results under $OUT (or ./gpu_out); a round puts each part's under $OUT/<part>.
 set -uo pipefail
@@ -66,7 +66,7 @@ case "$part" in
       torchrun --standalone --nproc-per-node 2 "${run[@]}" --wrap ddp,fsdp2,fsdp2-replicate \
         --baseline "$OUT/multi-gpu-1x.json" --out "$OUT/multi-gpu-2x.json" | tail -12 ;;
   round1|round2|round3)
-      case "$part" in round1) parts=(suite compile-probe profile-compiled) ;;
+      case "$part" in round1) parts=(compile-probe profile-compiled suite) ;;
                       round2) parts=(inference dora dora-train mixed) ;;
                       round3) parts=(train-graphed generate layer-ab) ;; esac
       out=${OUT:-gpu_out}
