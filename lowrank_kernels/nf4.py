@@ -302,7 +302,11 @@ class NF4Weight:
     @classmethod
     def from_op_args(cls, tensors, meta) -> "NF4Weight":
         """The inverse of :meth:`op_args`, without re-validating: the tensors come from a validated weight (the
-        checks read the code table, a device sync per call on CUDA)."""
+        checks read the code table, a device sync per call on CUDA). Tensor subclasses come back as plain tensors
+        of the same storage: a compiled graph hands the operators bitsandbytes' ``Params4bit`` itself, whose Python
+        ``__torch_function__`` would otherwise run for every torch call the kernels' launchers make on it (and
+        wrap their results)."""
+        tensors = [t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor) for t in tensors]
         self = cls.__new__(cls)
         self.packed, self.absmax, self.code = tensors[:3]
         self.absmax2, self.code2, self.offset = tensors[3:] if len(tensors) == 6 else (None, None, None)

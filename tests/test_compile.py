@@ -373,6 +373,24 @@ def test_opcheck_dropout_mask(shape):
                                                                                                     0.3))
 
 
+def test_operator_weights_come_back_as_plain_tensors():
+    """Inductor hands a compiled graph's operators bitsandbytes' ``Params4bit`` itself as the packed weight (a tensor
+    subclass whose Python ``__torch_function__`` would run for every torch call of our launchers): the operators'
+    ``NF4Weight`` holds a plain tensor of the same storage, with the same results."""
+    bnb = pytest.importorskip("bitsandbytes")
+    linear = torch.nn.Linear(96, 40, bias=False)
+    param = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    try:
+        param = param.to(DEVICE)  # quantizes
+    except (RuntimeError, NotImplementedError) as e:  # no bitsandbytes 4-bit backend for this device
+        pytest.skip(f"bitsandbytes cannot quantize on {DEVICE} here: {e}")
+    tensors, meta = NF4Weight.from_bnb(param).op_args()
+    assert type(param) is not torch.Tensor and type(tensors[0]) is torch.Tensor
+    weight = NF4Weight.from_op_args([param] + tensors[1:], meta)
+    assert type(weight.packed) is torch.Tensor and weight.packed.data_ptr() == param.data_ptr()
+    assert torch.equal(weight.dequantize(torch.float32), NF4Weight.from_op_args(tensors, meta).dequantize(torch.float32))
+
+
 def test_operators_run_on_meta():
     """The fake implementations also serve the meta device: shapes only."""
     w = NF4Weight.empty((24, 72), torch.bfloat16, device="meta")
