@@ -4,9 +4,9 @@ Under compile every layer call is one node of the ``lowrank_kernels::lora_linear
 ``lowrank_kernels::dropout_seed`` node), so models trace with ``fullgraph=True``. For one RNG state a compiled model
 draws the masks the eager one draws: losses and every adapter gradient equal eager's (to the compiler's rounding),
 with activation checkpointing too (the recomputed forward draws the same seeds), with AdaLoRA rank masks; under
-inductor that holds with ``fallback_random=True`` (inductor reorders random operators otherwise, as it does torch's
-own). Each operator passes ``torch.library.opcheck`` (schema, fake implementation, autograd registration, AOT
-dispatch).
+inductor that holds with ``fallback_random=True`` where inductor chains random operators (it reorders them
+otherwise, as it does torch's own); without dropout on any torch. Each operator passes ``torch.library.opcheck``
+(schema, fake implementation, autograd registration, AOT dispatch).
 
 CPU: fp32 on the torch path, backends ``aot_eager`` (the AOTAutograd graphs run eagerly) and ``inductor``.
 """
