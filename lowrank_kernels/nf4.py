@@ -9,6 +9,7 @@ import math
 import numbers
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import python_ref
 from lowrank_kernels import dispatch
@@ -305,8 +306,9 @@ class NF4Weight:
         checks read the code table, a device sync per call on CUDA). Tensor subclasses come back as plain tensors
         of the same storage: a compiled graph hands the operators bitsandbytes' ``Params4bit`` itself, whose Python
         ``__torch_function__`` would otherwise run for every torch call the kernels' launchers make on it (and
-        wrap their results)."""
-        tensors = [t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor) for t in tensors]
+        wrap their results). Wrapper subclasses (DTensor) hold no storage of their own and stay as they are."""
+        tensors = [t if type(t) is torch.Tensor or is_traceable_wrapper_subclass(t) else t.as_subclass(torch.Tensor)
+                   for t in tensors]
         self = cls.__new__(cls)
         self.packed, self.absmax, self.code = tensors[:3]
         self.absmax2, self.code2, self.offset = tensors[3:] if len(tensors) == 6 else (None, None, None)
