@@ -417,6 +417,24 @@ def test_operators_run_on_meta():
 needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA GPU")
 
 
+def _captured(fn, before=lambda: None, warmups=3):
+    """``(graph, output)``: ``fn()`` captured in a ``torch.cuda.CUDAGraph`` as torch's whole-network recipe does it,
+    after ``warmups`` calls on a side stream (Triton compiles, caches fill); ``before()`` runs before each call and
+    before the capture (e.g. ``zero_grad(set_to_none=True)``, so that the captured backward writes the gradients)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            before()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    before()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output
+
+
 def _params(model):
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -438,17 +456,7 @@ def test_cuda_graph_captures_a_training_step(kind):
         opt.step()
         return loss
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: Triton compiles, caches fill
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        static_loss = step()
+    graph, static_loss = _captured(step, lambda: opt.zero_grad(set_to_none=True))
 
     def reset():
         with torch.no_grad():
@@ -493,19 +501,10 @@ def test_cuda_graph_captures_a_converted_qlora_llama_step(tmp_path):
         opt.step()
         return loss
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    graph, static_loss = _captured(step, lambda: opt.zero_grad(set_to_none=True))
+    # the state after the warm-up steps (a capture records kernels without running them)
     start = [p.detach().clone() for p in params]
     opt_start = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        static_loss = step()
 
     def reset():
         with torch.no_grad():
@@ -557,15 +556,7 @@ def test_decode_step_graph_capture(M):
     x = torch.randn(M, 40, device=DEVICE, dtype=DTYPE)
     with torch.no_grad():
         eager = model(x)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model(x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = model(x)
+        graph, static_y = _captured(lambda: model(x), warmups=2)
         graph.replay()
         assert torch.equal(static_y, eager)
         compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
