@@ -101,3 +101,18 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_y = dispatch.cast(grad_y, ctx.dtypes[4])
         return (*lora_backward(grad_y, x, weight, A, B, S, scaling, dropout, seed, ctx.needs_input_grad[:5], backend,
                                config, ctx.dtypes[:4]), None, None, None, None, None)
+
+
+class NF4MatmulFunction(torch.autograd.Function):
+    """``apply(x [M, K], weight, backend) -> x @ W.T [M, N]`` for an ``NF4Weight`` ``weight [N, K]``, in ``x``'s
+    dtype: ``dispatch.nf4_matmul``, whose backward ``dX = dY @ W`` dequantizes the weight again instead of keeping
+    the ``[N, K]`` dequantized copy between forward and backward (the eager path of the ``nf4_matmul`` operator)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, backend):
+        ctx.nf4, ctx.backend = weight, backend
+        return dispatch.nf4_matmul(x, weight, False, backend)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return dispatch.nf4_matmul(grad_y, ctx.nf4, True, ctx.backend), None, None

@@ -55,6 +55,14 @@ def dense_weight(weight, dtype, backend=None):
     return nf4_dequantize(weight, dtype, backend)
 
 
+def nf4_matmul(x, w, trans_w=False, backend=None):
+    """``x @ W.T`` (``trans_w``: ``x @ W``) for ``x [M, K]`` (``[M, N]``) in the compute dtype and an ``NF4Weight``
+    ``w [N, K]``: the weight dequantized to ``x.dtype`` (bit-exact) for one product and then dropped, so autograd
+    (``autograd.NF4MatmulFunction``, the ``nf4_matmul`` operator) keeps none of it."""
+    W = nf4_dequantize(w, x.dtype, backend)
+    return x @ W if trans_w else x @ W.t()
+
+
 def _weight_arg(weight) -> dict:
     """The weight keyword of ``kernels.lora_matmul``: ``weight=`` a dense tensor or ``nf4=`` an ``NF4Weight``."""
     return dict(weight=weight) if isinstance(weight, torch.Tensor) else dict(nf4=weight)

@@ -7,8 +7,13 @@ Without dropout (``Xd = x``) that is ``y = c * (x @ W.T + s * (x @ A.T) @ B.T) +
 (``lora_linear`` / ``qlora_linear``: our kernels, the merged weight at large M) scaled per output column, plus the
 bias; on the Triton backend the scale and bias take one pass over ``[M, N]`` forward and one backward
 (``kernels.dora_scale``, :class:`DoraScaleFunction`), where torch ops make fp32 ``[M, N]`` temporaries. With
-dropout, as peft, the base product is computed a second time on the dropped ``x`` (torch products over the
-dequantized weight: not fused yet).
+dropout peft computes the base product a second time, on the dropped ``x``; the same sum regrouped,
+
+    y = (x - Xd) @ W.T + c * L(Xd) + bias            L(Xd) = Xd @ W.T + s * (Xd @ A.T) @ B.T
+
+takes the same two products over W, the second one the LoRA layer's (our kernels, merged weight at large M), and
+the first one keeps no dequantized copy of an NF4 weight for backward (``nf4_matmul``: peft keeps it, ``[N, K]``
+in bf16); ``(x - Xd) @ W.T`` is the residual of the scale pass.
 
 The norm never materializes ``W + s * B @ A``: with ``w_n`` the rows of W and ``b_n`` those of B,
 
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_kernels import dispatch, ops, policy
+from lowrank_kernels.autograd import NF4MatmulFunction
 from lowrank_kernels.checks import check_finite, tensor_version
 from lowrank_kernels.functional import check_inputs, lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
@@ -89,25 +95,40 @@ def _weight_norm(weight, lora_A, lora_B, scaling, backend):
 
 
 class DoraScaleFunction(torch.autograd.Function):
-    """``y = round(L * c + bias)`` for ``L [M, N]``, ``c [N]``, ``bias [N]`` or ``None``, in one Triton pass
-    (``kernels.dora_scale``), and its backward in one more: gradients to ``L``, ``c`` and ``bias``."""
+    """``y = round(L * c + bias + residual)`` for ``L [M, N]``, ``c [N]``, ``bias [N]`` or ``None``, ``residual
+    [M, N]`` or ``None``, in one Triton pass (``kernels.dora_scale``), and its backward in one more: gradients to
+    ``L``, ``c`` and ``bias`` (the residual's is ``dY`` itself)."""
 
     @staticmethod
-    def forward(ctx, L, c, bias, dtype):
+    def forward(ctx, L, c, bias, residual, dtype):
         from lowrank_kernels.kernels.dora_scale import dora_scale_forward
 
         ctx.save_for_backward(L, c)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return dora_scale_forward(L, c, bias, dtype)
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        return dora_scale_forward(L, c, bias, dtype, residual)
 
     @staticmethod
     def backward(ctx, dY):
         from lowrank_kernels.kernels.dora_scale import dora_scale_backward
 
         L, c = ctx.saved_tensors
-        need_dL, need_dc, need_db = ctx.needs_input_grad[:3]
+        need_dL, need_dc, need_db, need_dr = ctx.needs_input_grad[:4]
         dL, dc, db = dora_scale_backward(dY, L, c, need_dL, need_dc, need_db)
-        return dL, None if dc is None else dc.to(c.dtype), None if db is None else db.to(ctx.bias_dtype), None
+        dr = dispatch.cast(dY, ctx.residual_dtype) if need_dr else None
+        return dL, None if dc is None else dc.to(c.dtype), None if db is None else db.to(ctx.bias_dtype), dr, None
+
+
+def _base_product(x, weight, backend):
+    """``x @ W.T`` for ``x [M, K]`` in the compute dtype, differentiable in ``x`` (and a dense weight that needs a
+    gradient); an NF4 weight is dequantized for each product, its dequantized copy never kept for backward."""
+    if not isinstance(weight, NF4Weight):
+        return F.linear(x, dispatch.cast(weight, x.dtype))
+    if torch.compiler.is_compiling():
+        return ops.nf4_matmul(x, weight, backend)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return NF4MatmulFunction.apply(x, weight, backend)
+    return dispatch.nf4_matmul(x, weight, False, backend)
 
 
 def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dropout=0.0, eps=1e-12,
@@ -137,15 +158,20 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
         L = lora(x, weight, lora_A, lora_B, scaling, None, backend=backend, config=config)
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
             if policy.dora_scale_on_triton(L, backend):
-                return DoraScaleFunction.apply(L.reshape(-1, N), c, bias, dtype).reshape(L.shape)
+                return DoraScaleFunction.apply(L.reshape(-1, N), c, bias, None, dtype).reshape(L.shape)
             y = (L * c).to(dtype)
             return y if bias is None else y + bias.to(dtype)
     # peft's form: base(x) + (c - 1) * (Xd @ W.T) + c * s * (Xd @ A.T) @ B.T, the base product twice (x and Xd)
+    # peft's form, base(x) + (c - 1) * (Xd @ W.T) + c * s * (Xd @ A.T) @ B.T, is (x - Xd) @ W.T + c * L(Xd) + bias
+    # with L(Xd) the LoRA layer's product on the dropped x: two products over W as peft's, ours, and no dequantized
+    # weight kept for backward.
     keep = ops.dropout_keep(x, float(dropout))
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         xc = x.to(dtype)
         xd = (xc * (1.0 / (1.0 - dropout))) * keep
-        W = dispatch.dense_weight(weight, dtype, backend)
-        base = F.linear(xc, W, None if bias is None else bias.to(dtype))
-        lora_term = F.linear(F.linear(xd, lora_A.to(dtype)), lora_B.to(dtype)) * scaling
-        return (base + ((c - 1) * F.linear(xd, W) + c * lora_term).to(dtype)).to(dtype)
+        rest = _base_product((xc - xd).reshape(-1, x.shape[-1]), weight, backend).reshape(*x.shape[:-1], N)
+        L = lora(xd, weight, lora_A, lora_B, scaling, None, backend=backend, config=config)
+        if policy.dora_scale_on_triton(L, backend):
+            return DoraScaleFunction.apply(L.reshape(-1, N), c, bias, rest.reshape(-1, N), dtype).reshape(L.shape)
+        y = (L * c + rest).to(dtype)
+        return y if bias is None else y + bias.to(dtype)

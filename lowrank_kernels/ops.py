@@ -9,6 +9,7 @@ autograd formula. ``torch.compile`` sees each call as one opaque node, so a comp
     lowrank_kernels::lora_linear(x, weight, ...)        (Y [M, N], S [M, r]), differentiable
     lowrank_kernels::lora_linear_backward(dY, ...)      the gradients asked for, in order
     lowrank_kernels::nf4_dequantize(nf4, meta, dtype)   the dequantized NF4 weight
+    lowrank_kernels::nf4_matmul(x, nf4, meta, trans_w)  x @ W.T (or x @ W) of an NF4 weight, differentiable in x
     lowrank_kernels::dora_weight_norm(weight, ...)      DoRA's row norms of W + s * B @ A (detached)
     lowrank_kernels::lora_gather(x, y, index, ...)      y plus each row's LoRA term of a mixed-adapter batch
     lowrank_kernels::lora_segments(x, y, index, ...)    the same, rows grouped by adapter (prefill)
@@ -218,6 +219,41 @@ def nf4_dequantize(w: NF4Weight, dtype, backend=None) -> Tensor:
     """``w`` dequantized to ``dtype`` through the ``nf4_dequantize`` operator."""
     tensors, meta = w.op_args()
     return nf4_dequantize_op(tensors, meta, dtype, backend)
+
+
+# --------------------------------------------------------------------------------------------- NF4 product
+@torch.library.custom_op(f"{NAMESPACE}::nf4_matmul", mutates_args=())
+def nf4_matmul_op(x: Tensor, nf4: list[Tensor], nf4_meta: list[int], trans_w: bool, backend: Optional[str]) -> Tensor:
+    """``dispatch.nf4_matmul``: ``x @ W.T`` (``trans_w``: ``x @ W``) of the ``NF4Weight`` given as ``op_args()``."""
+    return dispatch.nf4_matmul(x, NF4Weight.from_op_args(nf4, nf4_meta), trans_w, backend)
+
+
+@nf4_matmul_op.register_fake
+def _(x, nf4, nf4_meta, trans_w, backend):
+    N, K = nf4_meta[3:]
+    return x.new_empty(x.shape[0], K if trans_w else N)
+
+
+def _nf4_matmul_setup_context(ctx, inputs, output):
+    x, nf4, nf4_meta, trans_w, backend = inputs
+    ctx.save_for_backward(*nf4)
+    ctx.args = (nf4_meta, trans_w, backend)
+
+
+def _nf4_matmul_backward(ctx, grad_y):
+    nf4_meta, trans_w, backend = ctx.args
+    nf4 = list(ctx.saved_tensors)
+    return nf4_matmul_op(grad_y, nf4, nf4_meta, not trans_w, backend), [None] * len(nf4), None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::nf4_matmul", _nf4_matmul_backward,
+                                setup_context=_nf4_matmul_setup_context)
+
+
+def nf4_matmul(x: Tensor, w: NF4Weight, backend=None) -> Tensor:
+    """``x [M, K] @ W.T`` through the ``nf4_matmul`` operator, differentiable in ``x`` (the weight is frozen)."""
+    tensors, meta = w.op_args()
+    return nf4_matmul_op(x, tensors, meta, False, backend)
 
 
 # --------------------------------------------------------------------------------------------- DoRA weight norm

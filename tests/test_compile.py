@@ -350,6 +350,16 @@ def test_opcheck_nf4_dequantize(nested, dtype):
     torch.library.opcheck(torch.ops.lowrank_kernels.nf4_dequantize.default, (tensors, meta, dtype, None))
 
 
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("trans_w", [False, True])
+@pytest.mark.parametrize("grad", [True, False])
+def test_opcheck_nf4_matmul(nested, trans_w, grad):
+    w = _nf4(24, 72, nested)
+    tensors, meta = w.op_args()
+    x = torch.randn(5, 24 if trans_w else 72, device=DEVICE, dtype=DTYPE, requires_grad=grad)
+    torch.library.opcheck(torch.ops.lowrank_kernels.nf4_matmul.default, (x, tensors, meta, trans_w, None))
+
+
 @pytest.mark.parametrize("weight", sorted(WEIGHTS))
 def test_opcheck_dora_weight_norm(weight):
     w = WEIGHTS[weight]()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import python_ref
-from lowrank_kernels import NF4Weight
+from lowrank_kernels import NF4Weight, policy
 from lowrank_kernels.autograd import draw_seed, dropout_keep
 from lowrank_kernels.dora import dora_linear, dora_weight_norm
 from tests.conftest import DEVICE
@@ -173,6 +173,23 @@ def test_matches_peft_dora_layer():
     y = dora_linear(x, base.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
                     layer.lora_magnitude_vector["default"].weight, layer.scaling["default"], base.bias)
     assert rel_err(y, y_peft) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dropout_keeps_no_dequantized_weight(backend):
+    """With dropout the base weight enters two products (``x - Xd`` and the LoRA layer's on ``Xd``); neither keeps
+    the ``[N, K]`` dequantized NF4 weight for backward (peft keeps it: bf16, a quarter of the layer's NF4 bytes x 4),
+    and the backward still gives x its gradient."""
+    if backend == "triton" and not policy.interpreting() and DEVICE == "cpu":
+        pytest.skip("the Triton backend needs CUDA or Triton's interpreter")
+    N, K = 24, 40
+    x, weight, A, B, m, b = make(7, N, K, 4, torch.float32, True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = dora_linear(x, weight, A, B, m, 1.5, b, dropout=0.3, backend=backend)
+    assert saved and (N, K) not in saved and (K, N) not in saved
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_compiles_fullgraph_with_dropout():

@@ -41,6 +41,17 @@ def test_forward(M, N, dtype, tol, with_bias, strided):
 @pytest.mark.parametrize("M, N", SHAPES)
 @pytest.mark.parametrize("dtype, tol", DTYPES)
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_forward_with_residual(M, N, dtype, tol, strided):
+    """``y = L * c + bias + R``: the residual (DoRA's ``(x - Xd) @ W.T`` with dropout) added in fp32, one rounding."""
+    L, c, bias = inputs(M, N, dtype)
+    R = torch.randn(N, M, device=DEVICE).to(dtype).T if strided else torch.randn(M, N, device=DEVICE).to(dtype)
+    y = dora_scale_forward(L, c, bias, dtype, R)
+    assert y.dtype == dtype and rel_err(y, L.double() * c.double() + bias.double() + R.double()) <= tol
+
+
+@pytest.mark.parametrize("M, N", SHAPES)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 def test_backward(M, N, dtype, tol, strided):
     L, c, _ = inputs(M, N, dtype, strided=strided)
     dY = torch.randn(N, M, device=DEVICE).to(dtype).T if strided else torch.randn(M, N, device=DEVICE).to(dtype)
@@ -66,13 +77,15 @@ def test_backward_computes_only_what_is_needed(need):
 def test_function_gradients_in_their_dtypes(c_dtype):
     """Through autograd: gradients to L, c and bias in their own dtypes, equal to the torch form's."""
     L, c, bias = inputs(45, 70, torch.bfloat16, c_dtype)
-    leaves = [t.clone().requires_grad_() for t in (L, c, bias)]
+    R = torch.randn(45, 70, device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (L, c, bias, R)]
     y = DoraScaleFunction.apply(*leaves, torch.bfloat16)
     dY = torch.randn_like(y)
     y.backward(dY)
-    ref_leaves = [t.double().requires_grad_() for t in (L, c, bias)]
-    (ref_leaves[0] * ref_leaves[1] + ref_leaves[2]).backward(dY.double())
-    for t, r, tol in zip(leaves, ref_leaves, (8e-3, 8e-3 if c_dtype == torch.bfloat16 else 1e-5, 8e-3)):  # bf16 L, bias
+    ref_leaves = [t.double().requires_grad_() for t in (L, c, bias, R)]
+    (ref_leaves[0] * ref_leaves[1] + ref_leaves[2] + ref_leaves[3]).backward(dY.double())
+    tols = (8e-3, 8e-3 if c_dtype == torch.bfloat16 else 1e-5, 8e-3, 0)  # bf16 L, bias; dR = dY exactly
+    for t, r, tol in zip(leaves, ref_leaves, tols):
         assert t.grad.dtype == t.dtype and rel_err(t.grad, r.grad) <= tol
 
 
@@ -84,9 +97,10 @@ def test_empty_rows():
 
 
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
-def test_dora_linear_runs_the_kernels(nf4, monkeypatch):
-    """``dora_linear(backend="triton")`` without dropout scales through :class:`DoraScaleFunction`; outputs and
-    gradients equal the torch backend's."""
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_dora_linear_runs_the_kernels(nf4, p, monkeypatch):
+    """``dora_linear(backend="triton")`` scales through :class:`DoraScaleFunction` (with dropout adding the product
+    over the dropped-out part of x as its residual); outputs and gradients equal the torch backend's."""
     from lowrank_kernels.kernels import dora_scale as module
 
     calls = []
@@ -103,7 +117,8 @@ def test_dora_linear_runs_the_kernels(nf4, monkeypatch):
         B = (torch.randn(N, r, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(2)) / 4).requires_grad_()
         m = (torch.rand(N, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(3)) + 0.5).requires_grad_()
         b = torch.randn(N, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(4)).requires_grad_()
-        y = dora_linear(x, weight, A, B, m, 1.5, b, backend=backend)
+        torch.manual_seed(5)  # the same dropout mask for both backends
+        y = dora_linear(x, weight, A, B, m, 1.5, b, dropout=p, backend=backend)
         y.backward(torch.ones_like(y))
         results.append([y.detach(), x.grad, A.grad, B.grad, m.grad, b.grad])
     assert calls == ["dora_scale_forward", "dora_scale_backward"]

@@ -1,10 +1,11 @@
 """Triton kernels: DoRA's per-column scale of a layer output, forward and backward, one pass each.
 
-    forward   y [M, N] = round(L * c + bias)                         L [M, N], c [N] (fp32 math, one rounding)
-    backward  dL [M, N] = round(dY * c),  dc [N] = sum_m dY * L,  dbias [N] = sum_m dY
+    forward   y [M, N] = round(L * c + bias + R)                     L [M, N], c [N] (fp32 math, one rounding)
+    backward  dL [M, N] = round(dY * c),  dc [N] = sum_m dY * L,  dbias [N] = sum_m dY    (dR = dY)
 
 ``L`` is the LoRA layer's product ``x @ W.T + s * (x @ A.T) @ B.T`` (no dropout), ``c = m / ||W + s B A||`` per
-output column. Written as torch ops (``(L * c).to(dtype)``: ``c`` fp32, so the product is an fp32 ``[M, N]``
+output column; ``R [M, N]`` (optional) is a product added unscaled: with dropout, DoRA's
+``(x - Xd) @ W.T`` (``dora.dora_linear``). Written as torch ops (``(L * c).to(dtype)``: ``c`` fp32, so the product is an fp32 ``[M, N]``
 temporary; its backward another few) the scale costs several passes over ``[M, N]`` in fp32; here the forward
 reads ``L`` and writes ``y`` in their dtype, and the backward reads ``dY`` and ``L`` once and writes ``dL``.
 
@@ -21,10 +22,10 @@ from lowrank_kernels.kernels.rounding import round_fp32_to
 
 
 @triton.jit
-def dora_scale_forward_kernel(l_ptr, c_ptr, bias_ptr, y_ptr, M, N, stride_lm, stride_ln, stride_ym, stride_yn,
-                              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              ROW_TILES: tl.constexpr):
-    """``y = round(L * c + bias)`` over this program's rows and column band."""
+def dora_scale_forward_kernel(l_ptr, c_ptr, bias_ptr, r_ptr, y_ptr, M, N, stride_lm, stride_ln, stride_rm, stride_rn,
+                              stride_ym, stride_yn, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr):
+    """``y = round(L * c + bias + R)`` over this program's rows and column band."""
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     c = tl.load(c_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -37,6 +38,9 @@ def dora_scale_forward_kernel(l_ptr, c_ptr, bias_ptr, y_ptr, M, N, stride_lm, st
         v = v.to(tl.float32) * c[None, :]
         if HAS_BIAS:
             v += b[None, :]
+        if HAS_RESIDUAL:
+            v += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=ok,
+                         other=0.0).to(tl.float32)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
                  round_fp32_to(v, y_ptr.dtype.element_ty), mask=ok)
 
@@ -77,16 +81,18 @@ def dora_scale_backward_kernel(dy_ptr, l_ptr, c_ptr, dl_ptr, dc_part_ptr, db_par
 BLOCK_M, BLOCK_N, ROW_TILES, NUM_WARPS = 32, 128, 8, 4
 
 
-def dora_scale_forward(L: torch.Tensor, c: torch.Tensor, bias, dtype: torch.dtype) -> torch.Tensor:
-    """``y [M, N]`` in ``dtype`` (module docstring). ``L [M, N]`` (any strides, bf16 / fp16 / fp32), ``c [N]`` and
-    ``bias [N]`` (or ``None``) any float dtype, all on one CUDA device (or CPU under the interpreter)."""
+def dora_scale_forward(L: torch.Tensor, c: torch.Tensor, bias, dtype: torch.dtype, residual=None) -> torch.Tensor:
+    """``y [M, N]`` in ``dtype`` (module docstring). ``L [M, N]`` and ``residual [M, N]`` (or ``None``; any strides,
+    bf16 / fp16 / fp32), ``c [N]`` and ``bias [N]`` (or ``None``) any float dtype, all on one CUDA device (or CPU
+    under the interpreter)."""
     M, N = L.shape
     y = L.new_empty((M, N), dtype=dtype)
     if M == 0 or N == 0:
         return y
-    has_bias = bias is not None
-    args = (L, c, bias if has_bias else c, y, M, N, L.stride(0), L.stride(1), y.stride(0), y.stride(1),
-            has_bias, BLOCK_M, BLOCK_N, ROW_TILES)
+    has_bias, has_residual = bias is not None, residual is not None
+    R = residual if has_residual else L
+    args = (L, c, bias if has_bias else c, R, y, M, N, L.stride(0), L.stride(1), R.stride(0), R.stride(1),
+            y.stride(0), y.stride(1), has_bias, has_residual, BLOCK_M, BLOCK_N, ROW_TILES)
     launch(dora_scale_forward_kernel, (cdiv(M, BLOCK_M * ROW_TILES), cdiv(N, BLOCK_N)), args, num_warps=NUM_WARPS)
     return y
 
