@@ -3,11 +3,12 @@
     forward   y [M, N] = round(L * c + bias + R)                     L [M, N], c [N] (fp32 math, one rounding)
     backward  dL [M, N] = round(dY * c),  dc [N] = sum_m dY * L,  dbias [N] = sum_m dY    (dR = dY)
 
-``L`` is the LoRA layer's product ``x @ W.T + s * (x @ A.T) @ B.T`` (no dropout), ``c = m / ||W + s B A||`` per
-output column; ``R [M, N]`` (optional) is a product added unscaled: with dropout, DoRA's
-``(x - Xd) @ W.T`` (``dora.dora_linear``). Written as torch ops (``(L * c).to(dtype)``: ``c`` fp32, so the product is an fp32 ``[M, N]``
-temporary; its backward another few) the scale costs several passes over ``[M, N]`` in fp32; here the forward
-reads ``L`` and writes ``y`` in their dtype, and the backward reads ``dY`` and ``L`` once and writes ``dL``.
+``L`` is the LoRA layer's product ``x @ W.T + s * (x @ A.T) @ B.T`` (with dropout, on the dropped ``x``),
+``c = m / ||W + s B A||`` per output column; ``R [M, N]`` (optional) a product added unscaled (with dropout, DoRA's
+``(x - Xd) @ W.T``: ``dora.dora_linear``). Written as torch ops (``(L * c).to(dtype)``: ``c`` fp32, so the product
+is an fp32 ``[M, N]`` temporary; its backward another few) the scale costs several passes over ``[M, N]`` in
+fp32; here the forward reads ``L`` (and ``R``) and writes ``y`` in their dtype, and the backward reads ``dY`` and
+``L`` once and writes ``dL``.
 
 A program owns a ``[BLOCK_M, BLOCK_N]`` tile of rows ``pid_m * ROWS ..`` (``ROWS = BLOCK_M * ROW_TILES``): it
 walks its ``ROW_TILES`` tiles down the column band and, in the backward, writes the fp32 column sums of its rows to
