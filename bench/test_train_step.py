@@ -1,6 +1,7 @@
 """One QLoRA (LoRA, AdaLoRA or DoRA) training step of a Llama-architecture model: peft + bitsandbytes as users run
 it, and the same model after ``lowrank_kernels.peft.convert`` (AdaLoRA: with our ``RankAllocator`` instead of
-peft's; DoRA: peft's ``use_dora=True``, eager steps only).
+peft's; DoRA: peft's ``use_dora=True``, eager steps only, without dropout and with ``lora_dropout=0.05`` as DoRA
+recipes set it: method ``dora-dropout``).
 
 Model: ``LlamaForCausalLM`` with the layer dimensions of a bench/shapes.py model (head_dim 128), random init
 (nothing downloaded), bf16, --bench-layers decoder layers (default 4). The vocabulary is cut to 32000 so that the
@@ -87,8 +88,8 @@ def build(model, layers, grad_ckpt, method="lora", quantized=True):
     if method == "adalora":
         config = peft.AdaLoraConfig(lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, **ADALORA)
     else:
-        config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                                 use_dora=method == "dora")
+        config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05 if method == "dora-dropout" else 0.0,
+                                 target_modules=TARGETS, use_dora=method.startswith("dora"))
     return peft.get_peft_model(net, config)
 
 
@@ -150,7 +151,7 @@ COMPILE_BACKEND = "inductor" if HAS_CUDA else "aot_eager"
 @pytest.mark.parametrize("provider", ["peft+bnb", "lowrank_kernels", "peft-bf16"])
 @pytest.mark.parametrize("batch", [1, 4] if HAS_CUDA else [1], ids=lambda b: f"batch{b}")
 @pytest.mark.parametrize("mode", ["eager", "compiled", "graphed"])
-@pytest.mark.parametrize("method", ["lora", "adalora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "dora", "dora-dropout"])
 def test_train_step(run, benchmark, request, model, method, mode, batch, provider):
     """One step; for AdaLoRA, ``update_and_allocate`` (peft's, or our ``RankAllocator`` on the converted model)
     runs after ``optimizer.step()`` as peft documents it. ``peft-bf16``: the same LoRA model on an unquantized
@@ -158,7 +159,7 @@ def test_train_step(run, benchmark, request, model, method, mode, batch, provide
     pytest.importorskip("transformers", reason="transformers is not installed")
     if provider == "peft-bf16" and method != "lora":
         pytest.skip("the bf16-base reference is measured for LoRA")
-    if method == "dora" and mode == "compiled":
+    if method.startswith("dora") and mode == "compiled":
         pytest.skip("the DoRA step is measured eagerly")
     if mode == "graphed" and (not HAS_CUDA or method != "lora"):
         pytest.skip("the step in one CUDA graph is measured for LoRA, on CUDA")
@@ -198,7 +199,7 @@ def test_train_step(run, benchmark, request, model, method, mode, batch, provide
         step, loss, peak, baseline = graphed_step(net, ids, optimizer, provider)
     else:
         peak, baseline = peak_memory(step)
-    name = "train_step" if method == "lora" else f"{method}_train_step"
+    name = "train_step" if method == "lora" else f"{method.replace('-', '_')}_train_step"
     run(step, provider, eager=True, rounds=5, group=f"{name} {model} batch={batch} {mode}", layers=layers,
         tokens=tokens, mode=mode, liger=bool(liger),
         grad_ckpt=bool(request.config.getoption("--bench-grad-ckpt")),

@@ -10,7 +10,8 @@
 #   bash scripts/gpu_pending.sh train-graphed  both batches, the whole step captured in one CUDA graph (3 providers)
 #   bash scripts/gpu_pending.sh liger       both batches with Liger-Kernel's Llama kernels on every provider
 #   bash scripts/gpu_pending.sh dora        the DoRA / QDoRA layer benchmark
-#   bash scripts/gpu_pending.sh dora-train  the QDoRA training step, batch 1 and 4, peft+bnb against converted
+#   bash scripts/gpu_pending.sh dora-train  the QDoRA training step, batch 1 and 4, peft+bnb against converted,
+#                                           without dropout and with lora_dropout 0.05
 #   bash scripts/gpu_pending.sh mixed       the mixed-adapter batch benchmark (8 adapters, M = 16 / 64)
 #   bash scripts/gpu_pending.sh generate    generation: 128 tokens at batch 1 / 16, and 8 mixed adapters
 #   bash scripts/gpu_pending.sh layer-ab    the M = 8192 layer targets timed paired (experiments/probe/layer_ab.py)
