@@ -23,13 +23,12 @@ import contextlib
 import numbers
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lowrank_kernels import dispatch, nf4_module
+from lowrank_kernels import nf4_module
 from lowrank_kernels.checks import check_finite, check_float_dtype, check_rank, tensor_version
-from lowrank_kernels.functional import check_inputs, lora_linear, qlora_linear
+from lowrank_kernels.functional import base_product, check_inputs, lora_linear, qlora_linear
 from lowrank_kernels.nf4 import DTYPES as NF4_DTYPES, FlatScalesCache, NF4Weight
 
 __all__ = ["AdaLoraLinear", "adalora_linear", "active_indices", "check_active", "check_mask", "pack_mask", "unpack_mask"]
@@ -176,8 +175,9 @@ def adalora_linear(x, weight, lora_A, lora_E, lora_B, scaling, bias=None, *, ran
     autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # no autocast on meta
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        w = dispatch.dense_weight(weight, dtype, backend if dtype in NF4_DTYPES else "torch")
-        y = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+        y = base_product(x.to(dtype), weight, backend if dtype in NF4_DTYPES else "torch")
+        if bias is not None:
+            y = y + bias.to(dtype)
     params = (lora_A, lora_E, lora_B)
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         y = _ZeroGrads.apply(y, *params)

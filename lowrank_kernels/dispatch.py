@@ -56,7 +56,7 @@ def dense_weight(weight, dtype, backend=None):
 
 
 def nf4_matmul(x, w, trans_w=False, backend=None):
-    """``x @ W.T`` (``trans_w``: ``x @ W``) for ``x [M, K]`` (``[M, N]``) in the compute dtype and an ``NF4Weight``
+    """``x @ W.T`` (``trans_w``: ``x @ W``) for ``x [..., K]`` (``[..., N]``) in the compute dtype and an ``NF4Weight``
     ``w [N, K]``: the weight dequantized to ``x.dtype`` (bit-exact) for one product and then dropped, so autograd
     (``autograd.NF4MatmulFunction``, the ``nf4_matmul`` operator) keeps none of it."""
     W = nf4_dequantize(w, x.dtype, backend)

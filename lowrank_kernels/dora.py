@@ -37,13 +37,11 @@ import contextlib
 import numbers
 
 import torch
-import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_kernels import dispatch, ops, policy
-from lowrank_kernels.autograd import NF4MatmulFunction
 from lowrank_kernels.checks import check_finite, tensor_version
-from lowrank_kernels.functional import check_inputs, lora_linear, qlora_linear
+from lowrank_kernels.functional import base_product, check_inputs, lora_linear, qlora_linear
 from lowrank_kernels.nf4 import NF4Weight
 
 __all__ = ["dora_linear", "dora_weight_norm"]
@@ -119,18 +117,6 @@ class DoraScaleFunction(torch.autograd.Function):
         return dL, None if dc is None else dc.to(c.dtype), None if db is None else db.to(ctx.bias_dtype), dr, None
 
 
-def _base_product(x, weight, backend):
-    """``x @ W.T`` for ``x [M, K]`` in the compute dtype, differentiable in ``x`` (and a dense weight that needs a
-    gradient); an NF4 weight is dequantized for each product, its dequantized copy never kept for backward."""
-    if not isinstance(weight, NF4Weight):
-        return F.linear(x, dispatch.cast(weight, x.dtype))
-    if torch.compiler.is_compiling():
-        return ops.nf4_matmul(x, weight, backend)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return NF4MatmulFunction.apply(x, weight, backend)
-    return dispatch.nf4_matmul(x, weight, False, backend)
-
-
 def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dropout=0.0, eps=1e-12,
                 backend=None, config=None):
     """``x [..., K]``, ``weight`` dense ``[N, K]`` or ``NF4Weight``, ``lora_A [r, K]``, ``lora_B [N, r]``,
@@ -169,7 +155,7 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         xc = x.to(dtype)
         xd = (xc * (1.0 / (1.0 - dropout))) * keep
-        rest = _base_product((xc - xd).reshape(-1, x.shape[-1]), weight, backend).reshape(*x.shape[:-1], N)
+        rest = base_product(xc - xd, weight, backend)
         L = lora(xd, weight, lora_A, lora_B, scaling, None, backend=backend, config=config)
         if policy.dora_scale_on_triton(L, backend):
             return DoraScaleFunction.apply(L.reshape(-1, N), c, bias, rest.reshape(-1, N), dtype).reshape(L.shape)

@@ -14,9 +14,10 @@ import contextlib
 import numbers
 
 import torch
+import torch.nn.functional as F
 
 from lowrank_kernels import dispatch, ops, policy
-from lowrank_kernels.autograd import LoraLinearFunction, draw_seed, lora_forward
+from lowrank_kernels.autograd import LoraLinearFunction, NF4MatmulFunction, draw_seed, lora_forward
 from lowrank_kernels.checks import check_finite
 from lowrank_kernels.nf4 import NF4Weight
 
@@ -42,6 +43,21 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, *, dropout=0.0, b
     if isinstance(weight, NF4Weight):
         raise TypeError("weight: got an NF4Weight; use qlora_linear for NF4 weights")
     return _apply(x, weight, lora_A, lora_B, scaling, bias, dropout, backend, config)
+
+
+def base_product(x, weight, backend=None):
+    """``x @ W.T`` for ``x [..., K]`` in the compute dtype and a dense or NF4 ``weight [N, K]``, no bias,
+    differentiable in ``x`` (and in a dense weight that requires a gradient). An NF4 weight is dequantized for the
+    product and again for ``dX = dY @ W`` in backward (the ``nf4_matmul`` operator under ``torch.compile``): no
+    ``[N, K]`` dequantized copy is kept between them, as ``F.linear`` over it would keep one. For the products over
+    the base weight alone: AdaLoRA layers left with no rank, DoRA's ``(x - Xd) @ W.T`` with dropout."""
+    if not isinstance(weight, NF4Weight):
+        return F.linear(x, dispatch.cast(weight, x.dtype))
+    if torch.compiler.is_compiling():
+        return ops.nf4_matmul(x, weight, backend)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return NF4MatmulFunction.apply(x, weight, backend)
+    return dispatch.nf4_matmul(x, weight, False, backend)
 
 
 def check_inputs(x, weight, lora_A, lora_B, scaling, bias=None, dropout=0.0, backend=None, config=None, *,

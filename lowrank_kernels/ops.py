@@ -231,7 +231,7 @@ def nf4_matmul_op(x: Tensor, nf4: list[Tensor], nf4_meta: list[int], trans_w: bo
 @nf4_matmul_op.register_fake
 def _(x, nf4, nf4_meta, trans_w, backend):
     N, K = nf4_meta[3:]
-    return x.new_empty(x.shape[0], K if trans_w else N)
+    return x.new_empty(*x.shape[:-1], K if trans_w else N)
 
 
 def _nf4_matmul_setup_context(ctx, inputs, output):
@@ -251,7 +251,7 @@ torch.library.register_autograd(f"{NAMESPACE}::nf4_matmul", _nf4_matmul_backward
 
 
 def nf4_matmul(x: Tensor, w: NF4Weight, backend=None) -> Tensor:
-    """``x [M, K] @ W.T`` through the ``nf4_matmul`` operator, differentiable in ``x`` (the weight is frozen)."""
+    """``x [..., K] @ W.T`` through the ``nf4_matmul`` operator, differentiable in ``x`` (the weight is frozen)."""
     tensors, meta = w.op_args()
     return nf4_matmul_op(x, tensors, meta, False, backend)
 

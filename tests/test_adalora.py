@@ -185,6 +185,23 @@ def test_zero_active_ranks_is_the_base_layer():
     assert layer(x).grad_fn is None  # nothing needs a gradient
 
 
+def test_zero_active_ranks_on_nf4_keeps_no_dequantized_weight():
+    """An NF4 layer with no active rank is the base product alone: ``x`` gets ``dY @ W`` and no ``[N, K]``
+    dequantized copy of the weight is kept for backward (bitsandbytes' layer keeps none either)."""
+    layer = make_layer(quantize=True)
+    layer.set_rank_mask(torch.zeros(R, dtype=torch.bool, device=DEVICE))
+    W = layer.weight.dequantize(torch.float32)
+    x = torch.randn(3, 5, K, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer(x)
+    assert (N, K) not in saved and (K, N) not in saved
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert rel_err(y, x.detach() @ W.T + layer.bias) <= 1e-6 and rel_err(x.grad, dy @ W) <= 1e-6
+    assert torch.equal(layer.lora_A.grad, torch.zeros_like(layer.lora_A))
+
+
 def test_dropout_train_only():
     layer = make_layer()
     layer.lora_dropout = 0.5
