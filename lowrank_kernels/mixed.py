@@ -44,12 +44,12 @@ def _zero_adapter(device, dtype, N, K):
     return _ZEROS[key]
 
 
-def _stacked(adapters, stack_adapters):
+def _stacked(adapters, stack_adapters, dtype):
     key = tuple((id(A), A.data_ptr(), tensor_version(A), id(B), B.data_ptr(), tensor_version(B), float(s))
-                for A, B, s in adapters)
+                for A, B, s in adapters) + (dtype,)
     cached = _STACKS.get(adapters[0][0])
     if cached is None or cached[0] != key:
-        cached = _STACKS[adapters[0][0]] = (key, stack_adapters([(A, B, float(s)) for A, B, s in adapters]))
+        cached = _STACKS[adapters[0][0]] = (key, stack_adapters([(A, B, float(s)) for A, B, s in adapters], dtype))
     return cached[1]
 
 
@@ -131,7 +131,9 @@ def mixed_lora_linear(x, weight, adapters, adapter_index, bias=None, *, backend=
         from lowrank_kernels import ops
         from lowrank_kernels.kernels.lora_gather import stack_adapters
 
-        stack = stack_adapters([(A, B, float(s)) for A, B, s in adapters]) if torch.compiler.is_compiling() \
-            else _stacked(adapters, stack_adapters)
+        # stacked in x's dtype, to which the kernels round the adapters anyway (peft's fp32 adapters: half the bytes
+        # every decode step reads)
+        stack = stack_adapters([(A, B, float(s)) for A, B, s in adapters], x.dtype) \
+            if torch.compiler.is_compiling() else _stacked(adapters, stack_adapters, x.dtype)
         y = (ops.lora_gather if path == "gather" else ops.lora_segments)(x2, y, index, *stack)
     return y.reshape(*x.shape[:-1], N)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import python_ref
-from lowrank_kernels.kernels.lora_gather import lora_gather, lora_segments, stack_adapters
+from lowrank_kernels.kernels.lora_gather import K_CHUNK, lora_gather, lora_segments, stack_adapters
 from tests.conftest import DEVICE
 from tests.test_lora_forward import rel_err
 
@@ -39,6 +39,28 @@ def test_matches_oracle(M, N, K, dtype, index_dtype):
     assert rel_err(y, ref) <= TOL[dtype]
     rows = index < 0
     assert torch.equal(y[rows], base[rows])  # no adapter: the base product, untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k_split_over_several_chunks(dtype):
+    """K over three shrink chunks, the last one ragged: the partial sums add up to the oracle's products."""
+    M, N, K = 5, 24, 2 * K_CHUNK + 77
+    x, W, bias, adapters, index = make(M, N, K, dtype)
+    base = F.linear(x, W, bias)
+    y = lora_gather(x, base, index, *stack_adapters(adapters))
+    ref = python_ref.mixed_lora_forward(x.double(), W.double(), [(A.double(), B.double(), s) for A, B, s in adapters],
+                                        index, bias.double())
+    assert rel_err(y, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_adapters_stacked_in_x_dtype_give_the_same_bits(dtype):
+    """The kernels round fp32 adapters to x's dtype as they read them: stacked in that dtype beforehand (what
+    ``mixed_lora_linear`` does, half the bytes), the output is bit-identical."""
+    x, W, bias, adapters, index = make(7, 72, 96, dtype)
+    base = F.linear(x, W, bias)
+    assert torch.equal(lora_gather(x, base, index, *stack_adapters(adapters, dtype)),
+                       lora_gather(x, base, index, *stack_adapters(adapters)))
 
 
 def test_every_row_its_own_adapter():

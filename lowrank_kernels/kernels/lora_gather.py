@@ -9,11 +9,13 @@ The adapters are stacked and zero-padded to the largest rank ``R`` (:func:`stack
 peft keeps them) and are rounded to x's dtype as they are read; sums accumulate in fp32; ``S`` is rounded to x's
 dtype as the single-adapter path rounds it, and ``y[m] + s_a * (S @ B.T)`` once more at the end.
 
-Two forms. Gather (decode-sized batches, :func:`lora_gather`), tiling: the shrink runs one program per row
-(``BLOCK_R >= R`` ranks at once, K in ``BLOCK_K`` steps); the expand one program per (row, ``BLOCK_N`` output
-columns) reading the row's ``S`` and a ``[BLOCK_N, BLOCK_R]`` tile of its ``B``. Rows of one adapter read the
-same ``A`` / ``B`` tiles, which stay in L2 across the batch. Products are
-multiply-and-sum (no ``tl.dot``): a decode row is one vector, and the interpreter computes these in every dtype.
+Two forms. Gather (decode-sized batches, :func:`lora_gather`), tiling: the shrink runs one program per (row,
+``K_CHUNK`` columns of K) (``BLOCK_R >= R`` ranks at once, ``BLOCK_K`` steps), writing fp32 partial sums, so that
+a 16-row batch spreads the adapters' reads over ``16 * K / K_CHUNK`` programs rather than 16; the expand one
+program per (row, ``BLOCK_N`` output columns) adding the row's partials in chunk order into ``S`` and reading a
+``[BLOCK_N, BLOCK_R]`` tile of its ``B``. Rows of one adapter read the same ``A`` / ``B`` tiles, which stay in L2
+across the batch. Products are multiply-and-sum (no ``tl.dot``): a decode row is one vector, and the interpreter
+computes these in every dtype.
 Segments (prefill, :func:`lora_segments`): the rows sorted by adapter (a stable device sort), tiles of
 ``SEGMENT_BLOCK_M`` sorted rows, one ``tl.dot`` per adapter a tile holds (its rows kept, the others masked), so a
 tile that straddles a boundary between adapters pays once per adapter in it.
@@ -27,36 +29,45 @@ from lowrank_kernels.kernels.launch import INTERPRET, cdiv, launch, next_pow2
 from lowrank_kernels.policy import fp32_dot_precision
 
 BLOCK_K = 128
+K_CHUNK = 512  # columns of K per gather-shrink program: M * cdiv(K, K_CHUNK) programs share a decode batch's work
 BLOCK_N = 64
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def lora_gather_shrink_kernel(x_ptr, idx_ptr, a_ptr, s_ptr, K, R, stride_xm, stride_an, stride_ar,
-                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def lora_gather_shrink_kernel(x_ptr, idx_ptr, a_ptr, part_ptr, M, K, R, stride_xm, stride_an, stride_ar,
+                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr):
+    """Program (m, c): the fp32 partial ``x[m, chunk c] @ A_a[:, chunk c].T`` over ``K_CHUNK`` columns of K, into
+    ``part[c, m, :R]``."""
     m = tl.program_id(0)
+    c = tl.program_id(1)
     a = tl.load(idx_ptr + m).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     if a >= 0:
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(c * K_CHUNK, c * K_CHUNK + K_CHUNK, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xk = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0)
             ak = tl.load(a_ptr + a * stride_an + offs_r[:, None] * stride_ar + offs_k[None, :],
                          mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
             acc += tl.sum(ak.to(xk.dtype).to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
-    tl.store(s_ptr + m * R + offs_r, acc.to(s_ptr.dtype.element_ty), mask=offs_r < R)
+    tl.store(part_ptr + (c * M + m) * R + offs_r, acc, mask=offs_r < R)
 
 
 @triton.jit
-def lora_gather_expand_kernel(s_ptr, idx_ptr, b_ptr, scal_ptr, y_ptr, N, R, stride_ym, stride_bn, stride_bo,
-                              BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def lora_gather_expand_kernel(part_ptr, idx_ptr, b_ptr, scal_ptr, y_ptr, M, N, R, CHUNKS, stride_ym, stride_bn,
+                              stride_bo, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (m, j): ``S[m]`` as the sum of the shrink's ``CHUNKS`` partials (in chunk order, rounded once to y's
+    dtype), then ``y[m, cols j] += s_a * S[m] @ B_a[cols j].T``."""
     m = tl.program_id(0)
     a = tl.load(idx_ptr + m).to(tl.int64)
     if a >= 0:
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, BLOCK_R)
-        s = tl.load(s_ptr + m * R + offs_r, mask=offs_r < R, other=0.0)
+        s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c in range(CHUNKS):
+            s += tl.load(part_ptr + (c * M + m) * R + offs_r, mask=offs_r < R, other=0.0)
+        s = s.to(y_ptr.dtype.element_ty)
         b = tl.load(b_ptr + a * stride_bn + offs_n[:, None] * stride_bo + offs_r[None, :],
                     mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
         term = tl.sum(b.to(s.dtype).to(tl.float32) * s.to(tl.float32)[None, :], axis=1) * tl.load(scal_ptr + a)
@@ -106,13 +117,15 @@ def lora_gather(x, y, adapter_index, A_all, B_all, scalings):
     (M, K), R, N = x.shape, A_all.shape[1], out.shape[1]
     if M == 0 or N == 0:
         return out
-    S = x.new_empty((M, R))
+    chunks = cdiv(K, K_CHUNK)
+    partials = x.new_empty((chunks, M, R), dtype=torch.float32)
     block_r = max(2, next_pow2(R))
-    launch(lora_gather_shrink_kernel, (M,), (x, adapter_index, A_all, S, K, R, x.stride(0), A_all.stride(0),
-                                             A_all.stride(1), block_r, BLOCK_K), num_warps=4)
+    launch(lora_gather_shrink_kernel, (M, chunks), (x, adapter_index, A_all, partials, M, K, R, x.stride(0),
+                                                    A_all.stride(0), A_all.stride(1), block_r, BLOCK_K, K_CHUNK),
+           num_warps=4)
     launch(lora_gather_expand_kernel, (M, cdiv(N, BLOCK_N)),
-           (S, adapter_index, B_all, scalings, out, N, R, out.stride(0), B_all.stride(0), B_all.stride(1), block_r,
-            BLOCK_N), num_warps=4)
+           (partials, adapter_index, B_all, scalings, out, M, N, R, chunks, out.stride(0), B_all.stride(0),
+            B_all.stride(1), block_r, BLOCK_N), num_warps=4)
     return out
 
 
