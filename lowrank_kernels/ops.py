@@ -176,30 +176,30 @@ def lora_linear(x, weight, lora_A, lora_B, scaling: float, bias, dropout: float,
 # --------------------------------------------------------------------------------------------- mixed adapters
 @torch.library.custom_op(f"{NAMESPACE}::lora_gather", mutates_args=())
 def lora_gather(x: Tensor, y: Tensor, adapter_index: Tensor, A_all: Tensor, B_all: Tensor,
-                scalings: Tensor) -> Tensor:
+                scalings: Tensor, ranks: Tensor) -> Tensor:
     """``kernels.lora_gather.lora_gather``: ``y`` plus each row's LoRA term of a mixed-adapter batch (no autograd:
     serving; ``mixed_lora_linear`` takes torch products where a gradient is needed)."""
     from lowrank_kernels.kernels.lora_gather import lora_gather as launch_gather
 
-    return launch_gather(x, y, adapter_index, A_all, B_all, scalings)
+    return launch_gather(x, y, adapter_index, A_all, B_all, scalings, ranks)
 
 
 @lora_gather.register_fake
-def _(x, y, adapter_index, A_all, B_all, scalings):
+def _(x, y, adapter_index, A_all, B_all, scalings, ranks):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::lora_segments", mutates_args=())
 def lora_segments(x: Tensor, y: Tensor, adapter_index: Tensor, A_all: Tensor, B_all: Tensor,
-                  scalings: Tensor) -> Tensor:
+                  scalings: Tensor, ranks: Tensor) -> Tensor:
     """``kernels.lora_gather.lora_segments``: as ``lora_gather``, rows grouped by adapter (the prefill form)."""
     from lowrank_kernels.kernels.lora_gather import lora_segments as launch_segments
 
-    return launch_segments(x, y, adapter_index, A_all, B_all, scalings)
+    return launch_segments(x, y, adapter_index, A_all, B_all, scalings, ranks)
 
 
 @lora_segments.register_fake
-def _(x, y, adapter_index, A_all, B_all, scalings):
+def _(x, y, adapter_index, A_all, B_all, scalings, ranks):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 

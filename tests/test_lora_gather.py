@@ -63,6 +63,20 @@ def test_adapters_stacked_in_x_dtype_give_the_same_bits(dtype):
                        lora_gather(x, base, index, *stack_adapters(adapters)))
 
 
+@pytest.mark.parametrize("form", ["gather", "segments"])
+def test_padding_beyond_each_rank_is_not_read(form):
+    """Each adapter is read at its own rank: NaN written into the zero padding of the stacks changes nothing."""
+    x, W, bias, adapters, index = make(9, 24, 40, torch.float32)
+    base = F.linear(x, W, bias)
+    fn = lora_gather if form == "gather" else lora_segments
+    A_all, B_all, scal, ranks = stack_adapters(adapters)
+    clean = fn(x, base, index, A_all, B_all, scal, ranks)
+    for i, r in enumerate(ranks.tolist()):
+        A_all[i, r:] = float("nan")
+        B_all[i, :, r:] = float("nan")
+    assert torch.equal(fn(x, base, index, A_all, B_all, scal, ranks), clean)
+
+
 def test_every_row_its_own_adapter():
     """Each row equals the single-adapter LoRA of its adapter (fp32, python_ref.lora_forward)."""
     x, W, bias, adapters, index = make(9, 24, 40, torch.float32)
@@ -78,8 +92,9 @@ def test_every_row_its_own_adapter():
 
 def test_stack_adapters_pads_with_zeros_and_checks_shapes():
     _, _, _, adapters, _ = make(2, 24, 40, torch.float32, ranks=[2, 5])
-    A_all, B_all, scal = stack_adapters(adapters)
+    A_all, B_all, scal, ranks = stack_adapters(adapters)
     assert A_all.shape == (2, 5, 40) and B_all.shape == (2, 24, 5) and scal.tolist() == [0.5, 1.5]
+    assert ranks.dtype == torch.int32 and ranks.tolist() == [2, 5]
     assert torch.equal(A_all[0, 2:], torch.zeros(3, 40, device=DEVICE)) and torch.equal(A_all[0, :2], adapters[0][0])
     assert torch.equal(B_all[0, :, 2:], torch.zeros(24, 3, device=DEVICE))
     with pytest.raises(ValueError, match=r"adapters\[1\]"):
