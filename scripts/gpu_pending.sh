@@ -21,16 +21,17 @@
 #   bash scripts/gpu_pending.sh profile-compiled   host vs GPU time of the batch-1 step, converted, eager and compiled
 #   bash scripts/gpu_pending.sh compile-probe  every layer call of a compiled QLoRA stack against eager (#26's two
 #                                           compile-equality failures on the GPU)
+#   bash scripts/gpu_pending.sh dora-profile   QLoRA against QDoRA fwd+bwd, wall and per-kernel time, host stalls
+#                                           (experiments/profile_dora_layer.py: the 4096x4096 fixed excess)
 #   bash scripts/gpu_pending.sh multi-gpu   (2 GPUs: kind nvidia-h100-x2) #29: one GPU, then DDP / FSDP2 on two, both
 #                                           providers, bf16 quant_storage (shardable on torch 2.11), 50 steps
-#   bash scripts/gpu_pending.sh round1|round2|round3   the parts above in three calls of < 10 minutes each:
-#       round1 = compile-probe, profile-compiled, suite; round2 = inference, dora, dora-train, mixed;
-#       round3 = train-graphed, generate, layer-ab
-# Logs and results under $OUT (or ./gpu_out); a round puts each part's under $OUT/<part>.
+#   bash scripts/gpu_pending.sh round1|round2|round3   the parts still to run, in calls of < 10 minutes each:
+#       round1 = train-1, dora-profile, mixed; round2 = train-4, layer-ab; round3 = generate, dora
+# Logs and results under $OUT (or ./gpu_out); a round puts each part's under <part>/ in $OUT/<round>.tgz.
 set -uo pipefail
 parts='suite [FILES] | train-1 | train-4 | train-graphed | liger | dora | dora-train | mixed | generate |
        layer-ab | inference | ab |
-       profile-compiled | compile-probe | multi-gpu | round1 | round2 | round3'
+       profile-compiled | compile-probe | dora-profile | multi-gpu | round1 | round2 | round3'
 part=${1:?usage: bash scripts/gpu_pending.sh $parts}
 lora_step='train_step and not adalora and not dora'
 case "$part" in
@@ -60,6 +61,7 @@ case "$part" in
       python3 scripts/profile_train_step.py --providers lowrank_kernels --rows 25
       python3 scripts/profile_train_step.py --providers lowrank_kernels --compile --rows 25 ;;
   compile-probe) python3 experiments/compile_qlora_probe.py qlora --quick 2>&1 | grep -v Warning ;;
+  dora-profile) PYTHONPATH=$PWD python3 experiments/profile_dora_layer.py --m 4096 2>&1 | grep -v "Warning\|USDT" ;;
   multi-gpu) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
       export PYTHONPATH=/tmp/lk-site:$PWD OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
       run=(scripts/train_multi_gpu.py --check-exact --quant-storage bfloat16)
@@ -67,13 +69,15 @@ case "$part" in
       torchrun --standalone --nproc-per-node 2 "${run[@]}" --wrap ddp,fsdp2,fsdp2-replicate \
         --baseline "$OUT/multi-gpu-1x.json" --out "$OUT/multi-gpu-2x.json" | tail -12 ;;
   round1|round2|round3)
-      case "$part" in round1) parts=(compile-probe profile-compiled suite) ;;
-                      round2) parts=(inference dora dora-train mixed) ;;
-                      round3) parts=(train-graphed generate layer-ab) ;; esac
+      case "$part" in round1) parts=(train-1 dora-profile mixed) ;;
+                      round2) parts=(train-4 layer-ab) ;;
+                      round3) parts=(generate dora) ;; esac
       out=${OUT:-gpu_out}
       for p in "${parts[@]}"; do
         echo "== $p"; mkdir -p "$out/$p"
         OUT=$out/$p bash "$0" "$p" 2>&1 | grep -v "^WARNING: Target directory" | tee "$out/$p/run.log" | tail -40
-      done ;;
+      done
+      # the device tool brings back at most 8 files: the round's results as one archive
+      tar czf "$out/$part.tgz" -C "$out" "${parts[@]}" && (cd "$out" && rm -rf "${parts[@]}") ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
