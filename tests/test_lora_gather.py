@@ -77,6 +77,21 @@ def test_padding_beyond_each_rank_is_not_read(form):
     assert torch.equal(fn(x, base, index, A_all, B_all, scal, ranks), clean)
 
 
+@pytest.mark.parametrize("form", ["gather", "segments"])
+def test_strided_y_read_and_left_unchanged(form):
+    """``y`` in any strides (column-major here) is read, never written: the result is a new tensor, equal to the one
+    from a contiguous ``y``; rows without adapter are ``y``'s bits."""
+    x, W, bias, adapters, index = make(9, 24, 40, torch.float32)
+    fn = lora_gather if form == "gather" else lora_segments
+    base = F.linear(x, W, bias)
+    strided = base.T.contiguous().T
+    before = strided.clone()
+    stack = stack_adapters(adapters)
+    out = fn(x, strided, index, *stack)
+    assert torch.equal(strided, before) and out.is_contiguous()
+    assert torch.equal(out, fn(x, base, index, *stack)) and torch.equal(out[index < 0], base[index < 0])
+
+
 def test_every_row_its_own_adapter():
     """Each row equals the single-adapter LoRA of its adapter (fp32, python_ref.lora_forward)."""
     x, W, bias, adapters, index = make(9, 24, 40, torch.float32)

@@ -57,25 +57,29 @@ def lora_gather_shrink_kernel(x_ptr, idx_ptr, a_ptr, rank_ptr, part_ptr, M, K, R
 
 
 @triton.jit
-def lora_gather_expand_kernel(part_ptr, idx_ptr, b_ptr, scal_ptr, rank_ptr, y_ptr, M, N, R, CHUNKS, stride_ym,
-                              stride_bn, stride_bo, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def lora_gather_expand_kernel(part_ptr, idx_ptr, b_ptr, scal_ptr, rank_ptr, y_ptr, out_ptr, M, N, R, CHUNKS,
+                              stride_ym, stride_yn, stride_om, stride_bn, stride_bo, BLOCK_R: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
     """Program (m, j): ``S[m]`` as the sum of the shrink's ``CHUNKS`` partials (in chunk order, rounded once to y's
-    dtype), then ``y[m, cols j] += s_a * S[m] @ B_a[cols j].T``."""
+    dtype), then ``out[m, cols j] = y[m, cols j] + s_a * S[m] @ B_a[cols j].T``, or ``y`` itself where a = -1."""
     m = tl.program_id(0)
     a = tl.load(idx_ptr + m).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    y = tl.load(y_ptr + m * stride_ym + offs_n * stride_yn, mask=n_ok, other=0.0)
+    out_ptrs = out_ptr + m * stride_om + offs_n
     if a >= 0:
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, BLOCK_R)
         s = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for c in range(CHUNKS):
             s += tl.load(part_ptr + (c * M + m) * R + offs_r, mask=offs_r < R, other=0.0)
         s = s.to(y_ptr.dtype.element_ty)
         b = tl.load(b_ptr + a * stride_bn + offs_n[:, None] * stride_bo + offs_r[None, :],
-                    mask=(offs_n[:, None] < N) & (offs_r[None, :] < tl.load(rank_ptr + a)), other=0.0)
+                    mask=n_ok[:, None] & (offs_r[None, :] < tl.load(rank_ptr + a)), other=0.0)
         term = tl.sum(b.to(s.dtype).to(tl.float32) * s.to(tl.float32)[None, :], axis=1) * tl.load(scal_ptr + a)
-        y_ptrs = y_ptr + m * stride_ym + offs_n
-        y = tl.load(y_ptrs, mask=offs_n < N, other=0.0)
-        tl.store(y_ptrs, (y.to(tl.float32) + term).to(y.dtype), mask=offs_n < N)
+        tl.store(out_ptrs, (y.to(tl.float32) + term).to(y.dtype), mask=n_ok)
+    else:
+        tl.store(out_ptrs, y, mask=n_ok)
 
 
 def stack_adapters(adapters, dtype=None):
@@ -102,14 +106,15 @@ def stack_adapters(adapters, dtype=None):
 
 
 def _operands(name, x, y, A_all, B_all):
-    """``(x, A_all, B_all, out)`` as the kernels read them (unit stride along K, contiguous stacks, ``out`` a
-    contiguous copy of ``y``), after checking that ``y`` is ``[M, N]`` in x's dtype."""
+    """``(x, A_all, B_all, out)`` as the kernels read them (unit stride along K, contiguous stacks, ``out`` a new
+    contiguous ``[M, N]`` tensor that the expand fills from ``y``), after checking that ``y`` is ``[M, N]`` in x's
+    dtype."""
     M, N = x.shape[0], B_all.shape[1]
     if x.dtype not in _DTYPES or y.dtype != x.dtype or tuple(y.shape) != (M, N):
         raise ValueError(f"{name}: x (bf16 / fp16 / fp32) and y [M, N] in its dtype, got x {x.dtype} and y "
                          f"{y.dtype} {tuple(y.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
-    return x, A_all.contiguous(), B_all.contiguous(), y.contiguous().clone()
+    return x, A_all.contiguous(), B_all.contiguous(), torch.empty((M, N), dtype=y.dtype, device=y.device)
 
 
 def lora_gather(x, y, adapter_index, A_all, B_all, scalings, ranks):
@@ -121,15 +126,15 @@ def lora_gather(x, y, adapter_index, A_all, B_all, scalings, ranks):
     (M, K), R, N = x.shape, A_all.shape[1], out.shape[1]
     if M == 0 or N == 0:
         return out
-    chunks = cdiv(K, K_CHUNK)
+    chunks = max(1, cdiv(K, K_CHUNK))  # K = 0: one program per row writes zeros
     partials = x.new_empty((chunks, M, R), dtype=torch.float32)
     block_r = max(2, next_pow2(R))
     launch(lora_gather_shrink_kernel, (M, chunks), (x, adapter_index, A_all, ranks, partials, M, K, R, x.stride(0),
                                                     A_all.stride(0), A_all.stride(1), block_r, BLOCK_K, K_CHUNK),
            num_warps=4)
     launch(lora_gather_expand_kernel, (M, cdiv(N, BLOCK_N)),
-           (partials, adapter_index, B_all, scalings, ranks, out, M, N, R, chunks, out.stride(0), B_all.stride(0),
-            B_all.stride(1), block_r, BLOCK_N), num_warps=4)
+           (partials, adapter_index, B_all, scalings, ranks, y, out, M, N, R, chunks, y.stride(0), y.stride(1),
+            out.stride(0), B_all.stride(0), B_all.stride(1), block_r, BLOCK_N), num_warps=4)
     return out
 
 
@@ -167,11 +172,12 @@ def lora_segment_shrink_kernel(x_ptr, perm_ptr, idx_ptr, a_ptr, rank_ptr, s_ptr,
 
 
 @triton.jit
-def lora_segment_expand_kernel(s_ptr, perm_ptr, idx_ptr, b_ptr, scal_ptr, rank_ptr, y_ptr, M, N, R, stride_ym,
-                               stride_bn, stride_bo, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                               BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """``y[perm[i]] += s_a * S[i] @ B_a.T`` for a tile of sorted rows and ``BLOCK_N`` columns, one ``tl.dot`` per
-    adapter in the tile (rows of other adapters masked)."""
+def lora_segment_expand_kernel(s_ptr, perm_ptr, idx_ptr, b_ptr, scal_ptr, rank_ptr, y_ptr, out_ptr, M, N, R,
+                               stride_ym, stride_yn, stride_om, stride_bn, stride_bo, BLOCK_M: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+                               PRECISION: tl.constexpr):
+    """``out[perm[i]] = y[perm[i]] + s_a * S[i] @ B_a.T`` (``y`` itself for a row without adapter) for a tile of
+    sorted rows and ``BLOCK_N`` columns, one ``tl.dot`` per adapter in the tile (rows of other adapters masked)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m < M
@@ -190,10 +196,10 @@ def lora_segment_expand_kernel(s_ptr, perm_ptr, idx_ptr, b_ptr, scal_ptr, rank_p
         term = dot(tl.where(mine[:, None], s, 0.0).to(s.dtype), b.to(s.dtype),
                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, PRECISION) * tl.load(scal_ptr + a)
         total += tl.where(mine[:, None], term, 0.0)
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
-    ok = row_ok[:, None] & (ids[:, None] >= 0) & (offs_n[None, :] < N)
-    y = tl.load(y_ptrs, mask=ok, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + total).to(y.dtype), mask=ok)
+    ok = row_ok[:, None] & (offs_n[None, :] < N)
+    y = tl.load(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, mask=ok, other=0.0)
+    out = tl.where(ids[:, None] >= 0, (y.to(tl.float32) + total).to(y.dtype), y)
+    tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], out, mask=ok)
 
 
 SEGMENT_BLOCK_M = 32
@@ -218,6 +224,6 @@ def lora_segments(x, y, adapter_index, A_all, B_all, scalings, ranks):
                                                    A_all.stride(1), SEGMENT_BLOCK_M, block_r, 32, dot_fp32,
                                                    precision), num_warps=4)
     launch(lora_segment_expand_kernel, (grid_m, cdiv(N, BLOCK_N)),
-           (S, perm, ids, B_all, scalings, ranks, out, M, N, R, out.stride(0), B_all.stride(0), B_all.stride(1),
-            SEGMENT_BLOCK_M, block_r, BLOCK_N, dot_fp32, precision), num_warps=4)
+           (S, perm, ids, B_all, scalings, ranks, y, out, M, N, R, y.stride(0), y.stride(1), out.stride(0),
+            B_all.stride(0), B_all.stride(1), SEGMENT_BLOCK_M, block_r, BLOCK_N, dot_fp32, precision), num_warps=4)
     return out
