@@ -1,7 +1,7 @@
 """One QLoRA (LoRA, AdaLoRA or DoRA) training step of a Llama-architecture model: peft + bitsandbytes as users run
 it, and the same model after ``lowrank_kernels.peft.convert`` (AdaLoRA: with our ``RankAllocator`` instead of
-peft's; DoRA: peft's ``use_dora=True``, eager steps only, without dropout and with ``lora_dropout=0.05`` as DoRA
-recipes set it: method ``dora-dropout``).
+peft's; DoRA: peft's ``use_dora=True``, without dropout and with ``lora_dropout=0.05`` as DoRA recipes set it:
+method ``dora-dropout``).
 
 Model: ``LlamaForCausalLM`` with the layer dimensions of a bench/shapes.py model (head_dim 128), random init
 (nothing downloaded), bf16, --bench-layers decoder layers (default 4). The vocabulary is cut to 32000 so that the
@@ -159,8 +159,6 @@ def test_train_step(run, benchmark, request, model, method, mode, batch, provide
     pytest.importorskip("transformers", reason="transformers is not installed")
     if provider == "peft-bf16" and method != "lora":
         pytest.skip("the bf16-base reference is measured for LoRA")
-    if method.startswith("dora") and mode == "compiled":
-        pytest.skip("the DoRA step is measured eagerly")
     if mode == "graphed" and (not HAS_CUDA or method != "lora"):
         pytest.skip("the step in one CUDA graph is measured for LoRA, on CUDA")
     layers = request.config.getoption("--bench-layers") or (4 if HAS_CUDA else 2)

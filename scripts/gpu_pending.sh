@@ -11,7 +11,8 @@
 #   bash scripts/gpu_pending.sh liger       both batches with Liger-Kernel's Llama kernels on every provider
 #   bash scripts/gpu_pending.sh dora        the DoRA / QDoRA layer benchmark
 #   bash scripts/gpu_pending.sh dora-train  the QDoRA training step, batch 1 and 4, peft+bnb against converted,
-#                                           without dropout and with lora_dropout 0.05
+#                                           without dropout and with lora_dropout 0.05, eager
+#   bash scripts/gpu_pending.sh dora-train-compiled  the same under torch.compile
 #   bash scripts/gpu_pending.sh mixed       the mixed-adapter batch benchmark (8 adapters, M = 16 / 64)
 #   bash scripts/gpu_pending.sh generate    generation: 128 tokens at batch 1 / 16, and 8 mixed adapters
 #   bash scripts/gpu_pending.sh layer-ab    the M = 8192 layer targets timed paired (experiments/probe/layer_ab.py)
@@ -25,13 +26,15 @@
 #                                           (experiments/profile_dora_layer.py: the 4096x4096 fixed excess)
 #   bash scripts/gpu_pending.sh multi-gpu   (2 GPUs: kind nvidia-h100-x2) #29: one GPU, then DDP / FSDP2 on two, both
 #                                           providers, bf16 quant_storage (shardable on torch 2.11), 50 steps
-#   bash scripts/gpu_pending.sh round1|round2|round3   the parts still to run, in calls of < 10 minutes each:
-#       round1 = train-1, dora-profile, mixed; round2 = train-4, layer-ab; round3 = generate, dora
+#   bash scripts/gpu_pending.sh round1|round2|round3|round4   the parts still to run, in calls of < 10 minutes each:
+#       round1 = train-1, dora-profile, mixed; round2 = train-4, layer-ab; round3 = generate, dora;
+#       round4 = dora-train-compiled
 # Logs and results under $OUT (or ./gpu_out); a round puts each part's under <part>/ in $OUT/<round>.tgz.
 set -uo pipefail
-parts='suite [FILES] | train-1 | train-4 | train-graphed | liger | dora | dora-train | mixed | generate |
+parts='suite [FILES] | train-1 | train-4 | train-graphed | liger | dora | dora-train | dora-train-compiled | mixed |
+       generate |
        layer-ab | inference | ab |
-       profile-compiled | compile-probe | dora-profile | multi-gpu | round1 | round2 | round3'
+       profile-compiled | compile-probe | dora-profile | multi-gpu | round1 | round2 | round3 | round4'
 part=${1:?usage: bash scripts/gpu_pending.sh $parts}
 lora_step='train_step and not adalora and not dora'
 case "$part" in
@@ -46,7 +49,10 @@ case "$part" in
   train-graphed) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "$lora_step and graphed" ;;
   liger) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "$lora_step and not compiled" --bench-liger ;;
   dora) bash scripts/gpu_check.sh bench bench/test_dora.py ;;
-  dora-train) bash scripts/gpu_check.sh bench bench/test_train_step.py -k "train_step and dora and not adalora" ;;
+  dora-train) bash scripts/gpu_check.sh bench bench/test_train_step.py \
+      -k "train_step and dora and not adalora and eager" ;;
+  dora-train-compiled) bash scripts/gpu_check.sh bench bench/test_train_step.py \
+      -k "train_step and dora and not adalora and compiled" ;;
   mixed) bash scripts/gpu_check.sh bench bench/test_mixed.py ;;
   generate) bash scripts/gpu_check.sh bench bench/test_generate.py ;;
   layer-ab) python3 -m pip install -q --no-index --no-deps --target /tmp/lk-site .whl/*.whl
@@ -68,10 +74,11 @@ case "$part" in
       torchrun --standalone --nproc-per-node 1 "${run[@]}" --wrap none --out "$OUT/multi-gpu-1x.json" | tail -8
       torchrun --standalone --nproc-per-node 2 "${run[@]}" --wrap ddp,fsdp2,fsdp2-replicate \
         --baseline "$OUT/multi-gpu-1x.json" --out "$OUT/multi-gpu-2x.json" | tail -12 ;;
-  round1|round2|round3)
+  round1|round2|round3|round4)
       case "$part" in round1) parts=(train-1 dora-profile mixed) ;;
                       round2) parts=(train-4 layer-ab) ;;
-                      round3) parts=(generate dora) ;; esac
+                      round3) parts=(generate dora) ;;
+                      round4) parts=(dora-train-compiled) ;; esac
       out=${OUT:-gpu_out}
       for p in "${parts[@]}"; do
         echo "== $p"; mkdir -p "$out/$p"
