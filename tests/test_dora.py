@@ -175,6 +175,24 @@ def test_matches_peft_dora_layer():
     assert rel_err(y, y_peft) <= 1e-5
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_autocast_computes_in_autocast_dtype(p):
+    """fp32 inputs under autocast: the output in the autocast dtype, every gradient in its tensor's dtype, values
+    within that dtype's tolerance of the fp64 oracle drawn with the same mask."""
+    x, weight, A, B, m, b = make(6, 72, 96, 16, torch.float32, True)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+
+    def autocast_ours(*args):
+        with torch.autocast(DEVICE, dtype=dtype):
+            return ours(*args)
+
+    y, grads = run(autocast_ours, x, weight, A, B, m, b, 2.0, p)
+    y_ref, grads_ref = run(oracle, x, weight, A, B, m, b, 2.0, p)
+    assert y.dtype == dtype and rel_err(y, y_ref) <= 2e-2
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == torch.float32 and rel_err(g, g_ref) <= 2e-2
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_dropout_keeps_no_dequantized_weight(backend):
     """With dropout the base weight enters two products (``x - Xd`` and the LoRA layer's on ``Xd``); neither keeps
