@@ -147,7 +147,6 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
                 return DoraScaleFunction.apply(L.reshape(-1, N), c, bias, None, dtype).reshape(L.shape)
             y = (L * c).to(dtype)
             return y if bias is None else y + bias.to(dtype)
-    # peft's form: base(x) + (c - 1) * (Xd @ W.T) + c * s * (Xd @ A.T) @ B.T, the base product twice (x and Xd)
     # peft's form, base(x) + (c - 1) * (Xd @ W.T) + c * s * (Xd @ A.T) @ B.T, is (x - Xd) @ W.T + c * L(Xd) + bias
     # with L(Xd) the LoRA layer's product on the dropped x: two products over W as peft's, ours, and no dequantized
     # weight kept for backward.
