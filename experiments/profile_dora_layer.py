@@ -1,7 +1,7 @@
 """Where QDoRA's fwd+bwd spends the time QLoRA's does not (bench/test_dora.py: on the H100, 4096->4096 took 0.35 ms
 more than QLoRA at M = 4096 and at M = 8192 alike, about 0.2 ms beyond what the scale passes move; the wide shapes
 showed no such fixed excess). For each shape and provider (QLoRA, QDoRA) at M: the synchronized wall time per
-fwd+bwd (eager, as the bench times it), the GPU's kernel time per call (profiler), each kernel's share, and the
+fwd+bwd (eager, as the bench times it), the host's time to issue it, the GPU's kernel time per call (profiler), each kernel's share, and the
 host calls that can stall the GPU (synchronizations, device-to-host copies, cudaMalloc / cudaFree).
 
     PYTHONPATH=. python experiments/profile_dora_layer.py [--m 4096] [--shapes 4096x4096,4096x14336]
@@ -61,6 +61,7 @@ def main():
             t0 = time.perf_counter()
             for _ in range(a.iters):
                 step()
+            issued = (time.perf_counter() - t0) / a.iters * 1e3  # host time to issue a call's launches
             sync()
             wall = (time.perf_counter() - t0) / a.iters * 1e3
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
@@ -75,7 +76,7 @@ def main():
             for e in events:
                 if any(e.name.startswith(s) for s in STALLS):
                     stalls[e.name] = stalls.get(e.name, 0) + 1
-            print(f"== {text} M={a.m} {name}: wall {wall:.3f} ms/call, GPU kernels {gpu:.3f} ms/call, "
+            print(f"== {text} M={a.m} {name}: wall {wall:.3f} ms/call, host issue {issued:.3f} ms/call, GPU kernels {gpu:.3f} ms/call, "
                   f"stall-prone host calls per 5 calls: {stalls or 'none'}")
             per_kernel = {}
             for e in kernels:
