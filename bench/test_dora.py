@@ -1,7 +1,10 @@
 """DoRA / QDoRA layer: forward, and forward + backward, of one layer over an NF4 base (bf16 activations, fp32 adapters
 and magnitude, as peft keeps them), r = 16, no dropout (fwd+bwd also with lora_dropout 0.05, as DoRA recipes
 train: peft then computes the base product twice, and so do we). Timed eagerly: the forward, then for fwd+bwd
-``torch.autograd.grad(y, inputs, dy)`` on its fresh graph; inputs x, A, B, magnitude (LoRA: x, A, B).
+``torch.autograd.grad(y, inputs, dy)`` on its fresh graph; inputs x, A, B, magnitude (LoRA: x, A, B). fwd+bwd
+recomputes our weight norm every call, as a training step does (the optimizer changes the adapters: ``lora_A``'s
+version is bumped before each call); the forward reuses it while the adapters are unchanged, as evaluation and
+decode do (peft recomputes it on every call).
   lowrank_kernels  ``lowrank_kernels.dora_linear`` (what a converted peft DoRA layer runs)
   peft+bnb         peft's own ``lora.bnb.Linear4bit`` with ``use_dora=True`` over a ``bnb.nn.Linear4bit`` holding the
                    same NF4 weight: ``matmul_4bit``, then the DoRA term (the row norm of ``W + s·B·A`` from the
@@ -13,6 +16,7 @@ import itertools
 
 import pytest
 import torch
+from torch.autograd.graph import increment_version
 
 from bench.conftest import HAS_CUDA
 from bench.layer import DEVICE, DTYPE, RANK, layers
@@ -60,6 +64,8 @@ def step(provider, layer, M, mode, dropout=0.0):
         m = layer.dense.float().norm(dim=1).requires_grad_()
         inputs = (x, A, B, m)
         forward = lambda: dora_linear(x, layer.nf4, A, B, m, layer.scaling, dropout=dropout)  # noqa: E731
+        if mode == "fwd+bwd":
+            forward = lambda f=forward: (increment_version(A), f())[1]  # noqa: E731  (a new norm per step)
     else:
         inputs = (x, A, B)
         forward = lambda: qlora_linear(x, layer.nf4, A, B, layer.scaling, dropout=dropout)  # noqa: E731

@@ -1,8 +1,9 @@
 """Where QDoRA's fwd+bwd spends the time QLoRA's does not (bench/test_dora.py: on the H100, 4096->4096 took 0.35 ms
 more than QLoRA at M = 4096 and at M = 8192 alike, about 0.2 ms beyond what the scale passes move; the wide shapes
 showed no such fixed excess). For each shape and provider (QLoRA, QDoRA) at M: the synchronized wall time per
-fwd+bwd (eager, as the bench times it), the host's time to issue it, the GPU's kernel time per call (profiler), each kernel's share, and the
-host calls that can stall the GPU (synchronizations, device-to-host copies, cudaMalloc / cudaFree).
+fwd+bwd (eager, as the bench times it: a new weight norm each call), the host's time to issue it, the GPU's kernel
+time per call (profiler), each kernel's share, and the host calls that can stall the GPU (synchronizations,
+device-to-host copies, cudaMalloc / cudaFree).
 
     PYTHONPATH=. python experiments/profile_dora_layer.py [--m 4096] [--shapes 4096x4096,4096x14336]
 
@@ -12,6 +13,7 @@ import argparse
 import time
 
 import torch
+from torch.autograd.graph import increment_version
 
 from lowrank_kernels import NF4Weight, qlora_linear
 from lowrank_kernels.dora import dora_linear
@@ -39,7 +41,7 @@ def make(shape, M):
     dy = torch.randn(M, out_f, device=DEV, dtype=DTYPE)
     calls = {
         "qlora": (lambda: qlora_linear(x, nf4, A, B, 2.0), (x, A, B)),
-        "qdora": (lambda: dora_linear(x, nf4, A, B, m, 2.0), (x, A, B, m)),
+        "qdora": (lambda: (increment_version(A), dora_linear(x, nf4, A, B, m, 2.0))[1], (x, A, B, m)),
     }
     return {name: (lambda f=f, i=i: torch.autograd.grad(f(), i, dy)) for name, (f, i) in calls.items()}
 
