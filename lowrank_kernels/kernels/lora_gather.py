@@ -141,8 +141,7 @@ def lora_gather(x, y, adapter_index, A_all, B_all, scalings, ranks):
 # --------------------------------------------------------------------------------------------- segment form
 @triton.jit
 def lora_segment_shrink_kernel(x_ptr, perm_ptr, idx_ptr, a_ptr, rank_ptr, s_ptr, M, K, R, stride_xm, stride_an,
-                               stride_ar,
-                               BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                               stride_ar, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """Rows sorted by adapter (``perm``: original row of sorted row i, ``idx``: sorted adapters, -1 first): a tile of
     ``BLOCK_M`` sorted rows, for each adapter it holds (a contiguous range), ``S = x_rows @ A_a.T`` by ``tl.dot``
@@ -220,9 +219,8 @@ def lora_segments(x, y, adapter_index, A_all, B_all, scalings, ranks):
     precision = fp32_dot_precision(x.dtype, "ieee")
     dot_fp32 = INTERPRET and x.dtype == torch.bfloat16
     launch(lora_segment_shrink_kernel, (grid_m,), (x, perm, ids, A_all, ranks, S, M, K, R, x.stride(0),
-                                                   A_all.stride(0),
-                                                   A_all.stride(1), SEGMENT_BLOCK_M, block_r, 32, dot_fp32,
-                                                   precision), num_warps=4)
+                                                   A_all.stride(0), A_all.stride(1), SEGMENT_BLOCK_M, block_r, 32,
+                                                   dot_fp32, precision), num_warps=4)
     launch(lora_segment_expand_kernel, (grid_m, cdiv(N, BLOCK_N)),
            (S, perm, ids, B_all, scalings, ranks, y, out, M, N, R, y.stride(0), y.stride(1), out.stride(0),
             B_all.stride(0), B_all.stride(1), SEGMENT_BLOCK_M, block_r, BLOCK_N, dot_fp32, precision), num_warps=4)
